@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_ruquant.format import RotationSpec, scheme_format  # noqa: E402
+from vllm_ruquant.format import KVCacheSpec, RotationSpec, scheme_format  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -76,11 +76,15 @@ def _compressed_tensors(w_bits: int, a_bits: int) -> dict[str, Any]:
 
 
 def _ruquant(scheme: str, intermediate_size: int) -> dict[str, Any]:
-    rot = {"down_proj": RotationSpec("hadamard", intermediate_size)}
-    if scheme_format(scheme).weight_only:
-        rot = {}
-    return scheme_format(scheme, online_rotations=rot,
+    base = scheme_format(scheme)
+    rot = {} if base.weight_only else {"down_proj": RotationSpec("hadamard", intermediate_size)}
+    # as ruquant-convert writes it: the default rotations fold R2 into V/O ("offline" V)
+    kv = KVCacheSpec(bits=base.kv_cache.bits, value_rotation="offline")
+    return scheme_format(scheme, online_rotations=rot, kv_cache=kv,
                          converter={"tool": "benchmarks/serving.py", "weights": "dummy"}).to_dict()
+
+
+INT4_KV = ("--kv-cache-dtype", "int4_per_token_head")
 
 
 def quant_configs(shape: dict[str, Any]) -> dict[str, QuantConfig]:
@@ -94,7 +98,11 @@ def quant_configs(shape: dict[str, Any]) -> dict[str, QuantConfig]:
         "ruquant-w4a16": QuantConfig(_ruquant("w4a16", inter)),
         "ruquant-w4a8": QuantConfig(_ruquant("w4a8", inter)),
         "ruquant-w4a4": QuantConfig(_ruquant("w4a4", inter)),
-        "ruquant-w4a4kv4": QuantConfig(_ruquant("w4a4kv4", inter)),
+        "ruquant-w4a4kv4": QuantConfig(_ruquant("w4a4kv4", inter), note="int4 KV, V rotated offline"),
+        # the same linears with vLLM's built-in int4 KV path (online Q/K/V rotation + inverse)
+        "ruquant-w4a4-vllm-int4kv": QuantConfig(_ruquant("w4a4", inter), cli=INT4_KV,
+                                                note="vLLM's int4_per_token_head"),
+        "bf16-vllm-int4kv": QuantConfig(cli=INT4_KV, note="vLLM's int4_per_token_head"),
     }
 
 

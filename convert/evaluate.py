@@ -12,6 +12,7 @@ tokens of context.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -54,14 +55,17 @@ class LoadedModel:
 class Evaluator:
     """Runs the whole model on token windows with cached tensors (fits small models)."""
 
-    def __init__(self, model: LoadedModel, device: torch.device, kv_bits: int | None = None) -> None:
+    def __init__(self, model: LoadedModel, device: torch.device, kv_bits: int | None = None,
+                 kv_online_rotation: bool = True) -> None:
         self.model = model
         self.device = device
         self._cache: dict[str, torch.Tensor] = {}
         fmt = model.fmt
         self.linear = checkpoint_linear(fmt, self.get, self.has)
-        bits = kv_bits if kv_bits is not None else (fmt.kv_cache.bits if fmt else 16)
-        self.kv_quant = kv_cache_quantizer(bits)
+        kv = fmt.kv_cache if fmt else fmt_mod.KVCacheSpec()
+        if kv_bits is not None:
+            kv = dataclasses.replace(kv, bits=kv_bits)
+        self.kv_quant = kv_cache_quantizer(kv, online_rotation=kv_online_rotation)
 
     def has(self, name: str) -> bool:
         return name in self.model.reader
@@ -110,14 +114,14 @@ def perplexity(ev: Evaluator, ids: torch.Tensor, seq_len: int, stride: int,
 
 def evaluate_dir(model_dir: Path, text: Path | None, seq_len: int, stride: int, max_tokens: int | None,
                  device: str = "auto", tokenizer_dir: Path | None = None,
-                 kv_bits: int | None = None) -> dict[str, float]:
+                 kv_bits: int | None = None, kv_online_rotation: bool = True) -> dict[str, float]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model = LoadedModel.open(model_dir)
     ids = calibration.token_stream(tokenizer_dir or model_dir, calibration.read_text(text))
     if max_tokens:
         ids = ids[:max_tokens]
-    return perplexity(Evaluator(model, dev, kv_bits), ids, seq_len, stride)
+    return perplexity(Evaluator(model, dev, kv_bits, kv_online_rotation), ids, seq_len, stride)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--kv-bits", type=int, default=None, help="override the simulated KV-cache bits")
+    ap.add_argument("--kv-no-rotation", action="store_true",
+                    help="ablation: quantize the KV cache without its online Q/K (and V) rotation")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     try:
         if not 0 < args.stride <= args.seq_len:
             raise ConvertError("--stride must be in (0, --seq-len]")
         res = evaluate_dir(args.model_dir, args.text, args.seq_len, args.stride, args.max_tokens,
-                           args.device, kv_bits=args.kv_bits)
+                           args.device, kv_bits=args.kv_bits, kv_online_rotation=not args.kv_no_rotation)
     except (ConvertError, fmt_mod.FormatError) as e:
         print(f"ruquant-eval: error: {e}", file=sys.stderr)
         return int(getattr(e, "code", 2))

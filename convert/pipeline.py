@@ -7,6 +7,7 @@ any time. Calibration runs sequentially: layer i+1 is calibrated on the outputs 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -123,6 +124,10 @@ class Converter:
             raise ConvertError(f"unsupported checkpoint dtype {self.dims.torch_dtype!r}; supported: "
                                f"{', '.join(DTYPES)}", ExitCode.UNSUPPORTED)
         self.fmt = fmt_mod.scheme_format(opts.scheme)  # validates the scheme name
+        if self.fmt.kv_cache.bits == 4 and self.dims.head_dim & (self.dims.head_dim - 1):
+            raise ConvertError(f"--scheme {opts.scheme}: the 4-bit KV cache (vLLM's int4_per_token_head) "
+                               f"needs a power-of-two head_dim, this model has {self.dims.head_dim}; "
+                               "choose a scheme without 'kv'", ExitCode.UNSUPPORTED)
         self._check_tp()
         self.quantizer = (get_quantizer(opts.weight_quantizer, seed=opts.seed, clip=opts.clip,
                                         **opts.quantizer_options) if opts.quantize else None)
@@ -230,7 +235,9 @@ class Converter:
         fmt = fmt_mod.RUQuantFormat(
             weight=fmt_mod.WeightSpec(bits=self.fmt.weight.bits, group_size=o.group_size),
             activation=fmt_mod.ActivationSpec(bits=self.fmt.activation.bits, clip_ratio=self.act_clip_ratio),
-            kv_cache=self.fmt.kv_cache,
+            # V is rotated offline when the plan folds a per-head R2 into v_proj / o_proj
+            kv_cache=dataclasses.replace(self.fmt.kv_cache,
+                                         value_rotation="offline" if plan.head is not None else "online"),
             online_rotations=rots,
             tp_size=o.tp_size,
             converter={"tool": "ruquant-convert", "version": __version__, "scheme": o.scheme,
@@ -379,7 +386,7 @@ class Converter:
                 self.act_clip_ratio = meta["clip"]["activation"]
                 fmt = self._format(plan)
             rope = rope_tables(dims, opts.calib_seq_len, self.device)
-            kv_quant = kv_cache_quantizer(fmt.kv_cache.bits)
+            kv_quant = kv_cache_quantizer(fmt.kv_cache)
             fault_after = os.environ.get("RUQUANT_FAULT_AFTER_LAYER")  # fault injection for resume tests
 
             with tqdm(total=dims.num_layers, desc="ruquant-convert", unit="layer", initial=first) as bar:

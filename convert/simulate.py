@@ -63,21 +63,17 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
     return linear
 
 
-def kv_cache_quantizer(bits: int, rotate_keys: bool = True) -> KVQuantFn | None:
-    """Per-token, per-head symmetric KV rounding; keys optionally Hadamard-rotated first.
+def kv_cache_quantizer(spec: fmt_mod.KVCacheSpec, online_rotation: bool = True) -> KVQuantFn | None:
+    """The KV cache as served for ``spec`` (``reference.simulate_kv_cache``); None at 16 bits.
 
-    Q and K are rotated by the same orthogonal H over head_dim after RoPE, which leaves
-    ``q k^T`` unchanged; here that is simulated as ``k -> dequant(quant(k H)) H^T``.
+    ``online_rotation=False``: the no-rotation ablation (``ruquant-eval --kv-no-rotation``).
     """
-    if bits >= 16:
+    if spec.bits >= 16:
         return None
+    offline = spec.value_rotation == "offline"
 
     def kv_quant(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if rotate_keys and ref.is_power_of_two(k.shape[-1]):
-            kr = ref.fake_quantize_activation(ref.hadamard_transform(k), bits)
-            k = ref.hadamard_transform(kr)  # H/sqrt(n) is symmetric and orthogonal for 2^k
-        else:
-            k = ref.fake_quantize_activation(k, bits)
-        return k, ref.fake_quantize_activation(v, bits)
+        return ref.simulate_kv_cache(k, v, spec.bits, value_rotated_offline=offline,
+                                     online_rotation=online_rotation)
 
     return kv_quant

@@ -92,10 +92,10 @@ class SimulatedQuantizedModel:
     and these tests, so "served == simulated" is checked against what the converter reports.
     """
 
-    def __init__(self, ckpt: str | Path) -> None:
+    def __init__(self, ckpt: str | Path, kv_bits: int | None = None) -> None:
         from convert.evaluate import Evaluator, LoadedModel
 
-        self.ev = Evaluator(LoadedModel.open(Path(ckpt)), torch.device("cpu"))
+        self.ev = Evaluator(LoadedModel.open(Path(ckpt)), torch.device("cpu"), kv_bits=kv_bits)
 
     @torch.no_grad()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -143,8 +143,9 @@ def in_process_llm(model: str | Path, **kwargs):
 
         defaults = dict(enforce_eager=True, dtype="float32", max_model_len=256, seed=0,
                         max_num_seqs=4)
-        llm = LLM(model=str(model), **{**defaults, **kwargs})
-        try:
+        llm = None
+        try:  # a refused start leaves a half-built engine to clean up as well
+            llm = LLM(model=str(model), **{**defaults, **kwargs})
             yield llm
         finally:
             del llm
@@ -160,7 +161,7 @@ def in_process_llm(model: str | Path, **kwargs):
 
 def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_tokens: int = 32,
                              noise_atol: float = 1e-4, flip_atol: float = 0.05,
-                             max_flip_fraction: float = 0.1) -> None:
+                             max_flip_fraction: float = 0.1, kv_bits: int | None = None) -> None:
     """Greedy tokens identical to the simulated forward's, and logprobs equal up to float noise.
 
     Tolerance: both sides run the same integer ops on the same integers; what differs is
@@ -171,11 +172,12 @@ def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_
     up to ~1e-2 (measured: 8e-3 at 1 of 88 positions, w4a8). So: at most
     ``max_flip_fraction`` of positions may exceed ``noise_atol``, and none ``flip_atol``.
     A real mismatch (wrong shard, scale, packing or rotation) gives errors of order one
-    at nearly every position.
+    at nearly every position. ``kv_bits`` overrides the checkpoint's KV cache in the
+    simulation (a KV4 checkpoint served with a 16-bit cache).
     """
     from vllm import SamplingParams
 
-    sim = SimulatedQuantizedModel(ckpt)
+    sim = SimulatedQuantizedModel(ckpt, kv_bits=kv_bits)
     sp = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True,
                         prompt_logprobs=3, logprobs=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)

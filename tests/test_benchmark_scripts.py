@@ -24,6 +24,9 @@ def test_every_config_writes_a_loadable_model_dir(tmp_path: Path) -> None:
             fmt = RUQuantFormat.from_dict(cfg["quantization_config"])
             fmt.check_model(shape["hidden_size"], shape["intermediate_size"])
             assert (name.endswith("kv4")) == (fmt.kv_cache.bits == 4)
+            if fmt.kv_cache.bits == 4:  # as the converter writes it: R2 folded into V/O
+                assert fmt.kv_cache.value_rotation == "offline"
+            assert name.endswith("vllm-int4kv") == ("int4_per_token_head" in qc.cli)
             assert fmt.weight_only == name.endswith("w4a16")
         elif name in ("bf16", "fp8"):
             assert "quantization_config" not in cfg

@@ -175,8 +175,8 @@ def test_config_errors_are_clear():
     good = RUQuantFormat().to_dict()
     with pytest.raises(RUQuantConfigError, match="format_version"):
         RUQuantConfig.from_config({**good, "format_version": 99})
-    with pytest.raises(RUQuantConfigError, match="KV cache to 4 bits"):
-        RUQuantConfig.from_config(RUQuantFormat(kv_cache=KVCacheSpec(4)).to_dict())
+    with pytest.raises(RUQuantConfigError, match="value_rotation"):
+        RUQuantConfig.from_config(RUQuantFormat(kv_cache=KVCacheSpec(4, value_rotation="later")).to_dict())
     with pytest.raises(RUQuantConfigError, match="ruquant-convert"):
         RUQuantConfig()
     cfg = RUQuantConfig.from_config(good)

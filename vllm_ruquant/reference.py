@@ -286,3 +286,107 @@ def quantized_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*lead, w_q.shape[0])
+
+
+# ------------------------------------------------------------------------ KV cache
+#
+# The served 4-bit KV cache is vLLM's ``int4_per_token_head`` cache (TRITON_ATTN, vLLM
+# 0.26 ``v1/attention/ops/int4_per_token_head.py``); these functions restate its
+# arithmetic so that the converter and ``ruquant-eval`` compute what serving computes.
+#
+# * Per (token, head) asymmetric 4-bit rounding: ``scale = max((max - min) / 15, 1e-6)``,
+#   ``zp = clamp(round(-min / scale), 0, 15)``, ``q = clamp(round(x / scale + zp), 0, 15)``
+#   with round-half-away-from-zero; the zero point is stored in the low 4 mantissa bits of
+#   the fp32 scale, so attention reads ``(q - zp) * (scale with those bits cleared)``.
+#   As the zero point is clamped to [0, 15], a row that does not straddle zero is clipped
+#   to [0, max - min] (or [min - max, 0]); rotated rows straddle zero in practice.
+# * Rotations over head_dim, applied online to keys on cache write and to queries before
+#   attention, leave ``q k^T`` unchanged and spread the keys' outlier channels:
+#   - ``value_rotation == "offline"`` (ruquant's path, ``kernels/kv4_attention.py``): V/O
+#     already carry a per-head R2 from the converter, so V is quantized as it comes; Q and
+#     K are rotated by the orthonormal Hadamard ``H_d / sqrt(d)``.
+#   - ``"online"`` (vLLM's built-in path): the randomized Hadamard ``R = H_d D``
+#     (unnormalised, fixed +-1 signs ``D``, ``R^T R = d I``) on Q, K and V, the softmax
+#     scale divided by ``d``, the attention output un-rotated.
+#
+# Other KV bit widths (3, 8) are simulation-only: symmetric absmax per (token, head), keys
+# rotated by the orthonormal Hadamard.
+
+KV4_SIGN_SEED = 0x9E3779B9  # vLLM's seed for the RHT signs (``_get_rht_signs(d, 0)``)
+KV4_LEVELS = 15
+
+
+def kv_rht_signs(d: int) -> torch.Tensor:
+    """The +-1 diagonal ``D`` of vLLM's KV randomized Hadamard, bit-identical to vLLM's."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(KV4_SIGN_SEED)
+    return 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
+
+
+def kv_rht(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``x @ (H_d D)^T`` (forward) or ``x @ (H_d D)`` (inverse) over head_dim, fp32, unnormalised.
+
+    ``kv_rht(kv_rht(x), inverse=True) == d * x``.
+    """
+    signs = kv_rht_signs(x.shape[-1]).to(x.device)
+    return fwht(x.float()) * signs if inverse else fwht(x.float() * signs)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
+
+
+def fake_quantize_kv_int4(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize per (token, head) over the last dim exactly as the int4 cache stores it."""
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = torch.clamp_min((hi - lo) / KV4_LEVELS, 1e-6)
+    zp = torch.clamp(_round_half_away(-lo / scale), 0, KV4_LEVELS)
+    q = torch.clamp(_round_half_away(xf * (1.0 / scale) + zp), 0, KV4_LEVELS)
+    stored_scale = (scale.view(torch.int32) & -16).view(torch.float32)
+    return (q - zp) * stored_scale
+
+
+def _straight_through(x: torch.Tensor, xq: torch.Tensor, enabled: bool) -> torch.Tensor:
+    return x + (xq - x).detach() if enabled else xq
+
+
+def simulate_kv_cache(k: torch.Tensor, v: torch.Tensor, bits: int, value_rotated_offline: bool,
+                      straight_through: bool = False, online_rotation: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V (..., head_dim), after RoPE, as attention effectively sees them through the cache.
+
+    4 bits: the served int4 cache (rotations folded back, so callers keep using the
+    unrotated queries). ``straight_through`` passes gradients around the rounding (for
+    rotation learning). ``online_rotation=False`` drops the online K (and V) rotation: the
+    ablation "KV4 without rotation", not a served configuration. Needs a power-of-two
+    head_dim, as vLLM's kernel does.
+    """
+    d = k.shape[-1]
+    if bits >= 16:
+        return k, v
+    if bits == 4:
+        if not is_power_of_two(d):
+            raise ValueError(f"the 4-bit KV cache needs a power-of-two head_dim, got {d}")
+
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            return _straight_through(x.float(), fake_quantize_kv_int4(x), straight_through)
+
+        def through_rht(x: torch.Tensor) -> torch.Tensor:
+            xr = kv_rht(x)
+            return kv_rht(_straight_through(xr, fake_quantize_kv_int4(xr), straight_through), inverse=True) / d
+
+        if not online_rotation:
+            return plain(k), plain(v)
+        if value_rotated_offline:  # orthonormal H_d is symmetric: its own inverse
+            return hadamard_transform(plain(hadamard_transform(k))), plain(v)
+        return through_rht(k), through_rht(v)
+
+    def symmetric(x: torch.Tensor) -> torch.Tensor:
+        return _straight_through(x.float(), fake_quantize_activation(x, bits), straight_through)
+
+    if online_rotation and is_power_of_two(d):
+        k = hadamard_transform(symmetric(hadamard_transform(k)))  # orthonormal H is its own inverse
+    else:
+        k = symmetric(k)
+    return k, symmetric(v)

@@ -94,7 +94,7 @@ from convert.modeling import decoder_layer, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan, register_rotation
 from convert.rotations.hadamard import randomized_hadamard
 from vllm_ruquant.hadamard import hadamard_matrix, is_hadamard_size
-from vllm_ruquant.reference import OnlineRotation, hadamard_transform, is_power_of_two
+from vllm_ruquant.reference import OnlineRotation, simulate_kv_cache
 
 # ----------------------------------------------------------------------------- math
 
@@ -313,17 +313,13 @@ STAGE2 = Stage2Config()
 STAGE2_FINETUNE = Stage2Config(reflections=4, steps=120, layers=0)
 
 
-def _kv_fake_quant(bits: int):  # noqa: ANN202
-    """Straight-through twin of ``convert.simulate.kv_cache_quantizer`` (keys Hadamard-rotated per head)."""
+def _kv_fake_quant(bits: int, value_rotated_offline: bool):  # noqa: ANN202
+    """Straight-through twin of ``convert.simulate.kv_cache_quantizer`` (the served KV cache)."""
     if bits >= 16:
         return None
 
     def kv_quant(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if is_power_of_two(k.shape[-1]):
-            k = hadamard_transform(fake_quant(hadamard_transform(k), bits))
-        else:
-            k = fake_quant(k, bits)
-        return k, fake_quant(v, bits)
+        return simulate_kv_cache(k, v, bits, value_rotated_offline, straight_through=True)
 
     return kv_quant
 
@@ -358,7 +354,9 @@ class _LayerSim:
             o = self.w[f"{p}.self_attn.o_proj"]
             hd = self.r2.shape[0]
             self.w[f"{p}.self_attn.o_proj"] = (o.view(o.shape[0], -1, hd) @ self.r2).reshape(o.shape)
-        self.kv_quant = _kv_fake_quant(kv_bits)
+        # V is unrotated in this simulation (R2 acts on o_proj's input above): let the KV
+        # twin rotate it by the online RHT, a random Hadamard like the served R2
+        self.kv_quant = _kv_fake_quant(kv_bits, value_rotated_offline=False)
         self.norms = {k: v for k, v in sd.items() if "norm" in k}
         self.h_in = (h_in.to(dev).float() @ r)
         self.h_out = (h_out.to(dev).float() @ r)

@@ -1,0 +1,82 @@
+"""vLLM's int4 KV-cache attention for checkpoints whose V/O carry an offline per-head rotation.
+
+vLLM 0.26's ``int4_per_token_head`` path (``TritonAttentionImpl`` + ``int4_per_token_head.py``)
+rotates K and V by a randomized Hadamard on every cache write, Q before attention, and
+un-rotates the attention output -- each a chain of dtype casts and a Hadamard kernel. For a
+ruquant checkpoint with ``kv_cache.value_rotation == "offline"`` the converter has already
+folded a per-head orthogonal R2 into v_proj / o_proj, so V needs no online rotation and the
+output needs no inverse. What remains is Q and K, rotated here by one GEMM each with the
+orthonormal ``H_d / sqrt(d)`` (so the softmax scale is unchanged).
+
+The cache layout, the write kernel and the split-dot attention kernel are vLLM's own
+(``_run_reshape_kernel`` / ``_launch_packed_attn``): only the rotations around them differ.
+Arithmetic oracle: ``reference.simulate_kv_cache(..., value_rotated_offline=True)``.
+This module touches vLLM 0.26 internals (GPU only) and is imported only on that path.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+from vllm.v1.attention.ops import int4_per_token_head as int4_ops
+
+from vllm_ruquant.reference import hadamard_transform
+
+_INT4_PACKING = 2
+_HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def head_hadamard(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``H_d / sqrt(d)`` (symmetric, orthogonal), cached per dtype and device."""
+    key = (d, dtype, device)
+    if key not in _HADAMARD:
+        _HADAMARD[key] = hadamard_transform(torch.eye(d)).to(device=device, dtype=dtype)
+    return _HADAMARD[key]
+
+
+class OfflineValueInt4Impl(TritonAttentionImpl):
+    """``TritonAttentionImpl`` for the int4 cache with Q/K rotated here and V rotated offline."""
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        super().process_weights_after_loading(act_dtype)
+        # built now: a host-to-device copy is not allowed later, inside CUDA-graph capture
+        self._hadamard = head_hadamard(self.head_size, act_dtype, torch.device("cuda", torch.cuda.current_device()))
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        h = getattr(self, "_hadamard", None)
+        if h is None or h.dtype != x.dtype or h.device != x.device:
+            h = head_hadamard(x.shape[-1], x.dtype, x.device)
+        return x @ h
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # noqa: ANN001, ANN201
+        key_cache, value_cache = self._pth_key_value_caches(kv_cache)
+        int4_ops._run_reshape_kernel(
+            int4_ops._reshape_cache_int4_kernel,
+            key=self._rotate(key), value=value, key_cache=key_cache, value_cache=value_cache,
+            k_scale_cache=self._k_scale_cache, v_scale_cache=self._v_scale_cache,
+            slot_mapping=slot_mapping, packing_factor=_INT4_PACKING,
+        )
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # noqa: ANN001, ANN201
+                output_scale=None, output_block_scale=None):
+        if attn_metadata is None or output_block_scale is not None:
+            # profiling run / unsupported fused output quantization: vLLM's own handling
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        assert attn_metadata.use_cascade is False
+        md = attn_metadata
+        n = md.num_actual_tokens
+        key_cache, value_cache = self._pth_key_value_caches(kv_cache)
+        int4_ops._launch_packed_attn(
+            q=self._rotate(query[:n]), k_cache=key_cache, v_cache=value_cache, out=output[:n],
+            cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens,
+            softmax_scale=self.scale, window_size=self.sliding_window, block_table=md.block_table,
+            softcap=self.logits_soft_cap, sinks=self.sinks, alibi_slopes=self.alibi_slopes,
+            use_alibi_sqrt=self.use_alibi_sqrt, qq_bias=None, output_scale=output_scale,
+            mm_prefix_range=md.mm_prefix_range_tensor,
+            k_scale_cache=self._k_scale_cache, v_scale_cache=self._v_scale_cache,
+            seq_threshold_3D=md.seq_threshold_3D, num_par_softmax_segments=md.num_par_softmax_segments,
+            softmax_segm_output=md.softmax_segm_output, softmax_segm_max=md.softmax_segm_max,
+            softmax_segm_expsum=md.softmax_segm_expsum, packing_factor=_INT4_PACKING,
+        )
+        return output
