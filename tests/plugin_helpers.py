@@ -123,6 +123,9 @@ ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # GPU: IEEE fp32 in every Triton dot (vLLM's attention kernels included) instead of TF32,
+    # so a float32 engine computes what the fp32 simulation does (see test_gpu_vllm.py)
+    "TRITON_F32_DEFAULT": "ieee",
 }
 
 

@@ -37,7 +37,8 @@ def ckpt(request, tmp_path_factory) -> Path:
     return out
 
 
-def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int]], str]:
+def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int]], str, str | None]:
+    """Greedy tokens, the linear backends that served them, and (Triton only) the simulation check's failure."""
     from vllm import SamplingParams
 
     import vllm_ruquant.ops as ops
@@ -46,18 +47,30 @@ def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int
         monkeypatch.setenv("RUQUANT_BACKEND", backend)
     else:
         monkeypatch.delenv("RUQUANT_BACKEND", raising=False)
+    sim_failure = None
     with in_process_llm(ckpt, quantization="ruquant", dtype="float32", gpu_memory_utilization=0.3) as llm:
         names = {b.name for b, _, _ in ops._LAYERS[-14:]}
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True), use_tqdm=False)
         if backend is None:
-            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS)
-    return [list(o.outputs[0].token_ids) for o in outs], ",".join(sorted(names))
+            try:
+                check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS)
+            except AssertionError as e:
+                sim_failure = str(e)
+    return [list(o.outputs[0].token_ids) for o in outs], ",".join(sorted(names)), sim_failure
 
 
 def test_triton_backend_matches_reference_backend(ckpt: Path, monkeypatch) -> None:
-    triton_tokens, triton_names = _greedy(ckpt, monkeypatch, None)
-    ref_tokens, ref_names = _greedy(ckpt, monkeypatch, "reference")
-    print(f"\n{ckpt.name}: backends {triton_names} vs {ref_names}; greedy equal: {triton_tokens == ref_tokens}")
+    """Issue 9's acceptance first (Triton == reference inside vLLM), then both == simulation.
+
+    The engine runs with TRITON_F32_DEFAULT=ieee (plugin_helpers.ENGINE_ENV): Triton's fp32
+    dots default to TF32, which put ~7e-3 of noise on every logprob of vLLM's own attention
+    kernel (measured on H100, 2026-11-23) and flipped greedy tokens of these tiny models.
+    """
+    triton_tokens, triton_names, sim_failure = _greedy(ckpt, monkeypatch, None)
+    ref_tokens, ref_names, _ = _greedy(ckpt, monkeypatch, "reference")
+    print(f"\n{ckpt.name}: backends {triton_names} vs {ref_names}; greedy equal: {triton_tokens == ref_tokens}; "
+          f"vs simulation: {sim_failure or 'ok'}")
     assert triton_names == "triton" and ref_names == "reference"
     assert triton_tokens == ref_tokens
+    assert sim_failure is None, sim_failure
