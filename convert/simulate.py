@@ -63,10 +63,12 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
     return linear
 
 
-def kv_cache_quantizer(spec: fmt_mod.KVCacheSpec, online_rotation: bool = True) -> KVQuantFn | None:
+def kv_cache_quantizer(spec: fmt_mod.KVCacheSpec, online_rotation: bool = True,
+                       straight_through: bool = False) -> KVQuantFn | None:
     """The KV cache as served for ``spec`` (``reference.simulate_kv_cache``); None at 16 bits.
 
     ``online_rotation=False``: the no-rotation ablation (``ruquant-eval --kv-no-rotation``).
+    ``straight_through``: gradients pass around the rounding (RUQuant's rotation learning).
     """
     if spec.bits >= 16:
         return None
@@ -74,6 +76,6 @@ def kv_cache_quantizer(spec: fmt_mod.KVCacheSpec, online_rotation: bool = True) 
 
     def kv_quant(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ref.simulate_kv_cache(k, v, spec.bits, value_rotated_offline=offline,
-                                     online_rotation=online_rotation)
+                                     straight_through=straight_through, online_rotation=online_rotation)
 
     return kv_quant

@@ -92,10 +92,10 @@ class SimulatedQuantizedModel:
     and these tests, so "served == simulated" is checked against what the converter reports.
     """
 
-    def __init__(self, ckpt: str | Path, kv_bits: int | None = None) -> None:
+    def __init__(self, ckpt: str | Path) -> None:
         from convert.evaluate import Evaluator, LoadedModel
 
-        self.ev = Evaluator(LoadedModel.open(Path(ckpt)), torch.device("cpu"), kv_bits=kv_bits)
+        self.ev = Evaluator(LoadedModel.open(Path(ckpt)), torch.device("cpu"))
 
     @torch.no_grad()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -164,7 +164,7 @@ def in_process_llm(model: str | Path, **kwargs):
 
 def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_tokens: int = 32,
                              noise_atol: float = 1e-4, flip_atol: float = 0.05,
-                             max_flip_fraction: float = 0.1, kv_bits: int | None = None) -> None:
+                             max_flip_fraction: float = 0.1) -> None:
     """Greedy tokens identical to the simulated forward's, and logprobs equal up to float noise.
 
     Tolerance: both sides run the same integer ops on the same integers; what differs is
@@ -175,12 +175,11 @@ def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_
     up to ~1e-2 (measured: 8e-3 at 1 of 88 positions, w4a8). So: at most
     ``max_flip_fraction`` of positions may exceed ``noise_atol``, and none ``flip_atol``.
     A real mismatch (wrong shard, scale, packing or rotation) gives errors of order one
-    at nearly every position. ``kv_bits`` overrides the checkpoint's KV cache in the
-    simulation (a KV4 checkpoint served with a 16-bit cache).
+    at nearly every position.
     """
     from vllm import SamplingParams
 
-    sim = SimulatedQuantizedModel(ckpt, kv_bits=kv_bits)
+    sim = SimulatedQuantizedModel(ckpt)
     sp = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True,
                         prompt_logprobs=3, logprobs=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)

@@ -141,15 +141,6 @@ def int4_kv_cache_supported() -> bool:
     return bool(current_platform.is_cuda())
 
 
-def triton_attention_impl_class() -> type | None:
-    """vLLM's ``TritonAttentionImpl`` (the int4 KV cache's implementation), None without Triton."""
-    try:
-        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
-    except ImportError:
-        return None
-    return TritonAttentionImpl
-
-
 __all__ = [
     "Attention",
     "BasevLLMParameter",
@@ -176,7 +167,6 @@ __all__ = [
     "set_weight_attrs",
     "tensor_parallel_world_size",
     "text_config",
-    "triton_attention_impl_class",
     "vllm_cli_works",
     "vllm_version_tuple",
 ]

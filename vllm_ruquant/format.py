@@ -48,7 +48,6 @@ ONLINE_ROTATION = "online_rotation"
 WEIGHT_BITS = (3, 4, 6, 8)
 ACTIVATION_BITS = (3, 4, 6, 8, 16)
 KV_BITS = (3, 4, 8, 16)
-KV_SERVED_BITS = (4, 16)  # KV bit widths the vLLM plugin serves (see KVCacheSpec)
 KV_VALUE_ROTATIONS = ("online", "offline")
 ROTATION_KINDS = ("hadamard", "block_diagonal")
 # linear layers (by their last name) that may carry an online input rotation

@@ -101,13 +101,15 @@ def check_attention_layer(fmt: RUQuantFormat, layer: torch.nn.Module, prefix: st
 
 
 def _use_offline_value_impl(layer: torch.nn.Module, prefix: str) -> None:
-    from vllm_ruquant.kernels.kv4_attention import OfflineValueInt4Impl  # noqa: PLC0415 (GPU only)
+    from vllm_ruquant.kernels.kv4_attention import (  # noqa: PLC0415 (GPU only)
+        OfflineValueInt4Impl,
+        TritonAttentionImpl,
+    )
 
     impl = getattr(layer, "impl", None)
     if isinstance(impl, OfflineValueInt4Impl):
         return
-    base = compat.triton_attention_impl_class()
-    if base is None or type(impl) is not base:
+    if type(impl) is not TritonAttentionImpl:
         raise KVCacheConfigError(
             f"{prefix}: the int4 KV cache needs vLLM's TritonAttentionImpl, got "
             f"{type(impl).__name__}; do not force another --attention-backend for a kv4 checkpoint")

@@ -93,8 +93,10 @@ from convert.diagnostics import site_inputs
 from convert.modeling import decoder_layer, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan, register_rotation
 from convert.rotations.hadamard import randomized_hadamard
+from convert.simulate import kv_cache_quantizer
+from vllm_ruquant.format import KVCacheSpec
 from vllm_ruquant.hadamard import hadamard_matrix, is_hadamard_size
-from vllm_ruquant.reference import OnlineRotation, simulate_kv_cache
+from vllm_ruquant.reference import OnlineRotation
 
 # ----------------------------------------------------------------------------- math
 
@@ -313,17 +315,6 @@ STAGE2 = Stage2Config()
 STAGE2_FINETUNE = Stage2Config(reflections=4, steps=120, layers=0)
 
 
-def _kv_fake_quant(bits: int, value_rotated_offline: bool):  # noqa: ANN202
-    """Straight-through twin of ``convert.simulate.kv_cache_quantizer`` (the served KV cache)."""
-    if bits >= 16:
-        return None
-
-    def kv_quant(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return simulate_kv_cache(k, v, bits, value_rotated_offline, straight_through=True)
-
-    return kv_quant
-
-
 class _LayerSim:
     """One decoder layer in the stage-1 basis, run fp or with simulated quantization under extra reflections."""
 
@@ -355,8 +346,9 @@ class _LayerSim:
             hd = self.r2.shape[0]
             self.w[f"{p}.self_attn.o_proj"] = (o.view(o.shape[0], -1, hd) @ self.r2).reshape(o.shape)
         # V is unrotated in this simulation (R2 acts on o_proj's input above): let the KV
-        # twin rotate it by the online RHT, a random Hadamard like the served R2
-        self.kv_quant = _kv_fake_quant(kv_bits, value_rotated_offline=False)
+        # quantizer rotate it by the online RHT ("online"), a random Hadamard like the served R2
+        self.kv_quant = kv_cache_quantizer(KVCacheSpec(bits=kv_bits, value_rotation="online"),
+                                           straight_through=True)
         self.norms = {k: v for k, v in sd.items() if "norm" in k}
         self.h_in = (h_in.to(dev).float() @ r)
         self.h_out = (h_out.to(dev).float() @ r)

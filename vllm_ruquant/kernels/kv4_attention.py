@@ -39,14 +39,11 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         super().process_weights_after_loading(act_dtype)
-        # built now: a host-to-device copy is not allowed later, inside CUDA-graph capture
-        self._hadamard = head_hadamard(self.head_size, act_dtype, torch.device("cuda", torch.cuda.current_device()))
+        # fill the cache now: a host-to-device copy is not allowed later, inside CUDA-graph capture
+        head_hadamard(self.head_size, act_dtype, torch.device("cuda", torch.cuda.current_device()))
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        h = getattr(self, "_hadamard", None)
-        if h is None or h.dtype != x.dtype or h.device != x.device:
-            h = head_hadamard(x.shape[-1], x.dtype, x.device)
-        return x @ h
+        return x @ head_hadamard(x.shape[-1], x.dtype, x.device)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # noqa: ANN001, ANN201
         key_cache, value_cache = self._pth_key_value_caches(kv_cache)
