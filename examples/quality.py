@@ -44,7 +44,7 @@ COLUMN = {"w4a4": "w4a4kv16", "w6a6": "w6a6kv16", "w4a8": "w4a8kv16"}
 def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work: Path) -> dict:
     """Convert (unless FP16) and evaluate one cell; returns perplexity and seconds."""
     if row == "fp16":
-        res = evaluate_dir(model, args.eval_text, args.seq_len, args.seq_len, args.max_eval_tokens, args.device)
+        res = evaluate_dir(model, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device)
         return {"perplexity": res["perplexity"], "convert_seconds": 0.0, "eval_seconds": res["seconds"]}
     out = work / f"{row}-{scheme}"
     opts = ConvertOptions(scheme=scheme, calib_text=args.calib_text, calib_samples=args.calib_samples,
@@ -52,7 +52,7 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     t0 = time.perf_counter()
     report = convert(model, out, opts, overwrite=True)
     t_conv = time.perf_counter() - t0
-    res = evaluate_dir(out, args.eval_text, args.seq_len, args.seq_len, args.max_eval_tokens, args.device,
+    res = evaluate_dir(out, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device,
                        tokenizer_dir=model)
     return {"perplexity": res["perplexity"], "convert_seconds": t_conv, "eval_seconds": res["seconds"],
             "rotation_seconds": report["seconds"].get("rotation_plan"),
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=256, help="as ruquant-eval: tokens new to each window")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -136,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                     results[r] = {sc: cell for sc in SCHEMES}
                 json_path.write_text(json.dumps({
                     "model": str(args.model_dir), "eval_text": str(args.eval_text), "calib_text": str(args.calib_text),
-                    "max_eval_tokens": args.max_eval_tokens, "seq_len": args.seq_len,
+                    "max_eval_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "stride": args.stride,
                     "calib": [args.calib_samples, args.calib_seq_len], "seed": args.seed, "results": results},
                     indent=2))
     all_rows = [r for r in ROWS if r in results]
     table = markdown(results, all_rows, SCHEMES)
     (out_dir / "quality.md").write_text(f"# Quality: {name}\n\nPerplexity on {args.eval_text.name} "
-                                        f"(first {args.max_eval_tokens} tokens, windows of {args.seq_len}); "
+                                        f"(first {args.max_eval_tokens} tokens, windows of {args.seq_len}, "
+                                        f"stride {args.stride}); "
                                         f"calibration {args.calib_samples} x {args.calib_seq_len} tokens of "
                                         f"{args.calib_text.name}.\n\n{table}\n")
     plot(results, all_rows, SCHEMES, out_dir / "quality.png", f"{name}: perplexity per method and scheme")

@@ -3,6 +3,8 @@
 #   bash scripts/gpu_session.sh tests [FILES]    GPU tests (default: kernels vs reference, vLLM Triton vs
 #                                                reference, KV4 served vs simulated)
 #   bash scripts/gpu_session.sh bench CONFIGS WORKLOADS   serving benchmark rows, accumulated in /tmp/bench
+#   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
+#   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
 # Everything worth keeping is copied to $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -22,5 +24,15 @@ case "${1:-}" in
     for c in ${2//,/ }; do for f in /tmp/bench/models/"$c".*.log; do
       [ -f "$f" ] && tail -c 30000 "$f" > "$OUT/$(basename "$f")"; done; done
     ;;
-  *) echo "usage: $0 tests | bench CONFIGS WORKLOADS [TIMEOUT]"; exit 2 ;;
+  serve)
+    python3 benchmarks/serving.py --only "$2" --workloads tp-1024-256 --dry-run --models-dir /tmp/bench/models >/dev/null
+    python3 benchmarks/serve_openai.py /tmp/bench/models/"$2" --rates "$3" --num-prompts "${4:-256}" \
+      --results "$OUT/serve_openai.json" -- --load-format dummy --max-model-len 2048 --gpu-memory-utilization 0.85 \
+      2>&1 | grep -vE "^\s*$" | tail -25
+    tail -c 30000 "$OUT/serve_openai.server.log" > /tmp/server_tail.log 2>/dev/null && mv /tmp/server_tail.log "$OUT/serve_openai.server.log"
+    ;;
+  stage1)
+    python3 benchmarks/ruquant_stage1.py --json "$OUT/ruquant_stage1.json" 2>&1 | tail -5
+    ;;
+  *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1"; exit 2 ;;
 esac

@@ -83,3 +83,22 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert not alive
     with (tmp_path / "log").open("w") as log:
         assert serving.run_to_completion(["true"], log, timeout=10) == 0
+
+
+def test_ruquant_stage1_timing_script_runs_the_converters_stage1(tmp_path: Path) -> None:
+    """benchmarks/ruquant_stage1.py (the 8B stage-1 timing of issue 8) on the tiny shape, CPU."""
+    import ruquant_stage1
+    import torch
+
+    out = tmp_path / "stage1.json"
+    assert ruquant_stage1.main(["--shape", "tiny", "--device", "cpu", "--tokens", "256", "--seq-len", "64",
+                                "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["layers"] == serving.SHAPES["tiny"]["num_hidden_layers"]
+    assert row["r1_choice"] in {"identity", "hadamard", "blocks", "hadamard+blocks"}
+    parts = row["site_inputs_s"] + row["r1_s"] + row["r4_s"]
+    assert 0 < parts <= row["total_s"] + 0.05
+    # the random context is seeded: the same layer tensors twice
+    ctx = ruquant_stage1.random_context("tiny", 1, 64, 64, torch.device("cpu"))
+    a, b = ctx.layer_tensors(0), ctx.layer_tensors(0)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -122,7 +122,7 @@ def givens_angles(x: torch.Tensor, perm: torch.Tensor, gen: torch.Generator) -> 
     """Pairs of coordinates (from ``perm``) and the angle turning each pair of ``x`` onto a uniform target pair."""
     b = x.numel()
     pairs = perm[: b - b % 2].view(-1, 2)
-    tgt = torch.rand(pairs.shape[0], 2, generator=gen, dtype=torch.float64) * 2 - 1
+    tgt = (torch.rand(pairs.shape[0], 2, generator=gen, dtype=torch.float64) * 2 - 1).to(x.device)
     theta = torch.atan2(tgt[:, 1], tgt[:, 0]) - torch.atan2(x[pairs[:, 1]], x[pairs[:, 0]])
     return pairs, theta
 
@@ -180,27 +180,27 @@ def _sample_rows(x: torch.Tensor, max_rows: int, gen: torch.Generator) -> torch.
     if x.shape[0] <= max_rows:
         return x
     worst = x.abs().amax(-1).topk(max_rows // 16).indices
-    rand = torch.randperm(x.shape[0], generator=gen)[: max_rows - worst.numel()]
+    rand = torch.randperm(x.shape[0], generator=gen)[: max_rows - worst.numel()].to(x.device)
     return x[torch.unique(torch.cat([worst, rand]))]
 
 
 def _composite_block(y: torch.Tensor, bits: int, cfg: Stage1Config, gen: torch.Generator) -> tuple[torch.Tensor, int]:
     """Greedy Householder + Givens composite for one block ``y (N, b)``; returns (Q (b, b), accepted steps)."""
-    b = y.shape[1]
-    q = torch.eye(b, dtype=torch.float64)
+    b, dev = y.shape[1], y.device
+    q = torch.eye(b, dtype=torch.float64, device=dev)
     cur = y.double()
     best = row_quant_mse(cur, bits)
     accepted = 0
     for _ in range(cfg.steps):
         x = cur[cur.abs().amax(-1).argmax()]
-        u = x - uniform_target(float(x.norm()), b, gen)
+        u = x - uniform_target(float(x.norm()), b, gen).to(dev)
         if float(u.norm()) > 1e-12 * max(float(x.norm()), 1e-30):
             cand = reflect(cur, u)
             err = row_quant_mse(cand, bits)
             if err < best:
                 q, cur, best, accepted = reflect(q, u), cand, err, accepted + 1
         for _ in range(cfg.givens_rounds):
-            perm = torch.randperm(b, generator=gen)
+            perm = torch.randperm(b, generator=gen).to(dev)
             pairs, theta = givens_angles(cur[cur.abs().amax(-1).argmax()], perm, gen)
             cand = rotate_pairs(cur, pairs, theta)
             err = row_quant_mse(cand, bits)
@@ -214,7 +214,8 @@ def _composite_block_full_row(x: torch.Tensor, k: int, b: int, bits: int, cfg: S
     """As ``_composite_block`` on block ``k`` of ``x (N, n)`` (modified in place), but a step is kept
     only if it lowers the per-token MSE of the *whole row* (one scale per token, as served)."""
     sl = slice(k * b, (k + 1) * b)
-    q = torch.eye(b, dtype=torch.float64)
+    dev = x.device
+    q = torch.eye(b, dtype=torch.float64, device=dev)
     best = row_quant_mse(x, bits)
     accepted = 0
 
@@ -228,7 +229,7 @@ def _composite_block_full_row(x: torch.Tensor, k: int, b: int, bits: int, cfg: S
     for _ in range(cfg.steps):
         cur = x[:, sl]
         xr = cur[cur.abs().amax(-1).argmax()]
-        u = xr - uniform_target(float(xr.norm()), b, gen)
+        u = xr - uniform_target(float(xr.norm()), b, gen).to(dev)
         if float(u.norm()) > 1e-12 * max(float(xr.norm()), 1e-30):
             cand = reflect(cur, u)
             err = trial(cand)
@@ -237,7 +238,7 @@ def _composite_block_full_row(x: torch.Tensor, k: int, b: int, bits: int, cfg: S
                 x[:, sl] = cand
         for _ in range(cfg.givens_rounds):
             cur = x[:, sl]
-            perm = torch.randperm(b, generator=gen)
+            perm = torch.randperm(b, generator=gen).to(dev)
             pairs, theta = givens_angles(cur[cur.abs().amax(-1).argmax()], perm, gen)
             cand = rotate_pairs(cur, pairs, theta)
             err = trial(cand)
@@ -488,39 +489,46 @@ class RUQuantRotation:
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
         hd = randomized_hadamard(d, ctx.generator)
         r2 = randomized_hadamard(dims.head_dim, ctx.generator)
+        # stage 1 computes on ctx.device (float64; random draws stay on the CPU generator, so the
+        # same seed draws the same targets on any device); its matrices come back to the CPU
+        dev = ctx.device
         inputs = site_inputs(ctx, max_tokens=2048)
-        xr = torch.cat([torch.cat([x["qkv"], x["gate_up"]]) for x in inputs]).double()
+        t_inputs = time.perf_counter()
+        xr = torch.cat([torch.cat([x["qkv"], x["gate_up"]]) for x in inputs]).to(dev, torch.float64)
         report: dict[str, Any] = {"method": "ruquant", "act_bits_proxy": bits, "stage1": {}, "stage2": None}
 
         # ---- R1, stage 1
         b1 = pick_block(d, self.r1_block, need_hadamard=False)
+        hd_dev = hd.to(dev)
         blocks_raw, acc_raw = stage1_blocks(xr, b1, bits, self.cfg1, gen, self.cfg1.full_row)
-        blocks_h, acc_h = stage1_blocks(xr @ hd, b1, bits, self.cfg1, gen, self.cfg1.full_row)
-        cands = {"identity": torch.eye(d, dtype=torch.float64), "hadamard": hd,
-                 "blocks": block_diag(blocks_raw), "hadamard+blocks": hd @ block_diag(blocks_h)}
+        blocks_h, acc_h = stage1_blocks(xr @ hd_dev, b1, bits, self.cfg1, gen, self.cfg1.full_row)
+        cands = {"identity": torch.eye(d, dtype=torch.float64, device=dev), "hadamard": hd_dev,
+                 "blocks": block_diag(blocks_raw), "hadamard+blocks": hd_dev @ block_diag(blocks_h)}
         choice, errs = choose_composition(_sample_rows(xr, 8192, gen), cands, bits)
-        r1_s1 = cands[choice]
+        r1_s1 = cands[choice].cpu()
+        del cands
         report["stage1"]["r1"] = {"block": b1, "choice": choice, "row_mse": errs,
                                   "accepted_steps": {"blocks": acc_raw, "hadamard+blocks": acc_h}}
+        t_r1 = time.perf_counter()
 
         # ---- R4, stage 1 (per layer, block-diagonal with a block Hadamard folded in)
         b4 = pick_block(inter, self.r4_block, need_hadamard=True)
         hb = (hadamard_matrix(b4).double() / math.sqrt(b4)) if is_hadamard_size(b4) else torch.eye(b4).double()
+        hb_blocks = hb.to(dev).expand(inter // b4, b4, b4)
+        full = {"hadamard_full": OnlineRotation("hadamard", inter)} if is_hadamard_size(inter) else {}
         r4s, r4_stage_h, r4_rep = {}, {}, []
         for i, x in enumerate(inputs):
-            xd = x["down"].double()
-            xh = (xd.reshape(-1, inter // b4, b4) @ hb).reshape(xd.shape)
+            xd = x["down"].to(dev, torch.float64)
+            xh = (xd.reshape(-1, inter // b4, b4) @ hb_blocks[0]).reshape(xd.shape)
             blocks, acc = stage1_blocks(xh, b4, bits, self.cfg1, gen)
-            hb_blocks = hb.expand(inter // b4, b4, b4)
             cand_blocks = {"block_hadamard": hb_blocks, "block_hadamard+blocks": hb_blocks @ blocks}
-            full = {"hadamard_full": OnlineRotation("hadamard", inter)} if is_hadamard_size(inter) else {}
             errs4 = {k: row_quant_mse(_bd_apply(xd, v), bits) for k, v in cand_blocks.items()}
             errs4["identity"] = row_quant_mse(xd, bits)
             for k, rot in full.items():
-                errs4[k] = row_quant_mse(rot.apply(xd.float()).double(), bits)
+                errs4[k] = row_quant_mse(rot.apply(x["down"].float()).double(), bits)
             pick4 = min(cand_blocks, key=errs4.__getitem__)
-            r4s[i] = OnlineRotation("block_diagonal", inter, cand_blocks[pick4].float().contiguous())
-            r4_stage_h[i] = OnlineRotation("block_diagonal", inter, hb_blocks.float().contiguous())
+            r4s[i] = OnlineRotation("block_diagonal", inter, cand_blocks[pick4].float().cpu().contiguous())
+            r4_stage_h[i] = OnlineRotation("block_diagonal", inter, hb_blocks.float().cpu().contiguous())
             r4_rep.append({"choice": pick4, "row_mse": errs4, "accepted_steps": acc})
         # the format gives every layer the same kind: a full Hadamard (global mixing over the whole
         # intermediate size) wins when it beats the best block choice summed over the layers
@@ -533,14 +541,16 @@ class RUQuantRotation:
         report["stage1"]["down_proj"] = {"block": b4, "layers": r4_rep,
                                          "kind": next(iter(r4s.values())).kind if r4s else "none"}
         report["stage1"]["seconds"] = time.perf_counter() - t0
+        report["stage1"]["timings"] = {"site_inputs_s": t_inputs - t0, "r1_s": t_r1 - t_inputs,
+                                       "r4_s": time.perf_counter() - t_r1}
 
         stages = {"hadamard": RotationPlan(residual=hd, head=r2, down_proj=r4_stage_h),
                   "stage1": RotationPlan(residual=r1_s1, head=r2, down_proj=r4s)}
         r1 = r1_s1
         if self.stage2:
             cfg2 = STAGE2_FINETUNE if ctx.finetune else STAGE2
-            y = xr @ r1_s1
-            x = y[y.abs().amax(-1).argmax()]
+            y = xr @ r1_s1.to(dev)
+            x = y[y.abs().amax(-1).argmax()].cpu()
             v0 = x - uniform_target(float(x.norm()), d, gen)
             refl, facts = _stage2(ctx, r1_s1, r4s, v0, cfg2, r2)
             r1 = r1_s1 @ refl
