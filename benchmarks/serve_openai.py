@@ -79,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "serve_openai.json")
     ap.add_argument("--start-timeout", type=float, default=600)
-    ap.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: extra `vllm serve` flags")
-    args = ap.parse_args(argv)
-    extra = [a for a in args.server_args if a != "--"]
+    ap.epilog = "Flags after a lone -- go to `vllm serve` unchanged."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # split by hand: a REMAINDER positional would also swallow this script's own flags after CKPT
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    extra = argv[cut + 1:]
     port = free_port()
     log = args.results.with_suffix(".server.log")
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(serve_command(args.ckpt, port, extra), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            wait_healthy(port, proc, args.start_timeout)
+            try:
+                wait_healthy(port, proc, args.start_timeout)
+            except (RuntimeError, TimeoutError):
+                f.flush()
+                print("".join(log.read_text(errors="replace").splitlines(True)[-15:]), file=sys.stderr)
+                raise
             for rate in args.rates.split(","):
                 name = f"serve-rate-{rate}.json"
                 rc = subprocess.run(bench_command(args.ckpt, port, rate, args.num_prompts, args.input_len,

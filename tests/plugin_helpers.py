@@ -164,7 +164,7 @@ def in_process_llm(model: str | Path, **kwargs):
 
 def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_tokens: int = 32,
                              noise_atol: float = 1e-4, flip_atol: float = 0.05,
-                             max_flip_fraction: float = 0.1) -> None:
+                             max_flip_fraction: float = 0.1, greedy: bool = True) -> None:
     """Greedy tokens identical to the simulated forward's, and logprobs equal up to float noise.
 
     Tolerance: both sides run the same integer ops on the same integers; what differs is
@@ -175,7 +175,8 @@ def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_
     up to ~1e-2 (measured: 8e-3 at 1 of 88 positions, w4a8). So: at most
     ``max_flip_fraction`` of positions may exceed ``noise_atol``, and none ``flip_atol``.
     A real mismatch (wrong shard, scale, packing or rotation) gives errors of order one
-    at nearly every position.
+    at nearly every position. ``greedy=False`` skips the greedy-token identity and compares
+    logprobs teacher-forced on the served tokens (for paths whose own rounding is coarser).
     """
     from vllm import SamplingParams
 
@@ -186,7 +187,8 @@ def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_
     errors: list[float] = []
     for prompt, out in zip(prompts, outs, strict=True):
         tokens = list(out.outputs[0].token_ids)
-        assert tokens == sim.greedy(prompt, n_tokens), f"greedy tokens differ for prompt {prompt}"
+        if greedy:
+            assert tokens == sim.greedy(prompt, n_tokens), f"greedy tokens differ for prompt {prompt}"
         ref_lp = sim.logits(prompt + tokens).log_softmax(-1)
         # prompt_logprobs[i]: distribution at position i given tokens < i (row i - 1)
         rows = [(i - 1, lps) for i, lps in enumerate(out.prompt_logprobs) if i > 0]
