@@ -16,7 +16,17 @@ from convert.evaluate import Evaluator, LoadedModel
 from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.rotations.ostquant import cayley
-from convert.rotations.ruquant import Stage1Config, givens_pairs, householder, row_quant_mse, stage1_blocks
+from convert.rotations.ruquant import (
+    Stage1Config,
+    givens_angles,
+    givens_pairs,
+    householder,
+    reflect,
+    rotate_pairs,
+    row_quant_mse,
+    stage1_blocks,
+    uniform_target,
+)
 from convert.simulate import checkpoint_linear
 from tiny_models import make_tiny_llama
 from vllm_ruquant import format as fmt_mod
@@ -78,6 +88,42 @@ def test_stage1_building_blocks_are_orthogonal() -> None:
     x, t = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
     t = t * x.norm() / t.norm()
     assert torch.allclose(x @ householder(x - t), t, atol=1e-10)
+
+
+def _sequential_stage1_block(y: torch.Tensor, bits: int, cfg: Stage1Config,
+                             gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Stage 1 for one block, one step at a time: the oracle of the batched search."""
+    b = y.shape[1]
+    q, cur = torch.eye(b, dtype=torch.float64), y.double()
+    best, accepted = row_quant_mse(cur, bits), 0
+    for _ in range(cfg.steps):
+        x = cur[cur.abs().amax(-1).argmax()]
+        u = x - uniform_target(float(x.norm()), b, gen)
+        if float(u.norm()) > 1e-12 * max(float(x.norm()), 1e-30):
+            cand = reflect(cur, u)
+            if (err := row_quant_mse(cand, bits)) < best:
+                q, cur, best, accepted = reflect(q, u), cand, err, accepted + 1
+        for _ in range(cfg.givens_rounds):
+            pairs, theta = givens_angles(cur[cur.abs().amax(-1).argmax()], torch.randperm(b, generator=gen), gen)
+            cand = rotate_pairs(cur, pairs, theta)
+            if (err := row_quant_mse(cand, bits)) < best:
+                q, cur, best, accepted = rotate_pairs(q, pairs, theta), cand, err, accepted + 1
+    return q, accepted
+
+
+@pytest.mark.parametrize("block", [16, 15])
+def test_batched_stage1_equals_the_block_by_block_search(block: int) -> None:
+    """All blocks are searched in one batch with the draws a block-by-block loop would make."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 4 * block, generator=g, dtype=torch.float64)
+    x[:, [1, block + 2, 3 * block]] *= 25.0  # outlier channels, so steps get accepted
+    cfg = Stage1Config(steps=5, givens_rounds=2, max_rows=10_000)
+    got, got_acc = stage1_blocks(x, block, 4, cfg, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)  # 300 rows <= max_rows: stage1_blocks samples no rows
+    want = [_sequential_stage1_block(x[:, k * block:(k + 1) * block], 4, cfg, gen) for k in range(4)]
+    assert got_acc == sum(a for _, a in want) > 0
+    for k, (q, _) in enumerate(want):
+        torch.testing.assert_close(got[k], q, rtol=0, atol=1e-10)
 
 
 def test_stage1_reduces_lloyd_max_shift_and_mse_on_outliers() -> None:
