@@ -79,9 +79,12 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise ConvertError(f"{model_dir} has no config.json: not a Hugging Face model directory",
                            ExitCode.BAD_INPUT)
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path} is not valid JSON: {e}", ExitCode.BAD_INPUT) from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path} must hold a JSON object, got {type(cfg).__name__}", ExitCode.BAD_INPUT)
+    return cfg
 
 
 def model_dims(cfg: dict[str, Any]) -> ModelDims:
@@ -122,3 +125,5 @@ def model_dims(cfg: dict[str, Any]) -> ModelDims:
         )
     except KeyError as e:
         raise ConvertError(f"config.json lacks {e.args[0]!r}, which {arch} needs", ExitCode.BAD_INPUT) from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConvertError(f"config.json has a malformed dimension or setting: {e}", ExitCode.BAD_INPUT) from None

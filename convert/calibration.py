@@ -41,8 +41,10 @@ def load_tokenizer(model_dir: Path):  # -> transformers.PreTrainedTokenizerBase
 
 
 def token_stream(model_dir: Path, text: str) -> torch.Tensor:
-    ids = load_tokenizer(model_dir)(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return ids
+    # verbose=False: the text is one long sequence on purpose (cut into windows below); the
+    # "longer than the maximum sequence length" warning would only confuse the user
+    tok = load_tokenizer(model_dir)
+    return tok(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
 
 
 def calibration_batches(model_dir: Path, text_path: Path | None, num_samples: int, seq_len: int,

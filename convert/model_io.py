@@ -29,6 +29,15 @@ TOKENIZER_FILES = (
 )
 
 
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file`` with its failures as one user error: safetensors reports a full disk as a
+    ``SafetensorError`` ("I/O error: No space left on device"), not as an ``OSError``."""
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as e:
+        raise ConvertError(f"cannot write {path}: {e}", ExitCode.IO_ERROR) from None
+
 class CheckpointReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
@@ -129,7 +138,7 @@ class CheckpointWriter:
         """Atomically record ``state`` (JSON) + ``tensors`` as the point to resume from."""
         step = int(state.get("step", 0))
         tensor_file = f"progress-{step:05d}.safetensors"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self.tmp / tensor_file))
+        _save(tensors, self.tmp / tensor_file)
         record = {"state": state, "tensors": tensor_file, "shards": self.shards, "weight_map": self.weight_map}
         tmp_json = self.tmp / (self.PROGRESS + ".tmp")
         tmp_json.write_text(json.dumps(record))
@@ -140,7 +149,7 @@ class CheckpointWriter:
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """A side file of the partial folder (e.g. the rotation plan), removed at commit."""
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self.tmp / name))
+        _save(tensors, self.tmp / name)
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load_file
@@ -167,11 +176,7 @@ class CheckpointWriter:
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> str:
         """Write one shard (named by position; renamed to ``-of-N`` form at commit)."""
         name = f"shard-{len(self.shards):05d}.safetensors"
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.tmp / name),
-                      metadata={"format": "pt"})
-        except OSError as e:
-            raise ConvertError(f"cannot write {self.tmp / name}: {e}", ExitCode.IO_ERROR) from None
+        _save(tensors, self.tmp / name)
         self.shards.append(name)
         for k in tensors:
             self.weight_map[k] = name

@@ -105,6 +105,12 @@ def _layer_tensor_names(reader: CheckpointReader, dims: ModelDims, i: int) -> li
     return [n for n in reader.keys() if n.startswith(p)]
 
 
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """Finite weights can still overflow fp32 activations (e.g. a norm weight of 3e38)."""
+    if not torch.isfinite(x).all():
+        raise ConvertError(f"{what} contain NaN or Inf (weights too large for fp32?)", ExitCode.NUMERICS)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -148,6 +154,7 @@ class Converter:
             sd = {n: self.reader.get(n).to(self.device) for n in _layer_tensor_names(self.reader, dims, i)}
             out.append(rms_norm(h, None, dims.rms_norm_eps).reshape(-1, dims.hidden_size))
             h = decoder_layer(h, i, dims, dense_linear(sd.__getitem__), sd.__getitem__, rope)
+            _check_finite(h, f"the calibration activations after layer {i}")
         return torch.cat(out).cpu()
 
     def _layer_states(self, tokens: torch.Tensor, max_tokens: int = 2048) -> list[torch.Tensor]:
@@ -161,12 +168,14 @@ class Converter:
                 states.append(h.cpu())
                 sd = self._layer_tensors(i)
                 h = decoder_layer(h, i, self.dims, dense_linear(sd.__getitem__), sd.__getitem__, rope)
+                _check_finite(h, f"the calibration activations after layer {i}")
             self._states_cache = states
         return self._states_cache
 
     def _layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """One layer's tensors, fp32 on the device, RMSNorm gammas folded, unrotated."""
         sd = {n: self.reader.get(n, torch.float64) for n in _layer_tensor_names(self.reader, self.dims, i)}
+        self._check_shapes(sd, i)
         fuse.fold_layer_norms(sd, self.dims.layer_prefix(i))
         return {k: v.float().to(self.device) for k, v in sd.items()}
 
@@ -395,6 +404,7 @@ class Converter:
                     sd = self._rotated_layer(i, plan)
                     sd32 = {k: v.float().to(self.device) for k, v in sd.items()}
                     fp_out, hess = self._hessians(h, i, sd32, fmt, rope)
+                    _check_finite(fp_out, f"the calibration activations after layer {i}")
                     report = LayerReport(layer=i, seconds=0.0, output_rel_error=0.0)
                     if opts.quantize:
                         qsd = self._quantize_layer(sd32, hess, fmt, report)

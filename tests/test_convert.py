@@ -148,7 +148,7 @@ def _assert_fails(argv: list[str], out: Path, code: ExitCode, message: str, caps
     errors = [line for line in err.splitlines() if line.startswith("ruquant-convert: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no .partial left
 
 
 def test_missing_directory(tmp_path: Path, capsys) -> None:
@@ -195,6 +195,63 @@ def test_config_shapes_do_not_match_weights(models, tmp_path: Path, capsys) -> N
     cfg = read_config(src)
     (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 512}))
     _assert_fails([str(src)], tmp_path / "out", ExitCode.BAD_INPUT, "config.json implies", capsys)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("256", "must hold a JSON object"),
+    ('{"hidden_size": "big"}', "malformed dimension"),
+])
+def test_malformed_config_values(models, tmp_path: Path, capsys, config: str, message: str) -> None:
+    src = _copy_model(models["llama"], tmp_path / "cfg")
+    edit = json.loads(config)
+    text = json.dumps({**read_config(src), **edit}) if isinstance(edit, dict) else config
+    (src / "config.json").write_text(text)
+    _assert_fails([str(src)], tmp_path / "out", ExitCode.BAD_INPUT, message, capsys)
+
+
+def _edit_weights(src: Path, edit) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file, save_file
+
+    for f in src.glob("*.safetensors"):
+        sd = load_file(f)
+        edit(sd)
+        save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_missing_layer_tensor_is_named(models, tmp_path: Path, capsys) -> None:
+    src = _copy_model(models["llama"], tmp_path / "missing")
+    _edit_weights(src, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight", None))
+    _assert_fails([str(src)], tmp_path / "out", ExitCode.BAD_INPUT,
+                  "'model.layers.1.mlp.up_proj.weight' is missing", capsys)
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), "contains NaN or Inf"),
+    (3e38, "calibration activations after layer 0 contain NaN or Inf"),  # finite, overflows fp32 activations
+])
+def test_non_finite_weights_or_activations(models, tmp_path: Path, capsys, value: float, message: str) -> None:
+    src = _copy_model(models["llama"], tmp_path / "numerics")
+
+    def poison(sd: dict) -> None:
+        name = "model.layers.0.input_layernorm.weight" if value == 3e38 else "model.layers.0.mlp.down_proj.weight"
+        if name in sd:
+            sd[name][0] = value
+
+    _edit_weights(src, poison)
+    _assert_fails([str(src), "--rotation", "ruquant-stage1"], tmp_path / "out", ExitCode.NUMERICS, message, capsys)
+
+
+def test_disk_full_is_an_io_error(models, tmp_path: Path, capsys, monkeypatch) -> None:
+    """safetensors reports ENOSPC as a SafetensorError, not an OSError."""
+    from safetensors import SafetensorError
+
+    import convert.model_io as model_io
+
+    def full(*_args, **_kwargs) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(model_io, "save_file", full)
+    _assert_fails([str(models["llama"])], tmp_path / "out", ExitCode.IO_ERROR, "No space left on device", capsys)
 
 
 def test_existing_output_is_not_overwritten(models, tmp_path: Path, capsys) -> None:
