@@ -143,7 +143,7 @@ def test_conversion_is_deterministic(models) -> None:
 
 
 def _assert_fails(argv: list[str], out: Path, code: ExitCode, message: str, capsys) -> None:
-    assert cli.main([*argv[:1], str(out), *argv[1:], *SMALL_CALIB]) == code
+    assert cli.main([*argv[:1], str(out), *SMALL_CALIB, *argv[1:]]) == code  # the case's own flags win
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("ruquant-convert: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
@@ -332,3 +332,89 @@ def test_dry_run_writes_nothing(models, tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "hadamard 344" in text and "2 layers" in text and "14 quantized linears" in text
     assert list(tmp_path.iterdir()) == []
+
+
+def _cfg_edit(**edit):  # noqa: ANN003, ANN202
+    def apply(src: Path) -> None:
+        cfg = {k: v for k, v in read_config(src).items() if k not in edit or edit[k] is not None}
+        cfg.update({k: v for k, v in edit.items() if v is not None})
+        (src / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
+def _drop_tensor(name: str):  # noqa: ANN202
+    return lambda src: _edit_weights(src, lambda sd: sd.pop(name, None))
+
+
+def _inf_embedding(src: Path) -> None:
+    def edit(sd: dict) -> None:
+        if "model.embed_tokens.weight" in sd:
+            sd["model.embed_tokens.weight"][3, 0] = float("inf")
+    _edit_weights(src, edit)
+
+
+def _rename_shards(src: Path) -> None:
+    for f in src.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+
+
+# (what is wrong, how to make it, extra flags, exit code, message) -- the converter's bad-input table
+BAD_INPUTS = [
+    ("no config.json", lambda src: (src / "config.json").unlink(), [], ExitCode.BAD_INPUT, "has no config.json"),
+    ("config.json not JSON", lambda src: (src / "config.json").write_text("{"), [], ExitCode.BAD_INPUT,
+     "is not valid JSON"),
+    ("config lacks intermediate_size", _cfg_edit(intermediate_size=None), [], ExitCode.BAD_INPUT,
+     "lacks 'intermediate_size'"),
+    ("already quantized", _cfg_edit(quantization_config={"quant_method": "gptq"}), [], ExitCode.UNSUPPORTED,
+     "already quantized (gptq)"),
+    ("float64 checkpoint", _cfg_edit(torch_dtype="float64"), [], ExitCode.UNSUPPORTED, "unsupported checkpoint dtype"),
+    ("yarn rope scaling", _cfg_edit(rope_scaling={"rope_type": "yarn", "factor": 4.0}), [], ExitCode.UNSUPPORTED,
+     "rope scaling 'yarn'"),
+    ("vocab_size disagrees with the embedding", _cfg_edit(vocab_size=1000), [], ExitCode.BAD_INPUT,
+     "config.json implies"),
+    ("lm_head missing (untied)", _drop_tensor("lm_head.weight"), [], ExitCode.BAD_INPUT, "'lm_head.weight' is missing"),
+    ("Inf in the embedding", _inf_embedding, [], ExitCode.NUMERICS, "contains NaN or Inf"),
+    ("no safetensors weights", _rename_shards, [], ExitCode.BAD_INPUT, "holds no *.safetensors"),
+    ("tokenizer.json broken", lambda src: (src / "tokenizer.json").write_text("{"), [], ExitCode.BAD_INPUT,
+     "cannot load the tokenizer"),
+    ("unknown rotation", None, ["--rotation", "givens"], ExitCode.UNSUPPORTED, "unknown rotation 'givens'"),
+    ("unknown weight quantizer", None, ["--weight-quantizer", "awq"], ExitCode.UNSUPPORTED,
+     "unknown weight quantizer 'awq'"),
+    ("zero calibration samples", None, ["--calib-samples", "0"], ExitCode.BAD_INPUT, "--calib-samples must be"),
+    ("unknown device", None, ["--device", "tpu"], ExitCode.BAD_INPUT, "--device must be"),
+    ("LRQ rank 0", None, ["--weight-quantizer", "lrq", "--lrq-rank", "0"], ExitCode.BAD_INPUT, "--lrq-rank must be"),
+    ("TP size 0", None, ["--tp-size", "0"], ExitCode.BAD_INPUT, "--tp-size must be >= 1"),
+    ("group size not dividing", None, ["--group-size", "48"], ExitCode.UNSUPPORTED, "does not divide"),
+    ("activation clip ratio > 1", None, ["--act-clip-ratio", "1.5"], ExitCode.UNSUPPORTED, "clip_ratio must be"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, flags, code, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_table(models, tmp_path: Path, capsys, what: str, mutate, flags: list[str],  # noqa: ANN001
+                         code: ExitCode, message: str) -> None:
+    src = models["llama"]
+    if mutate is not None:
+        src = _copy_model(src, tmp_path / "src")
+        mutate(src)
+    _assert_fails([str(src), *flags], tmp_path / "out", code, message, capsys)
+
+
+@pytest.mark.parametrize("text, message", [(None, "does not exist"), (b"caf\xe9 " * 400, "is not UTF-8")])
+def test_bad_calibration_text_file(models, tmp_path: Path, capsys, text: bytes | None, message: str) -> None:
+    path = tmp_path / "calib.txt"
+    if text is not None:
+        path.write_bytes(text)
+    _assert_fails([str(models["llama"]), "--calib-text", str(path)], tmp_path / "out", ExitCode.BAD_INPUT,
+                  message, capsys)
+
+
+def test_missing_output_parent(models, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "no_such_parent" / "out"
+    assert cli.main([str(models["llama"]), str(out), *SMALL_CALIB]) == ExitCode.BAD_INPUT
+    assert "parent directory" in capsys.readouterr().err and not out.parent.exists()
+
+
+def test_unknown_flag_is_an_argparse_error(models, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(models["llama"]), str(tmp_path / "out"), "--bits", "4"])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
