@@ -70,7 +70,8 @@ def bench_command(ckpt: Path, port: int, rate: str, num_prompts: int, input_len:
             "--result-dir", str(result_dir), "--result-filename", name]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """This script's flags, and the ``vllm serve`` flags given after a lone ``--``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("--rates", default="4,16,inf")
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # split by hand: a REMAINDER positional would also swallow this script's own flags after CKPT
     cut = argv.index("--") if "--" in argv else len(argv)
-    args = ap.parse_args(argv[:cut])
-    extra = argv[cut + 1:]
+    return ap.parse_args(argv[:cut]), argv[cut + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
     port = free_port()
     log = args.results.with_suffix(".server.log")
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,18 @@ ROWS: dict[str, dict] = {
     "ruquant_stage12": {"rotation": "ruquant", "weight_quantizer": "gptq"},
     "ruquant_finetune": {"rotation": "ruquant", "weight_quantizer": "gptq", "finetune": True},
     "ostquant": {"rotation": "ostquant", "weight_quantizer": "gptq"},
+    # issue 5's options, each on the Hadamard rotation so the row differs by the option alone
+    "gptq": {"rotation": "none", "weight_quantizer": "gptq"},
+    "septq": {"rotation": "hadamard", "weight_quantizer": "septq"},
+    "lrq": {"rotation": "hadamard", "weight_quantizer": "lrq"},
+    "gbs": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs"},
 }
 LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruquant_stage1": "RUQuant stage 1",
           "ruquant_stage12": "RUQuant stage 1+2", "ruquant_finetune": "RUQuant --finetune",
-          "ostquant": "OSTQuant + GPTQ"}
+          "ostquant": "OSTQuant + GPTQ", "gptq": "GPTQ (no rotation)", "septq": "Hadamard + SEPTQ",
+          "lrq": "Hadamard + LRQ", "gbs": "Hadamard + GPTQ + GBS clipping"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
+EXTRA_SCHEMES = ["w3a3kv3"]  # issue 5's GBS column; shown only where measured
 COLUMN = {"w4a4": "w4a4kv16", "w6a6": "w6a6kv16", "w4a8": "w4a8kv16"}
 
 
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     schemes = [s for s in args.schemes.split(",") if s]
-    unknown = [r for r in rows if r not in ROWS] + [s for s in schemes if s not in SCHEMES]
+    unknown = [r for r in rows if r not in ROWS] + [s for s in schemes if s not in SCHEMES + EXTRA_SCHEMES]
     if unknown:
         print(f"quality.py: unknown rows/schemes {unknown}", file=sys.stderr)
         return 2
@@ -134,20 +141,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{LABELS[r]:>20} {COLUMN.get(s, s):>9}: ppl {cell['perplexity']:.3f} "
                       f"(convert {cell['convert_seconds']:.0f} s)", flush=True)
                 if r == "fp16":  # one evaluation, shown in every column
-                    results[r] = {sc: cell for sc in SCHEMES}
+                    results[r] = {sc: cell for sc in SCHEMES + EXTRA_SCHEMES}
                 json_path.write_text(json.dumps({
                     "model": str(args.model_dir), "eval_text": str(args.eval_text), "calib_text": str(args.calib_text),
                     "max_eval_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "stride": args.stride,
                     "calib": [args.calib_samples, args.calib_seq_len], "seed": args.seed, "results": results},
                     indent=2))
     all_rows = [r for r in ROWS if r in results]
-    table = markdown(results, all_rows, SCHEMES)
+    columns = SCHEMES + [s for s in EXTRA_SCHEMES if any(s in cells for cells in results.values())]
+    table = markdown(results, all_rows, columns)
     (out_dir / "quality.md").write_text(f"# Quality: {name}\n\nPerplexity on {args.eval_text.name} "
                                         f"(first {args.max_eval_tokens} tokens, windows of {args.seq_len}, "
                                         f"stride {args.stride}); "
                                         f"calibration {args.calib_samples} x {args.calib_seq_len} tokens of "
                                         f"{args.calib_text.name}.\n\n{table}\n")
-    plot(results, all_rows, SCHEMES, out_dir / "quality.png", f"{name}: perplexity per method and scheme")
+    plot(results, all_rows, columns, out_dir / "quality.png", f"{name}: perplexity per method and scheme")
     print(table)
     return 0
 

@@ -102,3 +102,39 @@ def test_ruquant_stage1_timing_script_runs_the_converters_stage1(tmp_path: Path)
     ctx = ruquant_stage1.random_context("tiny", 1, 64, 64, torch.device("cpu"))
     a, b = ctx.layer_tensors(0), ctx.layer_tensors(0)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_serve_openai_splits_its_flags_from_vllm_serves(tmp_path: Path) -> None:
+    """Its own flags after CKPT stay its own (an argparse REMAINDER once passed them to vllm serve,
+    which exited 2 on the GPU machine); what follows a lone -- goes to vllm serve unchanged."""
+    import serve_openai
+
+    args, extra = serve_openai.parse_args(["ck", "--rates", "inf", "--num-prompts", "8", "--results",
+                                           str(tmp_path / "r.json"), "--", "--load-format", "dummy", "--rates"])
+    assert (args.rates, args.num_prompts, args.ckpt) == ("inf", 8, Path("ck"))
+    assert extra == ["--load-format", "dummy", "--rates"]
+    serve = serve_openai.serve_command(args.ckpt, 8000, extra)
+    assert serve[serve.index("serve") + 1] == "ck" and serve[-3:] == extra
+    assert "--quantization" in serve and serve[serve.index("--quantization") + 1] == "ruquant"
+    bench = serve_openai.bench_command(args.ckpt, 8000, "inf", 8, 16, 4, tmp_path, "x.json")
+    assert bench[bench.index("--request-rate") + 1] == "inf" and bench[bench.index("--num-prompts") + 1] == "8"
+    assert serve_openai.parse_args(["ck"])[1] == []
+
+
+def test_serve_openai_stop_ends_the_whole_process_group() -> None:
+    import subprocess
+    import time
+
+    import serve_openai
+
+    proc = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60; wait"], start_new_session=True)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    code = serve_openai.stop(proc, grace=5)
+    assert code is not None and time.perf_counter() - t0 < 5
+    for _ in range(50):  # the orphaned child is reaped by init a moment later
+        if subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a process of the server's group survived stop()")
