@@ -348,8 +348,10 @@ class Converter:
         if resumed is not None:
             state, tensors = resumed
             if state["fingerprint"] != self.fingerprint():
+                sink.keep_partial = True  # a mistyped flag must not cost the interrupted run
                 raise ConvertError("the partial conversion beside the output was made from another model or "
-                                   "with other options; run again without --resume", ExitCode.BAD_INPUT)
+                                   "with other options; resume with the original options, or run again "
+                                   "without --resume to start over", ExitCode.BAD_INPUT)
             plan = _plan_from_tensors(sink.load_tensors("plan.safetensors") or {}, state["plan"])
             tqdm.write(f"ruquant-convert: resuming at layer {state['next_layer']} of {dims.num_layers}")
             return plan, tensors["h"].to(self.device), state["next_layer"], state

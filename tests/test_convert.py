@@ -324,6 +324,10 @@ def test_resume_refuses_other_options(models, tmp_path: Path, capsys) -> None:
     assert cli.main([str(src), str(out), *SMALL_CALIB, "--seed", "7", "--resume"]) == ExitCode.BAD_INPUT
     assert "other options" in capsys.readouterr().err
     assert not out.exists()
+    # the refused resume kept the interrupted run: the original options still resume it
+    assert (tmp_path / f".{out.name}.partial").is_dir()
+    assert cli.main([str(src), str(out), *SMALL_CALIB, "--resume"]) == 0
+    assert "resuming at layer 1" in capsys.readouterr().out
 
 
 def test_dry_run_writes_nothing(models, tmp_path: Path, capsys) -> None:
