@@ -24,6 +24,13 @@ pytestmark = [
 
 PROMPTS = [list(range(5, 37)), [3, 100, 200, 300, 7, 9, 11, 13], list(range(400, 330, -2))]
 N_TOKENS = 32
+# How far float noise alone moves each test model's simulated logprobs (measured on the CPU,
+# 2026-11-23: norm weights times (1 + eps N(0, 1)), 3 draws, 171 positions): the w4a4 and
+# w4a16 models move < 1e-4 at eps = 1e-6, the w4a8 model (intermediate 344) by up to 0.15 at
+# eps = 1e-7 (16-93 positions over 1e-4) and 0.24 at 1e-6 (112-157 positions) -- many int8
+# roundings sit near a boundary. Served-vs-simulated bounds follow: default for w4a4/w4a16,
+# for w4a8 only a bound on the worst position (order-one errors mean a real mismatch).
+SIM_TOLERANCE: dict[str, dict] = {"w4a8": {"flip_atol": 0.5, "max_flip_fraction": 1.0}}
 
 
 @pytest.fixture(scope="module", params=[("w4a4", 256), ("w4a8", 344), ("w4a16", 256)], ids=lambda p: p[0])
@@ -55,7 +62,7 @@ def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int
                             SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True), use_tqdm=False)
         if backend is None:
             try:
-                check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS)
+                check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS, **SIM_TOLERANCE.get(ckpt.name, {}))
             except AssertionError as e:
                 sim_failure = str(e)
     return [list(o.outputs[0].token_ids) for o in outs], ",".join(sorted(names)), sim_failure
