@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import SHAPES  # noqa: E402
+from benchmarks.serving import SHAPES, llama_config  # noqa: E402
 from convert.architectures import model_dims  # noqa: E402
 from convert.rotations.base import RotationContext  # noqa: E402
 from convert.rotations.ruquant import RUQuantStage1  # noqa: E402
@@ -31,8 +31,7 @@ from convert.rotations.ruquant import RUQuantStage1  # noqa: E402
 def random_context(shape: str, layers: int | None, tokens: int, seq_len: int, device: torch.device,
                    seed: int = 0) -> RotationContext:
     """A RotationContext over seeded random weights of ``shape`` (``layers`` overrides the depth)."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
-           "tie_word_embeddings": False, "torch_dtype": "bfloat16", **SHAPES[shape]}
+    cfg = llama_config(SHAPES[shape])
     if layers:
         cfg["num_hidden_layers"] = layers
     dims = model_dims(cfg)

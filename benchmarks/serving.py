@@ -148,15 +148,20 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
         "unk_token": "<unk>", "model_max_length": 1 << 20}))
 
 
-def write_model_dir(root: Path, name: str, shape: dict[str, Any], qc: QuantConfig) -> Path:
-    """config.json (+ tokenizer) for ``--load-format dummy``; idempotent."""
-    out = root / name
-    out.mkdir(parents=True, exist_ok=True)
-    cfg: dict[str, Any] = {
+def llama_config(shape: dict[str, Any]) -> dict[str, Any]:
+    """The HF config.json of a Llama model of ``shape`` (no quantization)."""
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "bos_token_id": 1, "eos_token_id": 2, **shape,
     }
+
+
+def write_model_dir(root: Path, name: str, shape: dict[str, Any], qc: QuantConfig) -> Path:
+    """config.json (+ tokenizer) for ``--load-format dummy``; idempotent."""
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = llama_config(shape)
     if qc.quantization_config is not None:
         cfg["quantization_config"] = qc.quantization_config
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

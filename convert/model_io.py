@@ -29,7 +29,6 @@ TOKENIZER_FILES = (
 )
 
 
-
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``save_file`` with its failures as one user error: safetensors reports a full disk as a
     ``SafetensorError`` ("I/O error: No space left on device"), not as an ``OSError``."""
@@ -37,6 +36,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     except (OSError, SafetensorError) as e:
         raise ConvertError(f"cannot write {path}: {e}", ExitCode.IO_ERROR) from None
+
 
 class CheckpointReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""

@@ -130,7 +130,7 @@ class Converter:
             raise ConvertError(f"unsupported checkpoint dtype {self.dims.torch_dtype!r}; supported: "
                                f"{', '.join(DTYPES)}", ExitCode.UNSUPPORTED)
         self.fmt = fmt_mod.scheme_format(opts.scheme)  # validates the scheme name
-        if self.fmt.kv_cache.bits == 4 and self.dims.head_dim & (self.dims.head_dim - 1):
+        if self.fmt.kv_cache.bits == 4 and not ref.is_power_of_two(self.dims.head_dim):
             raise ConvertError(f"--scheme {opts.scheme}: the 4-bit KV cache (vLLM's int4_per_token_head) "
                                f"needs a power-of-two head_dim, this model has {self.dims.head_dim}; "
                                "choose a scheme without 'kv'", ExitCode.UNSUPPORTED)
@@ -418,9 +418,7 @@ class Converter:
                     else:
                         h = fp_out
                         out_sd = sd32
-                    if not torch.isfinite(h).all():
-                        raise ConvertError(f"layer {i} produced NaN/Inf activations on the calibration data",
-                                           ExitCode.NUMERICS)
+                    _check_finite(h, f"the quantized calibration activations after layer {i}")
                     sink.write_shard(self._storage(out_sd))
                     report.seconds = time.perf_counter() - t0
                     meta["layers"].append(asdict(report))

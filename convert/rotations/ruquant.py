@@ -143,12 +143,17 @@ def givens_pairs(x: torch.Tensor, perm: torch.Tensor, gen: torch.Generator) -> t
     return rotate_pairs(torch.eye(x.numel(), dtype=torch.float64), pairs, theta)
 
 
+def _block_mse(y: torch.Tensor, bits: int) -> torch.Tensor:
+    """Relative error of dynamic per-row symmetric quantization of every block of ``y (nb, N, b)``: (nb,)."""
+    qmax = (1 << (bits - 1)) - 1
+    s = (y.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-30)
+    err = y - torch.round(y / s).clamp(-qmax - 1, qmax) * s
+    return (err**2).sum((1, 2)) / (y**2).sum((1, 2)).clamp_min(1e-30)
+
+
 def row_quant_mse(x: torch.Tensor, bits: int) -> float:
     """Relative error of dynamic per-row symmetric quantization (the served activation quantizer)."""
-    qmax = (1 << (bits - 1)) - 1
-    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-30)
-    err = x - torch.round(x / s).clamp(-qmax - 1, qmax) * s
-    return float((err**2).sum() / (x**2).sum().clamp_min(1e-30))
+    return float(_block_mse(x.unsqueeze(0), bits)[0])
 
 
 def block_diag(blocks: torch.Tensor) -> torch.Tensor:
@@ -214,14 +219,6 @@ class _BlockDraws:
                            torch.stack(p).view(nb, cfg.steps, r, b) if r else torch.empty(nb, cfg.steps, 0, b),
                            torch.stack(g).view(nb, cfg.steps, r, b // 2, 2) if r
                            else torch.empty(nb, cfg.steps, 0, b // 2, 2, dtype=torch.float64))
-
-
-def _block_mse(y: torch.Tensor, bits: int) -> torch.Tensor:
-    """``row_quant_mse`` of every block of ``y (nb, N, b)`` at once: (nb,)."""
-    qmax = (1 << (bits - 1)) - 1
-    s = (y.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-30)
-    err = y - torch.round(y / s).clamp(-qmax - 1, qmax) * s
-    return (err**2).sum((1, 2)) / (y**2).sum((1, 2)).clamp_min(1e-30)
 
 
 def _worst_rows(y: torch.Tensor) -> torch.Tensor:
