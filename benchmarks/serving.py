@@ -2,14 +2,17 @@
 
 For one model shape (default Llama-3-8B) this writes a model directory per quantization
 config (config.json + a synthetic word-level tokenizer; weights come from
-``--load-format dummy``, right for speed, wrong for quality), then runs ``vllm bench
-throughput`` / ``vllm bench latency`` for each (config, workload) pair as a subprocess,
-appends every result to one JSON file, and prints a table of req/s, tok/s and latency with
-the ratio to bf16 measured in the same results file.
+``--load-format dummy``, right for speed, wrong for quality), then runs the chosen
+``vllm bench throughput`` / ``vllm bench latency`` workloads of each config on one engine
+(``one_engine.py``: vLLM's own bench code, one engine start per config instead of one per
+workload), appends every result to one JSON file, and prints a table of req/s, tok/s and
+latency with the ratio to bf16 measured in the same results file.
 
-Each engine start costs about a minute, so a device call (10 minutes at most) takes a few
-configs: split with ``--only`` and keep ``--results`` the same across the calls of one lease;
-``--report`` re-prints the table and writes the bar chart from what has accumulated.
+An 8B engine start costs 1.5-3 minutes on an H100, the four workloads about 1.5 more, so a
+device call (10 minutes at most) takes two or three configs: split with ``--only`` and keep
+``--results`` the same across the calls of one lease; ``--report`` re-prints the table and
+writes the bar chart from what has accumulated. Flags after a lone ``--`` go to every
+engine (e.g. ``-- --enforce-eager``).
 
     python benchmarks/serving.py --only bf16,fp8,ruquant-w4a4 --workloads tp-1024-256
     python benchmarks/serving.py --report
@@ -40,9 +43,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    # a smoke-test shape that starts in seconds (CPU tests, quick GPU checks)
+    # a smoke-test shape that starts in seconds (CPU tests, quick GPU checks); the vocabulary covers
+    # the token ids `vllm bench latency` draws (below 10000)
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096, rope_theta=10000.0, max_position_embeddings=4096),
+                 num_key_value_heads=2, vocab_size=10240, rope_theta=10000.0, max_position_embeddings=4096),
 }
 
 
@@ -128,6 +132,12 @@ WORKLOADS: dict[str, Workload] = {
     "lat-b1": Workload("latency", 128, 256, batch_size=1),
     "lat-b16": Workload("latency", 128, 256, batch_size=16),
 }
+# seconds on the tiny shape: the CPU test runs the whole path through a real engine with these
+SMOKE_WORKLOADS: dict[str, Workload] = {
+    "tp-smoke": Workload("throughput", 32, 8, num_prompts=8),
+    "lat-smoke": Workload("latency", 16, 8, batch_size=2),
+}
+ALL_WORKLOADS = {**WORKLOADS, **SMOKE_WORKLOADS}
 
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:
@@ -170,12 +180,18 @@ def write_model_dir(root: Path, name: str, shape: dict[str, Any], qc: QuantConfi
     return out
 
 
-def bench_command(model_dir: Path, qc: QuantConfig, wl: Workload, result_json: Path,
-                  max_model_len: int, gpu_mem: float, python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "vllm.entrypoints.cli.main", "bench", wl.kind, "--model", str(model_dir),
-           "--load-format", "dummy", "--max-model-len", str(max_model_len),
-           "--gpu-memory-utilization", str(gpu_mem), "--output-json", str(result_json), *qc.cli, *wl.args()]
-    return cmd
+def bench_argv(model_dir: Path, qc: QuantConfig, wl: Workload, result_json: Path, max_model_len: int,
+               gpu_mem: float, engine_extra: tuple[str, ...] = ()) -> list[str]:
+    """What follows ``vllm bench {throughput,latency}`` for one (config, workload).
+
+    Prefix caching is off for both kinds (``vllm bench latency``'s default; the random
+    throughput prompts share no prefix) and the tokenizer is named (throughput sets it, latency
+    would leave it unset), so the workloads of a config ask for the same engine and share it.
+    """
+    return ["--model", str(model_dir), "--tokenizer", str(model_dir), "--load-format", "dummy",
+            "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_mem),
+            "--no-enable-prefix-caching",
+            "--output-json", str(result_json), *qc.cli, *engine_extra, *wl.args()]
 
 
 def summarize(kind: str, raw: dict[str, Any]) -> dict[str, float]:
@@ -243,13 +259,13 @@ def plot(results: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results.get("rows", {})
-    wls = [w for w in WORKLOADS if any(w in r and r[w].get("status") == "ok" for r in rows.values())]
+    wls = [w for w in ALL_WORKLOADS if any(w in r and r[w].get("status") == "ok" for r in rows.values())]
     if not wls:
         return
     fig, axes = plt.subplots(1, len(wls), figsize=(4.5 * len(wls), 4), squeeze=False)
     for ax, wl in zip(axes[0], wls, strict=True):
         names = [c for c in rows if rows[c].get(wl, {}).get("status") == "ok"]
-        key = "req_s" if WORKLOADS[wl].kind == "throughput" else "latency_s"
+        key = "req_s" if ALL_WORKLOADS[wl].kind == "throughput" else "latency_s"
         ax.bar(range(len(names)), [rows[c][wl][key] for c in names],
                color=["tab:orange" if c.startswith("ruquant") else "tab:gray" for c in names])
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
@@ -260,26 +276,32 @@ def plot(results: dict[str, Any], png: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    engine_extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--only", default="all", help="comma-separated config names (default all)")
-    ap.add_argument("--workloads", default="all", help=f"comma-separated of {', '.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default="all",
+                    help=f"comma-separated of {', '.join(ALL_WORKLOADS)} (all = the first {len(WORKLOADS)})")
     ap.add_argument("--models-dir", type=Path, default=Path("/tmp/ruquant-bench-models"))
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    ap.add_argument("--timeout", type=int, default=420,
-                    help="seconds per vllm bench run (a first engine start on a fresh machine took ~3 min)")
-    ap.add_argument("--dry-run", action="store_true", help="write configs and print commands only")
+    ap.add_argument("--timeout", type=int, default=600,
+                    help="seconds per config, engine start and all its workloads (a first 8B ruquant "
+                         "start on a fresh machine took ~3 min)")
+    ap.add_argument("--dry-run", action="store_true", help="write configs and print the bench commands only")
     ap.add_argument("--report", action="store_true", help="print the table and write the plot, run nothing")
     args = ap.parse_args(argv)
-    shape = SHAPES[args.shape]
-    known = quant_configs(shape)
+    args.engine_extra = tuple(engine_extra)
+    known = quant_configs(SHAPES[args.shape])
     args.configs = list(known) if args.only == "all" else args.only.split(",")
     args.workload_names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
-    bad = [c for c in args.configs if c not in known] + [w for w in args.workload_names if w not in WORKLOADS]
+    bad = [c for c in args.configs if c not in known] + [w for w in args.workload_names if w not in ALL_WORKLOADS]
     if bad:
-        ap.error(f"unknown config/workload {bad}; configs: {', '.join(known)}; workloads: {', '.join(WORKLOADS)}")
+        ap.error(f"unknown config/workload {bad}; configs: {', '.join(known)}; "
+                 f"workloads: {', '.join(ALL_WORKLOADS)}")
     return args
 
 
@@ -292,36 +314,60 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shape = SHAPES[args.shape]
     configs = quant_configs(shape)
-    results.data.setdefault("env", environment())
-    results.data["shape"] = {"name": args.shape, **shape}
+    if not args.dry_run:
+        results.data.setdefault("env", environment())
+        results.data["shape"] = {"name": args.shape, **shape}
     for name in args.configs:
         model_dir = write_model_dir(args.models_dir, name, shape, configs[name])
-        for wl_name in args.workload_names:
-            wl = WORKLOADS[wl_name]
-            out_json = args.models_dir / f"{name}.{wl_name}.json"
-            cmd = bench_command(model_dir, configs[name], wl, out_json, args.max_model_len,
-                                args.gpu_memory_utilization)
-            if args.dry_run:
-                print(shlex.join(cmd))
-                continue
-            t0 = time.perf_counter()
-            log = args.models_dir / f"{name}.{wl_name}.log"
-            with log.open("w") as f:
-                rc = run_to_completion(cmd, f, args.timeout)
-            if rc is None:
-                row = {"status": f"timeout after {args.timeout}s"}
-            elif rc == 0 and out_json.exists():
-                row = {"status": "ok", **summarize(wl.kind, json.loads(out_json.read_text()))}
-            else:
-                row = {"status": f"failed rc={rc}: " + _last_error(log)}
-            row["wall_s"] = time.perf_counter() - t0
-            row["kv_cache_tokens"] = _kv_tokens(log)
-            results.add(name, wl_name, row)
-            print(f"{name:<20} {wl_name:<12} {row['status'][:100]} ({row['wall_s']:.0f} s)", flush=True)
+        runs = [{"kind": ALL_WORKLOADS[w].kind, "workload": w,
+                 "argv": bench_argv(model_dir, configs[name], ALL_WORKLOADS[w], args.models_dir / f"{name}.{w}.json",
+                                    args.max_model_len, args.gpu_memory_utilization, args.engine_extra)}
+                for w in args.workload_names]
+        if args.dry_run:
+            print(f"# {name}: one engine for {len(runs)} run(s) (benchmarks/one_engine.py)")
+            for r in runs:
+                print(shlex.join(["vllm", "bench", r["kind"], *r["argv"]]))
+            continue
+        for w, row in run_config(name, runs, args.models_dir, args.timeout).items():
+            results.add(name, w, row)
+            print(f"{name:<20} {w:<12} {row['status'][:100]} ({row['wall_s']:.0f} s)", flush=True)
     if not args.dry_run:
         print(table(results.data))
         plot(results.data, args.results.with_suffix(".png"))
     return 0
+
+
+def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout: int,
+               python: str = sys.executable) -> dict[str, dict[str, Any]]:
+    """Run one config's workloads on one engine (``one_engine.py``, its own process); a row each."""
+    for r in runs:
+        Path(r["argv"][r["argv"].index("--output-json") + 1]).unlink(missing_ok=True)
+    plan, report_path, log = (models_dir / f"{name}.{suffix}" for suffix in ("plan.json", "report.json", "log"))
+    report_path.unlink(missing_ok=True)
+    plan.write_text(json.dumps({"runs": runs, "report": str(report_path)}, indent=2))
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        rc = run_to_completion([python, str(Path(__file__).with_name("one_engine.py")), str(plan)], f, timeout)
+    wall = time.perf_counter() - t0
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"runs": []}
+    kv_tokens = _kv_tokens(log)
+    rows = {}
+    for i, r in enumerate(runs):
+        out_json = Path(r["argv"][r["argv"].index("--output-json") + 1])
+        done = report["runs"][i] if i < len(report["runs"]) else None
+        if done is not None and done["error"] is None and out_json.exists():
+            row = {"status": "ok", **summarize(r["kind"], json.loads(out_json.read_text()))}
+        elif done is not None:
+            row = {"status": f"failed: {done['error']}"}
+        elif rc is None:
+            row = {"status": f"timeout: the config's {timeout} s ran out"}
+        else:
+            row = {"status": f"failed rc={rc}: " + _last_error(log)}
+        row["wall_s"] = done["wall_s"] if done is not None else wall
+        row["engine_start_s"] = report.get("engine_start_s")
+        row["kv_cache_tokens"] = kv_tokens
+        rows[r["workload"]] = row
+    return rows
 
 
 def run_to_completion(cmd: list[str], log, timeout: int) -> int | None:

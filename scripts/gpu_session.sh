@@ -2,7 +2,8 @@
 # Runs on the lent GPU machine, after the vLLM bundle is installed (see ../shared/device/README.md).
 #   bash scripts/gpu_session.sh tests [FILES]    GPU tests (default: kernels vs reference, vLLM Triton vs
 #                                                reference, KV4 served vs simulated)
-#   bash scripts/gpu_session.sh bench CONFIGS WORKLOADS   serving benchmark rows, accumulated in /tmp/bench
+#   bash scripts/gpu_session.sh bench CONFIGS WORKLOADS [TIMEOUT]  serving benchmark rows (one engine per
+#                                                config, TIMEOUT s each), accumulated in /tmp/bench
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
 # Everything worth keeping is copied to $OUT.
@@ -19,10 +20,10 @@ case "${1:-}" in
     ;;
   bench)
     python3 benchmarks/serving.py --only "$2" --workloads "$3" --results /tmp/bench/serving.json \
-      --models-dir /tmp/bench/models --timeout "${4:-420}" 2>&1 | tail -30
+      --models-dir /tmp/bench/models --timeout "${4:-600}" 2>&1 | tail -30
     cp /tmp/bench/serving.json /tmp/bench/serving.png "$OUT/" 2>/dev/null
-    for c in ${2//,/ }; do for f in /tmp/bench/models/"$c".*.log; do
-      [ -f "$f" ] && tail -c 30000 "$f" > "$OUT/$(basename "$f")"; done; done
+    for c in ${2//,/ }; do f=/tmp/bench/models/"$c".log  # one engine, one log per config
+      [ -f "$f" ] && tail -c 30000 "$f" > "$OUT/$c.log"; done
     ;;
   serve)
     python3 benchmarks/serving.py --only "$2" --workloads tp-1024-256 --dry-run --models-dir /tmp/bench/models >/dev/null

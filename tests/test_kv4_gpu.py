@@ -95,7 +95,7 @@ def _with_value_rotation(ckpt: Path, where: str, dst: Path) -> Path:
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("value_rotation", ["offline", "online"])
-def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rotation: str) -> None:
+def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rotation: str, monkeypatch) -> None:
     """Offline V (ours): greedy identity, float-noise logprobs. The int4 cache's fp32 reciprocal
     puts a value on the other side of a rounding boundary now and then (test above), which
     moves a logprob by ~1e-3; TF32 is off (TRITON_F32_DEFAULT=ieee in ENGINE_ENV).
@@ -110,6 +110,7 @@ def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rot
     from vllm_ruquant import kv_cache
 
     ckpt = _with_value_rotation(kv4_ckpt, value_rotation, tmp_path / value_rotation)
+    monkeypatch.setenv("RUQUANT_AUTOTUNE", "0")  # kernel configs are test_kernels_gpu's job (see test_gpu_vllm)
     with in_process_llm(ckpt, quantization="ruquant", dtype="float32", gpu_memory_utilization=0.3) as llm:
         assert llm.llm_engine.vllm_config.cache_config.cache_dtype == kv_cache.INT4_CACHE_DTYPE
         assert value_rotation in kv_cache._logged  # which attention path served it
