@@ -19,11 +19,15 @@ case "${1:-}" in
       | grep -E "passed|failed|error|backends|differ from|Error|FAILED|KV cache" | tail -30
     ;;
   bench)
-    python3 benchmarks/serving.py --only "$2" --workloads "$3" --results /tmp/bench/serving.json \
-      --models-dir /tmp/bench/models --timeout "${4:-600}" 2>&1 | tail -30
-    cp /tmp/bench/serving.json /tmp/bench/serving.png "$OUT/" 2>/dev/null
-    for c in ${2//,/ }; do f=/tmp/bench/models/"$c".log  # one engine, one log per config
-      [ -f "$f" ] && tail -c 30000 "$f" > "$OUT/$c.log"; done
+    # one config per serving.py call, results copied after each: a call that runs out of time
+    # still returns the configs it finished
+    for c in ${2//,/ }; do
+      python3 benchmarks/serving.py --only "$c" --workloads "$3" --results /tmp/bench/serving.json \
+        --models-dir /tmp/bench/models --timeout "${4:-600}" 2>&1 | grep -E "^$c " | tail -8
+      cp /tmp/bench/serving.json /tmp/bench/serving.png "$OUT/" 2>/dev/null
+      f=/tmp/bench/models/"$c".log; [ -f "$f" ] && tail -c 30000 "$f" > "$OUT/$c.log"  # one engine, one log
+    done
+    python3 benchmarks/serving.py --report --results /tmp/bench/serving.json
     ;;
   serve)
     python3 benchmarks/serving.py --only "$2" --workloads tp-1024-256 --dry-run --models-dir /tmp/bench/models >/dev/null
