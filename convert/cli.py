@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lrq-steps", type=int, default=200, help="Adam steps per linear for LRQ (default 200)")
     ap.add_argument("--septq-fraction", type=float, default=0.02,
                     help="share of weights SEPTQ's static mask marks important (default 0.02)")
+    ap.add_argument("--dimension-expansion", action="store_true",
+                    help="GBS+DE: where down_proj's input size has no Hadamard, zero-pad it to the next size "
+                         "that has one and rotate there (the stored down_proj weight gets the padded width)")
     ap.add_argument("--finetune", action="store_true",
                     help="the rotation's fine-tuned variant (ruquant: longer stage 2 with more reflections)")
     ap.add_argument("--tp-size", type=int, default=1,
@@ -95,7 +98,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         group_size=args.group_size, act_clip_ratio=args.act_clip_ratio, calib_text=args.calib_text,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, resume=args.resume, tp_size=args.tp_size, finetune=args.finetune, clip=args.clip,
-        quantizer_options=_quantizer_options(args),
+        dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
     )
 
 
@@ -112,7 +115,15 @@ def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
                                        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
     calib = opts.calib_samples * opts.calib_seq_len
     mem = (per_layer * (8 + 4) + 2 * calib * d * 4 + max(d, f) ** 2 * 8) / 2**30
-    r4 = f"hadamard {f} = {'x'.join(map(str, factor_size(f)))}" if is_hadamard_size(f) else "none (no Hadamard size)"
+    if is_hadamard_size(f):
+        r4 = f"hadamard {f} = {'x'.join(map(str, factor_size(f)))}"
+    elif opts.dimension_expansion:
+        from convert.dimension_expansion import expanded_size
+
+        m = expanded_size(f)
+        r4 = f"hadamard {m} = {'x'.join(map(str, factor_size(m)))}, input zero-padded from {f} (dimension expansion)"
+    else:
+        r4 = "none (no Hadamard size; --dimension-expansion pads it to one)"
     lines = [
         f"model      {dims.architecture}: {dims.num_layers} layers, hidden {d}, intermediate {f}, "
         f"heads {dims.num_heads}/{dims.num_kv_heads} x {dims.head_dim}, vocab {dims.vocab_size}",

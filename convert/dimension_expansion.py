@@ -8,14 +8,13 @@ Hadamard: ``x -> [x, 0] @ H_m / sqrt(m)``. The weight reading that input becomes
 ``[W, 0] @ H_m / sqrt(m)`` of shape ``(N, m)``, so ``x W^T`` is unchanged (the padding
 meets zero weights) while both sides are quantized in the rotated m-dim space.
 
-**Serving.** This changes the stored shape of the layer (``qweight`` is ``(N, m)``, not
-``(N, n)``) and needs the plugin to zero-pad activations to m before its fused
-rotate+quantize kernel; format v1 has neither (``online_rotations.<site>.size`` must
-equal the model's size, ``linear_tensor_shapes`` fixes K). A format addition would be
-``{"kind": "hadamard", "size": m, "padded_from": n}`` plus a padded ``qweight``; cost at
-run time: ``(m - n) / n`` more weight memory and GEMM work on that site. Until then DE
-exists here in the converter's simulation only (``expanded_linear_error`` and tests), and
-every size our models actually have (11008, 14336, 18944, ...) is already constructible.
+**Serving.** ``ruquant-convert --dimension-expansion`` applies this to down_proj's input
+(``pipeline._expand_dimensions``): the format records ``{"kind": "hadamard", "size": m,
+"padded_from": n}`` and a ``(N, m)`` ``qweight``, ``reference.OnlineRotation`` zero-pads
+before its Hadamard, and the Triton backend pads before its fused rotate+quantize kernel.
+Cost at run time: ``(m - n) / n`` more weight memory and GEMM work on that site. Every size
+our target models have (11008, 14336, 18944, ...) is already constructible; the helpers
+below measure what DE buys on one site (``expanded_linear_error``).
 """
 
 from __future__ import annotations

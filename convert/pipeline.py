@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from convert import calibration, diagnostics, fuse
 from convert.architectures import ModelDims, model_dims, read_config
+from convert.dimension_expansion import expanded_size
 from convert.errors import ConvertError, ExitCode
 from convert.model_io import CheckpointReader, CheckpointWriter
 from convert.modeling import decoder_layer, dense_linear, rms_norm, rope_tables
@@ -57,6 +58,9 @@ class ConvertOptions:
     resume: bool = False  # continue an interrupted conversion from its last finished layer
     tp_size: int = 1  # tensor-parallel size the checkpoint will be served with (see format.tp_size)
     finetune: bool = False  # the rotation method's fine-tuned variant (RUQuant / OSTQuant --finetune)
+    # GBS+DE's dimension expansion: where down_proj's input size has no Hadamard, pad it to the
+    # next size that has one and rotate there (convert/dimension_expansion.py)
+    dimension_expansion: bool = False
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -196,6 +200,7 @@ class Converter:
     def _plan(self, tokens: torch.Tensor) -> RotationPlan:
         plan = self.rotation.plan(self._context(tokens))
         self._shard_online_rotations(plan)
+        self._expand_dimensions(plan)
         if plan.residual is not None:
             eye = torch.eye(self.dims.hidden_size, dtype=torch.float64)
             assert torch.allclose(plan.residual.T @ plan.residual, eye, atol=1e-8), "R1 not orthogonal"
@@ -231,15 +236,38 @@ class Converter:
                 raise ConvertError(f"--tp-size {tp}: down_proj rotation blocks of {r.blocks.shape[-1]} "
                                    f"straddle the shards of {shard}", ExitCode.UNSUPPORTED)
 
+    def _expand_dimensions(self, plan: RotationPlan) -> None:
+        """``--dimension-expansion``: where down_proj's input size f has no Hadamard, R4 becomes
+        ``[x, 0] @ H_m / sqrt(m)`` with m the next size that has one (replacing the rotation
+        method's choice: none for Hadamard / OSTQuant, block-diagonal for RUQuant there)."""
+        f = self.dims.intermediate_size
+        if not self.opts.dimension_expansion or is_hadamard_size(f):
+            return
+        if self.opts.tp_size != 1:
+            raise ConvertError("--dimension-expansion needs --tp-size 1 (the padded rotation reads "
+                               "down_proj's whole input)", ExitCode.UNSUPPORTED)
+        try:
+            m = expanded_size(f)
+        except ValueError as e:
+            raise ConvertError(f"--dimension-expansion: {e}", ExitCode.UNSUPPORTED) from None
+        g = self.opts.group_size
+        if g != -1 and m % g:
+            raise ConvertError(f"--group-size {g} does not divide down_proj's expanded input size {m}",
+                               ExitCode.UNSUPPORTED)
+        tqdm.write(f"ruquant-convert: dimension expansion: down_proj's input {f} is zero-padded to {m} "
+                   "and Hadamard-rotated")
+        plan.down_proj = {i: ref.OnlineRotation("hadamard", m, padded_from=f) for i in range(self.dims.num_layers)}
+        plan.report["dimension_expansion"] = {"down_proj": {"from": f, "to": m}}
+
     def _format(self, plan: RotationPlan) -> fmt_mod.RUQuantFormat:
         rots = {}
-        r4s = {(r.kind, r.size, r.block_size if r.blocks is None else r.blocks.shape[-1])
+        r4s = {(r.kind, r.size, r.block_size if r.blocks is None else r.blocks.shape[-1], r.padded_from)
                for r in plan.down_proj.values()}
         if len(plan.down_proj) not in (0, self.dims.num_layers) or len(r4s) > 1:
             raise AssertionError("a rotation plan must give every layer the same kind of down_proj rotation")
         if r4s:
-            kind, size, block = r4s.pop()
-            rots["down_proj"] = fmt_mod.RotationSpec(kind=kind, size=size, block_size=block)
+            kind, size, block, padded_from = r4s.pop()
+            rots["down_proj"] = fmt_mod.RotationSpec(kind=kind, size=size, block_size=block, padded_from=padded_from)
         o = self.opts
         fmt = fmt_mod.RUQuantFormat(
             weight=fmt_mod.WeightSpec(bits=self.fmt.weight.bits, group_size=o.group_size),
@@ -465,7 +493,7 @@ class Converter:
 
 def _plan_meta(plan: RotationPlan) -> dict[str, Any]:
     return {"report": plan.report,
-            "down_proj": {str(i): [r.kind, r.size, r.block_size] for i, r in plan.down_proj.items()}}
+            "down_proj": {str(i): [r.kind, r.size, r.block_size, r.padded_from] for i, r in plan.down_proj.items()}}
 
 
 def _plan_tensors(plan: RotationPlan) -> dict[str, torch.Tensor]:
@@ -484,8 +512,8 @@ def _plan_tensors(plan: RotationPlan) -> dict[str, torch.Tensor]:
 
 
 def _plan_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RotationPlan:
-    down = {int(i): ref.OnlineRotation(kind, size, tensors.get(f"down_proj.{i}"), block_size)
-            for i, (kind, size, block_size) in meta["down_proj"].items()}
+    down = {int(i): ref.OnlineRotation(kind, size, tensors.get(f"down_proj.{i}"), block_size, padded_from)
+            for i, (kind, size, block_size, padded_from) in meta["down_proj"].items()}
     scales: dict[int, dict[str, torch.Tensor]] = {}
     for name, s in tensors.items():
         if name.startswith("norm_scales."):

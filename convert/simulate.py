@@ -54,7 +54,8 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
                 xc, w, scale, act_bits=fmt.activation.bits, group_size=fmt.weight.group_size,
                 clip_ratio=fmt.activation.clip_ratio, rotation=rot, bias=bias, out_dtype=torch.float32,
                 act_shards=fmt.act_shards(prefix))
-        x2 = (rot.apply(xc) if rot is not None else xc.float()).reshape(-1, xc.shape[-1])
+        x2 = rot.apply(xc) if rot is not None else xc.float()
+        x2 = x2.reshape(-1, x2.shape[-1])  # a dimension-expanded rotation widens it
         if observe is not None:
             observe(prefix, x2)
         y = (x2 @ w.T).reshape(*xc.shape[:-1], -1)

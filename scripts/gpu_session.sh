@@ -16,7 +16,7 @@ case "${1:-}" in
     shift
     files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests/test_kernels_gpu.py tests/test_gpu_vllm.py tests/test_kv4_gpu.py)
     python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging -rs "${files[@]}" 2>&1 | tee "$OUT/gpu_tests.log" \
-      | grep -E "passed|failed|error|backends|differ from|Error|FAILED|KV cache" | tail -30
+      | grep -E "passed|failed|error|backends|differ from|served vs simulation|Error|FAILED|KV cache" | tail -30
     ;;
   bench)
     # one config per serving.py call, results copied after each: a call that runs out of time

@@ -37,6 +37,12 @@ BAD = [
     (lambda c: c["online_rotations"]["down_proj"].update(size=13696), "no Hadamard rotation of size 13696"),
     (lambda c: c["online_rotations"].update(down_proj={"kind": "block_diagonal", "size": 100, "block_size": 32}),
      "block_size must divide"),
+    (lambda c: c["online_rotations"]["down_proj"].update(padded_from=11008), r"padded_from must be in \(0, size"),
+    (lambda c: c["online_rotations"]["down_proj"].update(padded_from=True), "padded_from must be int"),
+    (lambda c: c["online_rotations"].update(down_proj={"kind": "block_diagonal", "size": 128, "block_size": 32,
+                                                       "padded_from": 100}), "for kind 'hadamard' only"),
+    (lambda c: c.update(tp_size=2) or c["online_rotations"]["down_proj"].update(padded_from=11000),
+     "needs tp_size 1"),
     (lambda c: c.update(extra=1), "unknown keys"),
     (lambda c: c["weight"].update(color="red"), "unknown keys"),
     (lambda c: c.update(weight=[]), "weight must be an object"),
@@ -74,3 +80,22 @@ def test_tensor_shapes() -> None:
     assert linear_tensor_shapes(fmt, 32, 64) == {"qweight": ((32, 32), "uint8"), "weight_scale": ((32, 1), "float32")}
     fmt8 = scheme_format("w8a8")
     assert linear_tensor_shapes(fmt8, 32, 64)["qweight"] == ((32, 64), "int8")
+
+
+def test_dimension_expanded_rotation() -> None:
+    """``padded_from``: the model's size is checked against it, the stored weight is ``size`` wide."""
+    spec = RotationSpec("hadamard", 176, padded_from=172)
+    fmt = scheme_format("w4a4", online_rotations={"down_proj": spec})
+    again = RUQuantFormat.from_dict(fmt.to_dict())
+    assert again.online_rotations["down_proj"] == spec and spec.in_features == 172
+    again.check_model(64, 172)
+    with pytest.raises(FormatError, match="padded_from is 172 but the model's input size of down_proj is 176"):
+        again.check_model(64, 176)
+    assert linear_tensor_shapes(fmt, 64, 172, spec)["qweight"] == ((64, 88), "uint8")
+    assert "padded_from" not in scheme_format("w4a4", online_rotations={"down_proj": RotationSpec(
+        "hadamard", 176)}).to_dict()["online_rotations"]["down_proj"]  # absent, not null, when unused
+    grouped = scheme_format("w4a4", online_rotations={"down_proj": RotationSpec("hadamard", 176, padded_from=172)})
+    grouped = RUQuantFormat.from_dict({**grouped.to_dict(), "weight": {"bits": 4, "group_size": 86,
+                                                                        "symmetric": True}})
+    with pytest.raises(FormatError, match="does not divide the padded input size 176"):
+        grouped.check_model(344, 172)  # 86 divides the model's sizes but not 176

@@ -260,6 +260,10 @@ _BACKEND_CASES = [  # (weight bits, act bits, group, rotation, K, N)
     (4, 16, -1, None, 4096, 4096),
     (4, 16, 128, "hadamard", 14336, 4096),
     (4, 4, -1, "block_diagonal", 4096, 4096),
+    # dimension expansion: a 4000-wide input zero-padded to 4096 before the Hadamard
+    (4, 4, -1, "padded", 4096, 4096),
+    (4, 8, -1, "padded", 4096, 4096),
+    (4, 16, -1, "padded", 4096, 4096),
 ]
 
 
@@ -274,19 +278,21 @@ def test_triton_backend_matches_reference(case: tuple, M: int) -> None:
         rot = ref.OnlineRotation("hadamard", K)
     elif rot_kind == "block_diagonal":
         rot = ref.OnlineRotation("block_diagonal", K, torch.linalg.qr(torch.randn(K // 128, 128, 128))[0])
+    elif rot_kind == "padded":
+        rot = ref.OnlineRotation("hadamard", K, padded_from=K - 96)
     else:
         rot = None
     spec = LinearSpec(K, N, wb, g, ab, clip_ratio=0.95 if ab == 4 else 1.0, rotation=rot)
     w_q, w_s = ref.quantize_weight(torch.randn(N, K), wb, g)
     qweight = ref.pack_weight(w_q, wb)
     bias = torch.randn(N).to(torch.bfloat16)
-    x = (torch.randn(3, M, K) * 2).to(torch.bfloat16)
+    x = (torch.randn(3, M, K if rot is None else rot.in_features) * 2).to(torch.bfloat16)
     yr = ReferenceBackend().apply(spec, ReferenceBackend().prepare(spec, qweight, w_s), x, bias)
     tb = TritonBackend()
     prepared = tb.prepare(spec, qweight.cuda(), w_s.cuda())
     y = tb.apply(spec, prepared, x.cuda(), bias.cuda()).cpu()
     assert y.shape == yr.shape and y.dtype == yr.dtype
-    exact_ints = rot_kind is None or (rot_kind == "hadamard" and factor_size(K)[0] == 1)
+    exact_ints = rot_kind is None or (rot_kind in ("hadamard", "padded") and factor_size(K)[0] == 1)
     if ab < 16 and exact_ints:
         _assert_exact(y, yr)
     else:

@@ -8,11 +8,14 @@ Hadamard R1/R2, the online Hadamard R4 of a non-power-of-two size (344 = 2 * 172
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from convert import cli
 from plugin_helpers import check_against_simulation, in_process_llm
 from tiny_models import make_tiny_llama
+from vllm_ruquant.format import RotationSpec, RUQuantFormat
 
 pytestmark = pytest.mark.vllm
 
@@ -27,13 +30,16 @@ OPTIONS = {
     "septq": ["--weight-quantizer", "septq"],
     "lrq": ["--weight-quantizer", "lrq", "--lrq-steps", "20"],
     "gbs-clip": ["--clip", "gbs"],
+    "dimension-expansion": ["--dimension-expansion"],
 }
+# 172 has no Hadamard construction: --dimension-expansion serves down_proj padded to 176
+INTERMEDIATE = {"dimension-expansion": 172}
 
 
 @pytest.fixture(scope="module", params=list(OPTIONS), ids=list(OPTIONS))
 def ckpt(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"converted-{request.param}")
-    make_tiny_llama(root / "src", arch="qwen2", intermediate_size=344, seed=11)
+    make_tiny_llama(root / "src", arch="qwen2", intermediate_size=INTERMEDIATE.get(request.param, 344), seed=11)
     out = root / "w4a4"
     assert cli.main([str(root / "src"), str(out), "--scheme", "w4a4", "--calib-samples", "8",
                      "--calib-seq-len", "64", *OPTIONS[request.param]]) == 0
@@ -46,6 +52,9 @@ def test_converted_w4a4_served_matches_simulation(ckpt):
     # plugin_helpers measured up to 8e-3 per flip at 8 bits, so up to ~0.13-0.5 at 4 bits
     # (0.49 seen once, LRQ). Greedy tokens must still agree, and at most 10% of positions
     # may move at all; a wrong packing/scale/rotation moves nearly every position by O(1).
+    if ckpt.parent.name.startswith("converted-dimension-expansion"):
+        rot = RUQuantFormat.from_dict(json.loads((ckpt / "config.json").read_text())["quantization_config"])
+        assert rot.online_rotations["down_proj"] == RotationSpec("hadamard", 176, padded_from=172)
     with in_process_llm(ckpt, quantization="ruquant") as llm:
         assert llm.llm_engine.model_config.quantization == "ruquant"
         check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, flip_atol=0.8)

@@ -159,3 +159,34 @@ def test_dimension_expansion_is_exact_and_helps_outliers(n: int) -> None:
     torch.testing.assert_close(expand_activation(x) @ expand_weight(w).T, x.double() @ w.double().T)
     err = expanded_linear_error(x, w, 3, 3)
     assert err["expanded"] < err["plain"]
+
+
+def test_padded_online_rotation_is_the_expansion_the_plugin_serves() -> None:
+    """``OnlineRotation(padded_from=n)`` (what the plugin runs) is ``expand_activation``, and the
+    converter's absorption ``W -> W Q`` keeps ``x W^T`` (``Q Q^T = I_n``)."""
+    from convert.dimension_expansion import expand_activation, expanded_size
+    from vllm_ruquant import reference as ref
+
+    n = 172
+    m = expanded_size(n)
+    rot = ref.OnlineRotation("hadamard", m, padded_from=n)
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rot.apply(x).double(), expand_activation(x), atol=1e-5, rtol=1e-5)
+    q = rot.matrix().double()
+    assert q.shape == (n, m)
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
+    w = torch.randn(8, n, dtype=torch.float64)
+    torch.testing.assert_close(rot.apply(x).double() @ (w @ q).T, x.double() @ w.T, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="padded from 172 applied to a dim of 176"):
+        rot.apply(torch.randn(2, m))
+
+
+def test_dimension_expansion_refuses_tensor_parallel(tmp_path, capsys) -> None:
+    from convert import cli
+    from tiny_models import make_tiny_llama
+
+    make_tiny_llama(tmp_path / "src", intermediate_size=172)
+    rc = cli.main([str(tmp_path / "src"), str(tmp_path / "out"), "--dimension-expansion", "--tp-size", "2",
+                   *SMALL_CALIB])
+    assert rc == 3 and not (tmp_path / "out").exists()
+    assert "--dimension-expansion needs --tp-size 1" in capsys.readouterr().err

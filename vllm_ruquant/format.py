@@ -108,6 +108,15 @@ class RotationSpec:
     # block_diagonal: the dense block size; hadamard: optional, I (x) H_block_size, one Hadamard
     # per tensor-parallel shard (written by ``ruquant-convert --tp-size``)
     block_size: int | None = None
+    # hadamard only (``ruquant-convert --dimension-expansion``): the layer's input has
+    # ``padded_from`` features and no Hadamard of that size exists, so the input is zero-padded
+    # to ``size`` and rotated there; the layer's ``qweight`` then has ``size`` input columns
+    padded_from: int | None = None
+
+    @property
+    def in_features(self) -> int:
+        """The layer input size the rotation reads (``size`` unless it zero-pads)."""
+        return self.padded_from if self.padded_from is not None else self.size
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,12 @@ class RUQuantFormat:
             _check(site in ROTATABLE_SITES, f"{where}: online rotations are supported on {ROTATABLE_SITES}")
             _check(r.kind in ROTATION_KINDS, f"{where}.kind must be one of {ROTATION_KINDS}, got {r.kind!r}")
             _check(r.size > 0, f"{where}.size must be positive, got {r.size}")
+            if r.padded_from is not None:
+                _check(r.kind == "hadamard", f"{where}.padded_from is for kind 'hadamard' only")
+                _check(0 < r.padded_from < r.size,
+                       f"{where}.padded_from must be in (0, size {r.size}), got {r.padded_from}")
+                _check(r.block_size is None and self.tp_size == 1,
+                       f"{where}.padded_from (dimension expansion) needs tp_size 1 and no block_size")
             if r.kind == "hadamard":
                 b = r.block_size if r.block_size is not None else r.size
                 _check(isinstance(b, int) and b > 0 and r.size % b == 0,
@@ -219,13 +234,17 @@ class RUQuantFormat:
         """Shapes the config implies must match the model's dimensions."""
         sizes = {"down_proj": intermediate_size}
         for site, r in self.online_rotations.items():
-            _check(r.size == sizes[site],
-                   f"online_rotations.{site}.size is {r.size} but the model's input size of "
+            what = "padded_from" if r.padded_from is not None else "size"
+            _check(r.in_features == sizes[site],
+                   f"online_rotations.{site}.{what} is {r.in_features} but the model's input size of "
                    f"{site} is {sizes[site]}")
         g = self.weight.group_size
         if g != -1:
             for name, k in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
                 _check(k % g == 0, f"weight.group_size {g} does not divide {name} {k}")
+            for site, r in self.online_rotations.items():
+                _check(r.padded_from is None or r.size % g == 0,
+                       f"weight.group_size {g} does not divide the padded input size {r.size} of {site}")
 
     # ------------------------------------------------------------------ conveniences
 
@@ -293,7 +312,13 @@ def tensor_name(prefix: str, kind: str) -> str:
 
 def linear_tensor_shapes(fmt: RUQuantFormat, out_features: int, in_features: int,
                          rotation: RotationSpec | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Expected (shape, dtype name) of every tensor of one quantized linear layer."""
+    """Expected (shape, dtype name) of every tensor of one quantized linear layer.
+
+    ``in_features`` is the layer's input size; a dimension-expanded rotation
+    (``padded_from``) makes the stored weight ``rotation.size`` columns wide.
+    """
+    if rotation is not None and rotation.padded_from is not None:
+        in_features = rotation.size
     bits, g = fmt.weight.bits, fmt.weight.group_size
     groups = 1 if g == -1 else in_features // g
     shapes: dict[str, tuple[tuple[int, ...], str]] = {
@@ -317,4 +342,4 @@ def online_rotation(spec: RotationSpec, blocks: Any = None) -> Any:
                           f"'{ONLINE_ROTATION}' tensor")
     if spec.kind == "block_diagonal":
         return OnlineRotation(spec.kind, spec.size, blocks)
-    return OnlineRotation(spec.kind, spec.size, block_size=spec.block_size)
+    return OnlineRotation(spec.kind, spec.size, block_size=spec.block_size, padded_from=spec.padded_from)

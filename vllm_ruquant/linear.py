@@ -51,10 +51,12 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         n, k = sum(output_partition_sizes), input_size_per_partition
         bits, g = self.fmt.weight.bits, self.fmt.weight.group_size
         self._check_shapes(k, input_size, layer)
+        rot = self.rotation_spec
+        if rot is not None and rot.padded_from is not None:
+            k = rot.size  # dimension expansion: the weight reads the zero-padded, rotated input
 
         layer.register_parameter(format.QWEIGHT, _qweight_param(n, k, bits, weight_loader))
         layer.register_parameter(format.WEIGHT_SCALE, _scale_param(n, k, g, weight_loader))
-        rot = self.rotation_spec
         if rot is not None and rot.kind == "block_diagonal":
             assert rot.block_size is not None
             blocks = torch.empty(rot.size // rot.block_size, rot.block_size, rot.block_size,
@@ -91,10 +93,17 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         rot = self.rotation_spec
         if rot is None:
             return
-        if rot.size != input_size:
+        if rot.in_features != input_size:
             raise ValueError(
-                f"ruquant: {self.prefix}: online rotation size {rot.size} != layer input size {input_size}"
+                f"ruquant: {self.prefix}: online rotation input size {rot.in_features} != layer input size "
+                f"{input_size}"
             )
+        if rot.padded_from is not None:
+            if k != input_size:
+                raise NotImplementedError(
+                    f"ruquant: {self.prefix}: a dimension-expanded rotation ({rot.padded_from} padded to "
+                    f"{rot.size}) reads the whole input; serve with --tensor-parallel-size 1")
+            return
         block = rot.block_size if rot.block_size is not None else rot.size
         if k % block:
             raise NotImplementedError(
@@ -143,10 +152,11 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         rot = self.rotation_spec
         if rot is None:
             return None
-        k = layer.ruquant_in_features  # this rank's share of the input
+        k = layer.ruquant_in_features  # this rank's share of the (padded) input
         if rot.kind == "hadamard":
             block = rot.block_size if rot.block_size is not None else rot.size
-            return ref.OnlineRotation("hadamard", k, block_size=block if block < k else None)
+            return ref.OnlineRotation("hadamard", k, block_size=block if block < k else None,
+                                      padded_from=rot.padded_from)
         return ref.OnlineRotation("block_diagonal", k, blocks=getattr(layer, format.ONLINE_ROTATION))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

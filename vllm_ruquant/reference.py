@@ -196,9 +196,26 @@ class OnlineRotation:
     blocks: torch.Tensor | None = None  # (nb, b, b) for "block_diagonal"
     # "hadamard" only: I_(size/b) (x) H_b, one Hadamard per tensor-parallel shard of the input
     block_size: int | None = None
+    # "hadamard" only, dimension expansion: the input has ``padded_from`` features, zero-padded
+    # to ``size`` (which has a Hadamard) before the rotation: x -> [x, 0] @ H_size / sqrt(size)
+    padded_from: int | None = None
+
+    @property
+    def in_features(self) -> int:
+        """The size of the vector the rotation reads (``size`` unless it zero-pads)."""
+        return self.padded_from if self.padded_from is not None else self.size
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` zero-padded from ``padded_from`` to ``size`` features (unchanged without padding)."""
+        if self.padded_from is None:
+            return x
+        if x.shape[-1] != self.padded_from:
+            raise ValueError(f"a rotation padded from {self.padded_from} applied to a dim of {x.shape[-1]}")
+        return torch.nn.functional.pad(x, (0, self.size - self.padded_from))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "hadamard":
+            x = self.pad(x)
             b = self.block_size
             if b is None or b == x.shape[-1]:
                 return hadamard_transform(x)
@@ -209,8 +226,10 @@ class OnlineRotation:
         raise ValueError(f"unknown online rotation kind {self.kind!r}")
 
     def matrix(self) -> torch.Tensor:
-        """The dense orthogonal matrix Q (fp32), for offline absorption and tests."""
-        return self.apply(torch.eye(self.size))
+        """The matrix Q (fp32, ``(in_features, size)``) with ``apply(x) == x @ Q``: orthogonal,
+        or with padding the first ``padded_from`` rows of one (``Q Q^T = I``), for offline
+        absorption (``W -> W Q``) and tests."""
+        return self.apply(torch.eye(self.in_features))
 
 
 # --------------------------------------------------------------------- linear layers

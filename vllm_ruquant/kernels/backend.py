@@ -25,6 +25,7 @@ Shapes the kernels do not tile (K not a multiple of 128, weight groups not a mul
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -112,22 +113,27 @@ class TritonBackend:
             return self._weight_only_torch(spec, prepared, x, bias)
         lead = x.shape[:-1]
         k = spec.in_features
-        x2 = x.reshape(-1, k)
+        rotation = spec.rotation
+        x2 = x.reshape(-1, x.shape[-1])
+        if rotation is not None and rotation.padded_from is not None:
+            # dimension expansion: zero-pad here, then the kernels see a plain size-k Hadamard
+            x2 = rotation.pad(x2)
+            rotation = dataclasses.replace(rotation, padded_from=None)
         blocks = prepared.get("rot_blocks")
         g = spec.group_size
         if path == "w4a16":
-            xr, _ = rotate_quant(x2, 16, rotation=spec.rotation, blocks=blocks)
+            xr, _ = rotate_quant(x2, 16, rotation=rotation, blocks=blocks)
             y = w4a16_gemm(xr, prepared["w"], prepared["w_scale"], K=k, group_size=g,
                            chunk=layout.chunk_for(k, g) or 128, bias=bias)
         elif path == "dequant_matmul":
-            xr, _ = rotate_quant(x2, 16, rotation=spec.rotation, blocks=blocks)
+            xr, _ = rotate_quant(x2, 16, rotation=rotation, blocks=blocks)
             y = (xr @ prepared["w"].to(x.dtype).T).float()
             if bias is not None:
                 y = y + bias.float()
             y = y.to(x.dtype)
         else:
             packed = path == "w4a4"
-            q, s = rotate_quant(x2, spec.act_bits, spec.clip_ratio, spec.rotation, pack=packed,
+            q, s = rotate_quant(x2, spec.act_bits, spec.clip_ratio, rotation, pack=packed,
                                 blocks=blocks)
             b_mode = {"w4a4": 1, "w4a8": 2, "int8": 0}[path]
             y = qgemm(q, s, prepared["w"], prepared["w_scale"], a_mode=1 if packed else 0,
@@ -144,10 +150,9 @@ class TritonBackend:
             w_q = layout.unpack_chunked(w, chunk)
             w = ref.dequantize_weight(w_q, prepared["w_scale"], spec.group_size)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, spec.in_features)
+        x2 = x.reshape(-1, x.shape[-1])
         if spec.rotation is not None:
-            x2 = ref.OnlineRotation(spec.rotation.kind, spec.rotation.size,
-                                    prepared.get("rot_blocks")).apply(x2)
+            x2 = dataclasses.replace(spec.rotation, blocks=prepared.get("rot_blocks")).apply(x2)
         y = (x2.to(x.dtype) @ w.to(x.dtype).T).float()
         if bias is not None:
             y = y + bias.float()
