@@ -1,23 +1,23 @@
 """Issue 3 on the GPU: the int4 KV cache as vLLM serves it equals ``reference.simulate_kv_cache``.
 
 * vLLM's own int4 cache-write kernel stores what ``reference.fake_quantize_kv_int4`` says.
-* A converted w4a8kv4 model served by our ``OfflineValueInt4Impl`` gives the simulated
+* A converted w4a4kv4 model served by our ``OfflineValueInt4Impl`` gives the simulated
   model's greedy tokens for 32 tokens and its logprobs up to float noise.
 * The same model on vLLM's built-in online-rotation path (``value_rotation: online``)
-  agrees with the simulation teacher-forced, at bf16 level (see that test).
+  gives the same greedy tokens; its logprobs carry bf16 noise (see that test).
 
-Why w4a8kv4 and not w4a4kv4: every 4-bit rounding amplifies float noise. Measured on the
-CPU with this tiny model (3 prompts x 32 greedy tokens, 5 draws of relative noise on the
-norm weights): at 1e-6, w4a4kv4 diverged in 2 of 3 draws (at token 7), w4a8kv4 in 0 of 5;
-at 1e-5, w4a4kv4 diverged in every draw (from token 0), w4a8kv4 in 1 of 5. The served
-fp32 path differs from torch by about that much (other kernels, other summation orders),
-so exact greedy identity is a fair test only with 8-bit activations; the KV4 path (write
-kernel, split-dot attention, Q/K rotation, offline V) is the same in both schemes.
+The model is ``train_tiny_llama``'s, not a random one. On the H100 (2026-11-23) the random
+tiny model's greedy tokens diverged from the simulation on both paths, at w4a4kv4 and at
+w4a8kv4: its top-2 logit margins are ~0.03, and on the CPU 1e-6 relative noise alone
+flips them (1 of 12 prompt/draw pairs; 1e-5: 6 of 12). The trained model's margins are
+4-7 at w4a4kv4 and no greedy token moved under 1e-4 noise (12 of 12 pairs), so a
+divergence here means the served path computes something else.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 
 from convert import cli
 from plugin_helpers import check_against_simulation, in_process_llm
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_llama, train_tiny_llama
 from vllm_ruquant import reference as ref
 
 pytestmark = [
@@ -76,9 +76,9 @@ def test_vllm_int4_write_kernel_stores_what_the_reference_says(dtype: torch.dtyp
 @pytest.fixture(scope="module")
 def kv4_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gpu_kv4")
-    make_tiny_llama(root / "src", intermediate_size=256, seed=5)
-    out = root / "w4a8kv4"
-    assert cli.main([str(root / "src"), str(out), "--scheme", "w4a8kv4", "--calib-samples", "8",
+    train_tiny_llama(make_tiny_llama(root / "src", intermediate_size=256, seed=5), steps=100)
+    out = root / "w4a4kv4"
+    assert cli.main([str(root / "src"), str(out), "--scheme", "w4a4kv4", "--calib-samples", "8",
                      "--calib-seq-len", "64", "--device", "cuda"]) == 0
     return out
 
@@ -96,16 +96,18 @@ def _with_value_rotation(ckpt: Path, where: str, dst: Path) -> Path:
 @pytest.mark.vllm
 @pytest.mark.parametrize("value_rotation", ["offline", "online"])
 def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rotation: str, monkeypatch) -> None:
-    """Offline V (ours): greedy identity, float-noise logprobs. The int4 cache's fp32 reciprocal
-    puts a value on the other side of a rounding boundary now and then (test above), which
-    moves a logprob by ~1e-3; TF32 is off (TRITON_F32_DEFAULT=ieee in ENGINE_ENV).
+    """Both paths: greedy identity (the trained model's margins make it a real check).
 
-    Online (vLLM's own path): vLLM 0.26 rotates Q, K, V and the output with
-    ``fast_hadamard_transform``, which on CUDA rounds fp32 input to bf16 for hadacore
-    (``int4_per_token_head.py``: "precision loss is irrelevant before INT4 quantization").
-    That ~4e-3 relative noise moves many int4 roundings, so greedy identity with an fp32
-    simulation is not expected; the check is teacher-forced with a loose per-position bound,
-    while a wrong rotation or sign gives order-one errors at nearly every position.
+    Teacher-forced top-3 logprobs, measured on the CPU with this model's simulation
+    (171 positions): 1e-5 relative noise on the norm weights moves 13% of them by more
+    than 0.1 (median 1e-4, worst 1.5); a KV path without the Q/K rotation moves 97%
+    (median 1.3) and a 16-bit KV cache 98%. Offline V (ours) is held to at most half the
+    positions above 0.1. vLLM's online path rotates Q, K, V and the output with
+    ``fast_hadamard_transform``, which on CUDA rounds fp32 input to bf16
+    (``int4_per_token_head.py``: "precision loss is irrelevant before INT4 quantization"):
+    ~4e-3 relative noise, and 4e-3 on the norms already moves logprobs as much as a wrong
+    path (median 1.3) while changing no greedy token in 12 of 12 draws -- so there greedy
+    identity is the check and the logprob profile is printed, not asserted.
     """
     from vllm_ruquant import kv_cache
 
@@ -115,7 +117,8 @@ def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rot
         assert llm.llm_engine.vllm_config.cache_config.cache_dtype == kv_cache.INT4_CACHE_DTYPE
         assert value_rotation in kv_cache._logged  # which attention path served it
         if value_rotation == "offline":
-            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=5e-3, flip_atol=0.1)
+            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=2.0,
+                                     max_flip_fraction=0.5)
         else:
-            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=1.0,
-                                     max_flip_fraction=0.5, greedy=False)
+            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=math.inf,
+                                     max_flip_fraction=1.0)
