@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model_dir", type=Path, help="Hugging Face model directory (config.json + safetensors)")
     ap.add_argument("out_dir", type=Path, help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--scheme", default="w4a4", help=f"one of {', '.join(SCHEMES)} (default w4a4)")
-    ap.add_argument("--rotation", default="hadamard", help="rotation method (default hadamard)")
+    ap.add_argument("--rotation", "--transform", dest="rotation", default="hadamard",
+                    help="rotation (transform) method (default hadamard)")
     ap.add_argument("--weight-quantizer", default="gptq", help="weight quantizer (default gptq)")
     ap.add_argument("--group-size", type=int, default=-1, help="weight group size; -1 = per output channel")
     ap.add_argument("--act-clip-ratio", type=float, default=1.0, help="activation clip ratio in (0, 1]")

@@ -26,7 +26,7 @@ PROMPTS = [list(range(5, 29)), [3, 100, 200, 300, 7, 9]]
 OPTIONS = {
     "hadamard-gptq": [],
     "ruquant": ["--rotation", "ruquant"],
-    "ostquant": ["--rotation", "ostquant"],
+    "ostquant": ["--transform", "ostquant"],  # issue 5 names the flag --transform (= --rotation)
     "septq": ["--weight-quantizer", "septq"],
     "lrq": ["--weight-quantizer", "lrq", "--lrq-steps", "20"],
     "gbs-clip": ["--clip", "gbs"],
