@@ -72,7 +72,9 @@ def _quantize_linear(prefix: str, w: torch.Tensor, fmt: fmt_mod.RUQuantFormat,
         blocks = None
         if rot.kind == "block_diagonal":
             assert rot.block_size is not None
-            blocks = random_block_rotation(rot.size, rot.block_size, rotation_seed)
+            # each layer its own blocks, so serving one layer with another's would show
+            layer = int(prefix.split(".layers.")[1].split(".")[0]) if ".layers." in prefix else 0
+            blocks = random_block_rotation(rot.size, rot.block_size, rotation_seed + 1000 * layer)
             tensors[fmt_mod.tensor_name(prefix, fmt_mod.ONLINE_ROTATION)] = blocks
         q_mat = ref.OnlineRotation(rot.kind, rot.size, blocks).matrix()
         w = w @ q_mat  # (x Q)(W Q)^T = x W^T

@@ -58,9 +58,9 @@ def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int
     else:
         monkeypatch.delenv("RUQUANT_BACKEND", raising=False)
     sim_failure = None
-    first = len(ops._LAYERS)  # the registry is process-wide: count only this engine's layers
+    first = len(ops.LAYER_BACKENDS)  # the log is process-wide: count only this engine's layers
     with in_process_llm(ckpt, quantization="ruquant", dtype="float32", gpu_memory_utilization=0.3) as llm:
-        names = {b.name for b, _, _ in ops._LAYERS[first:]}
+        names = set(ops.LAYER_BACKENDS[first:])
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True), use_tqdm=False)
         if backend is None:

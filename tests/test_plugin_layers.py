@@ -194,3 +194,36 @@ def test_register_is_idempotent_and_visible():
     vllm_ruquant.register()
     assert QUANTIZATION_METHODS.count("ruquant") == 1
     assert get_quantization_config("ruquant") is RUQuantConfig
+
+
+def test_layers_of_one_shape_share_one_op_kind_and_keep_their_own_tensors():
+    """``ruquant::linear`` is called with a kind id shared by same-shaped layers (so vLLM compiles
+    the decoder layers' isometric graphs once) and with each layer's own tensors, block-diagonal
+    rotation blocks included."""
+    from vllm_ruquant import ops
+
+    backend = ops.ReferenceBackend()
+    n, k, b = 16, 64, 16
+
+    def layer(seed: int, out_features: int = n):
+        g = torch.Generator().manual_seed(seed)
+        blocks = torch.linalg.qr(torch.randn(k // b, b, b, generator=g))[0]
+        rot = ref.OnlineRotation("block_diagonal", k, blocks)
+        spec = ops.LinearSpec(k, out_features, 4, -1, 8, rotation=rot)
+        w_q, w_s = ref.quantize_weight(torch.randn(out_features, k, generator=g), 4)
+        prepared = backend.prepare(spec, ref.pack_weight(w_q, 4), w_s)
+        return spec, prepared, w_q, w_s, rot
+
+    (spec_a, prep_a, wq_a, ws_a, rot_a), (spec_b, prep_b, wq_b, ws_b, rot_b) = layer(1), layer(2)
+    kind_a, kind_b = ops.register_layer(backend, spec_a, prep_a), ops.register_layer(backend, spec_b, prep_b)
+    assert kind_a == kind_b
+    assert ops.register_layer(backend, layer(3, out_features=2 * n)[0], layer(3, out_features=2 * n)[1]) != kind_a
+    assert ops.LAYER_BACKENDS[-3:] == ["reference"] * 3
+    x = torch.randn(5, k)
+    for prep, w_q, w_s, rot in ((prep_a, wq_a, ws_a, rot_a), (prep_b, wq_b, ws_b, rot_b)):
+        y = ops.linear_op(x, list(prep.values()), None, kind_a)
+        torch.testing.assert_close(y, ref.quantized_linear(x, w_q, w_s, act_bits=8, rotation=rot), rtol=0, atol=0)
+    no_blocks = dict(prep_a)
+    del no_blocks["rot_blocks"]
+    with pytest.raises(ValueError, match="must prepare 'rot_blocks'"):
+        ops.register_layer(backend, spec_a, no_blocks)

@@ -142,7 +142,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         layer.ruquant_prepared_keys = tuple(prepared)
         layer.ruquant_spec = spec
         layer.ruquant_backend = backend
-        layer.ruquant_layer_id = ops.register_layer(
+        layer.ruquant_kind_id = ops.register_layer(
             backend, spec, {k: getattr(layer, PREPARED_PREFIX + k) for k in prepared})
         if backend.name not in _logged_backends:
             _logged_backends.add(backend.name)
@@ -161,7 +161,8 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # through the registered op, so torch.compile / CUDA graphs see one opaque call
-        return ops.linear_op(x, layer.ruquant_layer_id, bias)
+        return ops.linear_op(x, [getattr(layer, PREPARED_PREFIX + k) for k in layer.ruquant_prepared_keys], bias,
+                             layer.ruquant_kind_id)
 
     def fmt_summary(self) -> str:
         f = self.fmt

@@ -77,7 +77,8 @@ class TritonBackend:
         out: dict[str, torch.Tensor] = {"w_scale": weight_scale.float().contiguous()}
         if spec.rotation is not None and spec.rotation.kind == "block_diagonal":
             assert spec.rotation.blocks is not None
-            out["rot_blocks"] = spec.rotation.blocks.to(qweight.device, torch.float32).contiguous()
+            # a plain tensor (the layer's loaded parameter is a vLLM parameter subclass)
+            out["rot_blocks"] = spec.rotation.blocks.data.to(qweight.device, torch.float32).clone()
         if path == "reference":
             key = (spec.in_features, spec.out_features, "reference")
             if key not in self._warned:
