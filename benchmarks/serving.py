@@ -64,15 +64,22 @@ def _gptq(bits: int = 4, group: int = 128) -> dict[str, Any]:
             "checkpoint_format": "gptq"}
 
 
-def _compressed_tensors(w_bits: int, a_bits: int) -> dict[str, Any]:
+def _compressed_tensors(w_bits: int, a_bits: int, act_type: str = "int", group: int | None = None) -> dict[str, Any]:
+    """A compressed-tensors config as llm-compressor writes it (symmetric static weights, dynamic per-token acts).
+
+    ``group=None`` quantizes weights per output channel, else per group of ``group`` inputs.
+    """
+    weights = {"num_bits": w_bits, "type": "int", "symmetric": True, "dynamic": False,
+               "strategy": "channel" if group is None else "group"}
+    if group is not None:
+        weights["group_size"] = group
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized" if w_bits == 4 else "int-quantized",
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "weights": {"num_bits": w_bits, "type": "int", "symmetric": True, "strategy": "channel",
-                        "dynamic": False},
-            "input_activations": {"num_bits": a_bits, "type": "int", "symmetric": True, "strategy": "token",
+            "weights": weights,
+            "input_activations": {"num_bits": a_bits, "type": act_type, "symmetric": True, "strategy": "token",
                                   "dynamic": True},
         }},
         "ignore": ["lm_head"],
@@ -97,7 +104,12 @@ def quant_configs(shape: dict[str, Any]) -> dict[str, QuantConfig]:
         "bf16": QuantConfig(),
         "fp8": QuantConfig(cli=("--quantization", "fp8"), note="dynamic fp8 W8A8 (vLLM)"),
         "gptq-marlin-w4a16": QuantConfig(_gptq(), note="GPTQ 4-bit g128, Marlin kernel"),
-        "ct-w4a8-int": QuantConfig(_compressed_tensors(4, 8), note="compressed-tensors int4 x int8"),
+        # vLLM 0.26 runs W4A8-int (signed int4 weights) only on CPU / XPU kernels: no CUDA kernel
+        # implements scalar type int4 x bf16, so on the GPU this row fails at engine start ...
+        "ct-w4a8-int": QuantConfig(_compressed_tensors(4, 8), note="compressed-tensors int4 x int8 (CPU/XPU only)"),
+        # ... and compressed-tensors' W4A8 on Hopper is int4 weights (g128) x fp8 activations (CUTLASS)
+        "ct-w4a8-fp8": QuantConfig(_compressed_tensors(4, 8, act_type="float", group=128),
+                                   note="compressed-tensors int4 g128 x fp8, CUTLASS (sm90)"),
         "ct-w8a8-int8": QuantConfig(_compressed_tensors(8, 8), note="compressed-tensors int8 x int8"),
         "ruquant-w4a16": QuantConfig(_ruquant("w4a16", inter)),
         "ruquant-w4a8": QuantConfig(_ruquant("w4a8", inter)),
