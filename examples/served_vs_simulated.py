@@ -25,19 +25,19 @@ from convert import calibration
 from convert.evaluate import Evaluator, LoadedModel
 
 
-def simulated_perplexity(ckpt: Path, windows: torch.Tensor) -> tuple[float, float]:
-    """Each window on its own: positions 1..L-1 scored given the window's prefix (as served)."""
+def simulated_nll(ckpt: Path, windows: torch.Tensor) -> tuple[list[float], float]:
+    """Summed NLL of each window on its own (positions 1..L-1 given the window's prefix, as served)."""
     ev = Evaluator(LoadedModel.open(ckpt), torch.device("cpu"))
     t0 = time.perf_counter()
-    nll, count = 0.0, 0
+    nll = []
     for w in windows:
         logits = ev.logits(w.unsqueeze(0))[0].float()
-        nll += float(F.cross_entropy(logits[:-1], w[1:], reduction="sum"))
-        count += w.numel() - 1
-    return math.exp(nll / count), time.perf_counter() - t0
+        nll.append(float(F.cross_entropy(logits[:-1], w[1:], reduction="sum")))
+    return nll, time.perf_counter() - t0
 
 
-def served_perplexity(ckpt: Path, windows: list[list[int]], dtype: str) -> tuple[float, float]:
+def served_nll(ckpt: Path, windows: list[list[int]], dtype: str) -> tuple[list[float], float]:
+    """Summed NLL of each window from vLLM's prompt logprobs."""
     from vllm import LLM, SamplingParams
 
     quantized = "quantization_config" in json.loads((ckpt / "config.json").read_text())
@@ -46,14 +46,11 @@ def served_perplexity(ckpt: Path, windows: list[list[int]], dtype: str) -> tuple
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": w} for w in windows],
                         SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
-    nll, count = 0.0, 0
+    nll = []
     for w, out in zip(windows, outs, strict=True):
-        for pos, lps in enumerate(out.prompt_logprobs):
-            if pos == 0 or lps is None:
-                continue
-            nll -= lps[w[pos]].logprob
-            count += 1
-    return math.exp(nll / count), time.perf_counter() - t0
+        nll.append(-sum(lps[w[pos]].logprob for pos, lps in enumerate(out.prompt_logprobs)
+                        if pos > 0 and lps is not None))
+    return nll, time.perf_counter() - t0
 
 
 def main() -> int:
@@ -70,12 +67,17 @@ def main() -> int:
     n = (ids.numel() // args.seq_len) * args.seq_len
     windows = ids[:n].view(-1, args.seq_len)
 
-    sim = simulated_perplexity(args.ckpt, windows)
-    served, served_s = served_perplexity(args.ckpt, [w.tolist() for w in windows], args.dtype)
-    rel = abs(served - sim[0]) / sim[0]
+    sim_nll, sim_s = simulated_nll(args.ckpt, windows)
+    served_nll_, served_s = served_nll(args.ckpt, [w.tolist() for w in windows], args.dtype)
+    count = len(windows) * (args.seq_len - 1)
+    sim, served = math.exp(sum(sim_nll) / count), math.exp(sum(served_nll_) / count)
+    rel = abs(served - sim) / sim
+    # per-window served minus simulated mean NLL: float noise gives both signs, a wrong
+    # computation one sign everywhere
+    per_window = [(b - a) / (args.seq_len - 1) for a, b in zip(sim_nll, served_nll_, strict=True)]
     res = {"ckpt": str(args.ckpt), "windows": len(windows), "seq_len": args.seq_len,
-           "simulated_ppl": sim[0], "served_ppl": served, "relative_difference": rel,
-           "simulated_s": sim[1], "served_s": served_s}
+           "simulated_ppl": sim, "served_ppl": served, "relative_difference": rel,
+           "per_window_nll_difference": per_window, "simulated_s": sim_s, "served_s": served_s}
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
