@@ -42,7 +42,7 @@ def test_quant_method_detected_from_config(llm):
 def test_qwen2_w4a8_grouped_block_rotation_matches_simulation(llm, ckpt):
     # int8 activations of a random tiny model sit near rounding boundaries, and how many
     # float noise flips depends on the CPU's kernels: 1 of 88 positions over 1e-4 (8e-3) on
-    # an AVX-512 Intel host, 9 of 88 (worst 0.04) on an AMD EPYC host (2026-11-30). Greedy
+    # the host of 2026-11-23, 9 of 88 (worst 0.04) on an AMD EPYC host (2026-11-30). Greedy
     # identity and a 0.5 bound on every position still catch a wrong scale, group, shard
     # or rotation, which moves logprobs by order one nearly everywhere.
     check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, flip_atol=0.5, max_flip_fraction=0.5)
