@@ -9,7 +9,6 @@ failed or interrupted conversion never leaves a half-written output directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from convert.errors import ConvertError, ExitCode
+from vllm_ruquant.validate import sha256_file  # the checksum the loader verifies, computed by the same code
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -93,14 +93,6 @@ class CheckpointReader:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ConvertError(f"tensor {name!r} contains NaN or Inf", ExitCode.NUMERICS)
         return t
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CheckpointWriter:
