@@ -1,9 +1,9 @@
-"""``OfflineValueInt4Impl``'s wiring on the CPU, around torch stand-ins for vLLM's two int4 kernels.
+"""``OfflineValueInt4Impl``'s wiring on the CPU: vLLM's write kernel replaced by the reference
+writer, our attention kernel run for real in Triton's CPU interpreter.
 
-The Triton kernels themselves run only on CUDA (``test_kv4_gpu.py`` checks them against the
-reference); here each is replaced by a torch double with the same keyword interface, so what
-is tested is our code: K rotated and V not on write, Q rotated on read, the softmax scale
-left alone, the output written in place -- and that this equals the converter's simulation.
+What is tested is our code: K rotated and V not on write, Q rotated on read, the softmax
+scale left alone, the output written in place -- and that this equals the converter's
+simulation; and that features our kernel lacks go to vLLM's own kernel.
 """
 
 from __future__ import annotations
@@ -17,60 +17,63 @@ from vllm_ruquant import reference as ref
 
 kv4_attention = pytest.importorskip("vllm_ruquant.kernels.kv4_attention")
 
+PAGE = 16
 
-class FakeInt4Kernels:
-    """Stores what the write kernel would (dequantized), attends over it like the read kernel."""
 
-    def __init__(self) -> None:
-        self.cache: dict[str, torch.Tensor] = {}
+class ReferenceCacheWriter:
+    """Writes what vLLM's int4 write kernel writes (``reference.quantize_kv_int4``) into paged caches."""
+
+    def __init__(self, num_blocks: int, kv_heads: int, d: int) -> None:
+        self.k = torch.zeros(num_blocks, PAGE, kv_heads, d // 2, dtype=torch.uint8)
+        self.v = torch.zeros_like(self.k)
+        self.k_scales = torch.zeros(num_blocks, PAGE, kv_heads)
+        self.v_scales = torch.zeros_like(self.k_scales)
         self.write_args: dict = {}
 
-    def run_reshape_kernel(self, kernel, *, key, value, slot_mapping, packing_factor, **caches) -> None:  # noqa: ANN001
+    def run_reshape_kernel(self, kernel, *, key, value, slot_mapping, packing_factor, **_: object) -> None:  # noqa: ANN001
         assert packing_factor == 2
         self.write_args = {"key": key, "value": value}
-        self.cache["k"] = ref.fake_quantize_kv_int4(key.float())[slot_mapping]
-        self.cache["v"] = ref.fake_quantize_kv_int4(value.float())[slot_mapping]
-
-    def launch_packed_attn(self, *, q, out, softmax_scale, seqused_k, **_: object) -> None:  # noqa: ANN001
-        k, v = self.cache["k"], self.cache["v"]  # (T, kv_heads, d): one sequence, slots 0..T-1
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        scores = torch.einsum("qhd,khd->hqk", q.float(), k) * softmax_scale
-        t = q.shape[0]
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-        out.copy_(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(out.dtype))
+        blocks, slots = slot_mapping // PAGE, slot_mapping % PAGE
+        self.k[blocks, slots], self.k_scales[blocks, slots] = ref.quantize_kv_int4(key)
+        self.v[blocks, slots], self.v_scales[blocks, slots] = ref.quantize_kv_int4(value)
 
 
-def _impl(head_size: int) -> kv4_attention.OfflineValueInt4Impl:
+def _impl(head_size: int, writer: ReferenceCacheWriter) -> kv4_attention.OfflineValueInt4Impl:
     impl = kv4_attention.OfflineValueInt4Impl.__new__(kv4_attention.OfflineValueInt4Impl)
     impl.head_size, impl.scale = head_size, head_size ** -0.5
     impl.sliding_window, impl.logits_soft_cap, impl.sinks = (-1, -1), 0.0, None
     impl.alibi_slopes, impl.use_alibi_sqrt = None, False
-    impl._k_scale_cache = impl._v_scale_cache = torch.empty(0)
-    impl._pth_key_value_caches = lambda kv_cache: (torch.empty(0), torch.empty(0))
+    impl._k_scale_cache, impl._v_scale_cache = writer.k_scales, writer.v_scales
+    impl._pth_key_value_caches = lambda kv_cache: (writer.k, writer.v)
     return impl
 
 
-def test_offline_value_impl_equals_the_simulation(monkeypatch) -> None:
-    fake = FakeInt4Kernels()
-    monkeypatch.setattr(kv4_attention.int4_ops, "_run_reshape_kernel", fake.run_reshape_kernel)
-    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", fake.launch_packed_attn)
+def _metadata(t: int, blocks: torch.Tensor) -> SimpleNamespace:
+    return SimpleNamespace(use_cascade=False, num_actual_tokens=t,
+                           query_start_loc=torch.tensor([0, t], dtype=torch.int32), max_query_len=t,
+                           seq_lens=torch.tensor([t], dtype=torch.int32), block_table=blocks[None],
+                           mm_prefix_range_tensor=None, seq_threshold_3D=None, num_par_softmax_segments=None,
+                           softmax_segm_output=None, softmax_segm_max=None, softmax_segm_expsum=None)
+
+
+def test_offline_value_impl_equals_the_simulation(monkeypatch, triton_interpreter) -> None:
     g = torch.Generator().manual_seed(0)
-    t, heads, kv_heads, d = 12, 4, 2, 64
+    t, heads, kv_heads, d = 21, 4, 2, 64
+    writer = ReferenceCacheWriter(4, kv_heads, d)
+    monkeypatch.setattr(kv4_attention.int4_ops, "_run_reshape_kernel", writer.run_reshape_kernel)
+    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", None)  # must not be used
     q = torch.randn(t, heads, d, generator=g)
     k = torch.randn(t, kv_heads, d, generator=g)
     k[..., 7] *= 25  # an outlier key channel
     v = torch.randn(t, kv_heads, d, generator=g)
-    impl = _impl(d)
-    impl.do_kv_cache_update(None, k, v, None, torch.arange(t))
-    assert torch.equal(fake.write_args["value"], v)  # V is not rotated online...
-    torch.testing.assert_close(fake.write_args["key"], ref.hadamard_transform(k))  # ...K is
-    md = SimpleNamespace(use_cascade=False, num_actual_tokens=t, query_start_loc=torch.tensor([0, t]),
-                         max_query_len=t, seq_lens=torch.tensor([t]), block_table=None,
-                         mm_prefix_range_tensor=None, seq_threshold_3D=None, num_par_softmax_segments=None,
-                         softmax_segm_output=None, softmax_segm_max=None, softmax_segm_expsum=None)
+    blocks = torch.tensor([2, 0], dtype=torch.int32)
+    impl = _impl(d, writer)
+    slots = blocks[torch.arange(t) // PAGE].long() * PAGE + torch.arange(t) % PAGE
+    impl.do_kv_cache_update(None, k, v, None, slots)
+    assert torch.equal(writer.write_args["value"], v)  # V is not rotated online...
+    torch.testing.assert_close(writer.write_args["key"], ref.hadamard_transform(k))  # ...K is
     output = torch.full((t + 3, heads, d), float("nan"))  # padded batch, poisoned
-    assert impl.forward(None, q, k, v, None, md, output) is output
+    assert impl.forward(None, q, k, v, None, _metadata(t, blocks), output) is output
     assert torch.isnan(output[t:]).all()  # rows past num_actual_tokens untouched
     ks, vs = ref.simulate_kv_cache(k, v, 4, value_rotated_offline=True)
     rep = heads // kv_heads
@@ -78,3 +81,20 @@ def test_offline_value_impl_equals_the_simulation(monkeypatch) -> None:
     scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
     want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs.repeat_interleave(rep, 1))
     torch.testing.assert_close(output[:t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_features_our_kernel_lacks_go_to_vllms_kernel(monkeypatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(kv4_attention.int4_kv_attention, "paged_int4_attention", None)  # must not be used
+    t, d = 4, 64
+    writer = ReferenceCacheWriter(1, 2, d)
+    q = torch.randn(t, 4, d)
+    for feature in ("alibi_slopes", "sinks", "logits_soft_cap", "sliding_window"):
+        impl = _impl(d, writer)
+        setattr(impl, feature, {"alibi_slopes": torch.ones(4), "sinks": torch.zeros(4),
+                                "logits_soft_cap": 30.0, "sliding_window": (8, 0)}[feature])
+        md = _metadata(t, torch.tensor([0], dtype=torch.int32))
+        impl.forward(None, q, None, None, None, md, torch.empty(t, 4, d))
+        assert len(calls) == 1, feature
+        torch.testing.assert_close(calls.pop()["q"], ref.hadamard_transform(q))  # Q still rotated

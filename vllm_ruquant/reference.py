@@ -355,15 +355,57 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
 
 
-def fake_quantize_kv_int4(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize per (token, head) over the last dim exactly as the int4 cache stores it."""
+def quantize_kv_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What vLLM's int4 cache stores for ``x`` (..., d): packed nibbles (..., d/2) uint8, element
+    ``2j`` low, and the fp32 scale (...) with the zero point in its low 4 mantissa bits."""
     xf = x.float()
     lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
     scale = torch.clamp_min((hi - lo) / KV4_LEVELS, 1e-6)
     zp = torch.clamp(_round_half_away(-lo / scale), 0, KV4_LEVELS)
-    q = torch.clamp(_round_half_away(xf * (1.0 / scale) + zp), 0, KV4_LEVELS)
-    stored_scale = (scale.view(torch.int32) & -16).view(torch.float32)
-    return (q - zp) * stored_scale
+    q = torch.clamp(_round_half_away(xf * (1.0 / scale) + zp), 0, KV4_LEVELS).to(torch.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    stored = (scale.view(torch.int32) & -16) | zp.to(torch.int32)
+    return packed, stored.view(torch.float32).squeeze(-1)
+
+
+def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``quantize_kv_int4`` as attention reads it: ``(q - zp) * scale``, fp32."""
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).float()
+    bits = scales.contiguous().view(torch.int32)[..., None]
+    return (q - (bits & 0xF).float()) * (bits & -16).view(torch.float32)
+
+
+def fake_quantize_kv_int4(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize per (token, head) over the last dim exactly as the int4 cache stores it."""
+    return dequantize_kv_int4(*quantize_kv_int4(x))
+
+
+def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         k_scales: torch.Tensor, v_scales: torch.Tensor, *, cu_seqlens_q: torch.Tensor,
+                         seq_lens: torch.Tensor, block_table: torch.Tensor,
+                         softmax_scale: float) -> torch.Tensor:
+    """Oracle of ``kernels.int4_kv_attention``: causal GQA attention over the paged int4 cache, fp32.
+
+    Sequence ``i``'s queries ``q[cu[i]:cu[i+1]]`` are the last of its ``seq_lens[i]`` keys,
+    which live in pages ``block_table[i]`` of ``(blocks, page, kv_heads, d/2)`` caches.
+    """
+    page = key_cache.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for i in range(seq_lens.shape[0]):
+        start, stop, n = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(seq_lens[i])
+        if stop == start:
+            continue
+        pos = torch.arange(n)
+        blocks, slots = block_table[i].long()[pos // page].cpu(), pos % page
+        k = dequantize_kv_int4(key_cache[blocks, slots].cpu(), k_scales[blocks, slots].cpu())
+        v = dequantize_kv_int4(value_cache[blocks, slots].cpu(), v_scales[blocks, slots].cpu())
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:stop].float().cpu(), k) * softmax_scale
+        q_pos = n - (stop - start) + torch.arange(stop - start)
+        scores = scores.masked_fill(pos[None, :] > q_pos[:, None], float("-inf"))
+        out[start:stop] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
 
 
 def _straight_through(x: torch.Tensor, xq: torch.Tensor, enabled: bool) -> torch.Tensor:

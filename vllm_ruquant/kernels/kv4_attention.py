@@ -8,10 +8,15 @@ folded a per-head orthogonal R2 into v_proj / o_proj, so V needs no online rotat
 output needs no inverse. What remains is Q and K, rotated here by one GEMM each with the
 orthonormal ``H_d / sqrt(d)`` (so the softmax scale is unchanged).
 
-The cache layout, the write kernel and the split-dot attention kernel are vLLM's own
-(``_run_reshape_kernel`` / ``_launch_packed_attn``): only the rotations around them differ.
-Arithmetic oracle: ``reference.simulate_kv_cache(..., value_rotated_offline=True)``.
-This module touches vLLM 0.26 internals (GPU only) and is imported only on that path.
+The cache layout and the write kernel are vLLM's own (``_run_reshape_kernel``). Attention
+reads the cache with ``int4_kv_attention.paged_int4_attention`` (bf16 tensor-core MMAs,
+prefill-sized tiles, split keys for small decode batches) instead of vLLM's
+``_launch_packed_attn`` (TF32 on 16-row tiles, 0.56x a bf16 cache on an H200); vLLM's kernel
+stays the fallback for the features ours lacks (ALiBi, soft-capping, sinks, sliding window,
+multimodal prefix ranges, fp8 output). Arithmetic oracle:
+``reference.simulate_kv_cache(..., value_rotated_offline=True)``; kernel oracle
+``reference.paged_int4_attention``. This module touches vLLM 0.26 internals (GPU only) and
+is imported only on that path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 from vllm.v1.attention.ops import int4_per_token_head as int4_ops
 
+from vllm_ruquant.kernels import int4_kv_attention
 from vllm_ruquant.reference import hadamard_transform
 
 _INT4_PACKING = 2
@@ -45,6 +51,13 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x @ head_hadamard(x.shape[-1], x.dtype, x.device)
 
+    def _our_kernel_covers(self, md, output_scale) -> bool:  # noqa: ANN001
+        """Plain causal softmax attention: what ``paged_int4_attention`` implements."""
+        return (output_scale is None and self.alibi_slopes is None and self.sinks is None
+                and not (self.logits_soft_cap and self.logits_soft_cap > 0)
+                and (self.sliding_window is None or self.sliding_window[0] < 0)
+                and getattr(md, "mm_prefix_range_tensor", None) is None)
+
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # noqa: ANN001, ANN201
         key_cache, value_cache = self._pth_key_value_caches(kv_cache)
         int4_ops._run_reshape_kernel(
@@ -64,6 +77,12 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
         md = attn_metadata
         n = md.num_actual_tokens
         key_cache, value_cache = self._pth_key_value_caches(kv_cache)
+        if self._our_kernel_covers(md, output_scale):
+            int4_kv_attention.paged_int4_attention(
+                self._rotate(query[:n]), key_cache, value_cache, self._k_scale_cache, self._v_scale_cache,
+                output[:n], cu_seqlens_q=md.query_start_loc, seq_lens=md.seq_lens,
+                block_table=md.block_table, max_query_len=md.max_query_len, softmax_scale=self.scale)
+            return output
         int4_ops._launch_packed_attn(
             q=self._rotate(query[:n]), k_cache=key_cache, v_cache=value_cache, out=output[:n],
             cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens,

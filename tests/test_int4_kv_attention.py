@@ -1,0 +1,116 @@
+"""``kernels.int4_kv_attention`` against ``reference.paged_int4_attention``, in Triton's CPU interpreter.
+
+The batches mix what a vLLM step holds: a fresh prefill, decodes, a chunked prefill whose
+earlier chunks are already cached, sequences ending mid-page, pages scattered over the cache
+and a padded tail of rows that must stay untouched. Every launch plan (decode tiles, prefill
+tiles, split keys) must give the same answer. On the GPU ``test_kv4_gpu.py`` runs the same
+comparison with bf16 tensor-core dots.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_ruquant import reference as ref
+from vllm_ruquant.kernels import int4_kv_attention as kernel
+
+PAGE, KV_HEADS, D = 16, 2, 64
+
+
+def _random_cache(generator: torch.Generator, num_blocks: int) -> tuple[torch.Tensor, ...]:
+    def scales() -> torch.Tensor:
+        s = torch.rand(num_blocks, PAGE, KV_HEADS, generator=generator) * 0.2 + 0.01
+        zp = torch.randint(0, 16, (num_blocks, PAGE, KV_HEADS), generator=generator, dtype=torch.int32)
+        return ((s.view(torch.int32) & -16) | zp).view(torch.float32)
+
+    def nibbles() -> torch.Tensor:
+        return torch.randint(0, 256, (num_blocks, PAGE, KV_HEADS, D // 2), dtype=torch.uint8, generator=generator)
+
+    return nibbles(), nibbles(), scales(), scales()
+
+
+def _batch(generator: torch.Generator, specs: list[tuple[int, int]], num_blocks: int) -> dict:
+    """(cached context, new queries) per sequence -> vLLM-style metadata over shuffled pages."""
+    pages = torch.randperm(num_blocks, generator=generator)
+    width = max(-(-(c + n) // PAGE) for c, n in specs) + 2
+    table = torch.full((len(specs), width), 10_000, dtype=torch.int32)  # garbage past each sequence
+    used = 0
+    for i, (c, n) in enumerate(specs):
+        k = -(-(c + n) // PAGE)
+        table[i, :k] = pages[used:used + k]
+        used += k
+    q_lens = torch.tensor([n for _, n in specs])
+    return {"cu_seqlens_q": torch.cat([torch.zeros(1), q_lens.cumsum(0)]).int(),
+            "seq_lens": torch.tensor([c + n for c, n in specs], dtype=torch.int32),
+            "block_table": table}
+
+
+MIXED = [(0, 37), (50, 1), (5, 20), (130, 3), (0, 1), (16, 16)]
+PLANS = {"decode tiles": (16, 64, 1), "prefill tiles": (64, 32, 1), "split keys": (16, 16, 4)}
+
+
+@pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_on_a_mixed_batch(triton_interpreter, dtype, plan) -> None:
+    g = torch.Generator().manual_seed(0)
+    caches = _random_cache(g, 64)
+    md = _batch(g, MIXED, 64)
+    tokens, heads = int(md["cu_seqlens_q"][-1]), KV_HEADS * 4
+    q = torch.randn(tokens + 3, heads, D, generator=g).to(dtype)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)  # 3 padding rows, poisoned
+    block_m, tile_n, segments = plan
+    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=37, softmax_scale=D ** -0.5,
+                                plan=kernel.LaunchPlan(block_m, tile_n, segments, 4, 2))
+    want = ref.paged_int4_attention(q[:tokens], *caches, **md, softmax_scale=D ** -0.5)
+    # fp32: exact products, only summation order differs; bf16: P and the output rounded to bf16
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[:tokens].float(), want, atol=tol, rtol=tol)
+    assert torch.isnan(out[tokens:]).all()
+
+
+def test_default_plans() -> None:
+    plan = kernel.plan_launch
+    assert plan(1024, 8, 8, 4).block_m == 128  # prefill chunk: big tiles
+    assert plan(5, 8, 8, 4).block_m == 64
+    assert plan(1, 512, 8, 4).num_segments == 1  # big decode batch: enough programs
+    assert plan(1, 1, 8, 4).num_segments > 1  # batch-1 decode: split the keys
+    assert plan(1, 1, 8, 32).block_m == 32  # all 32 query heads of one KV head in one tile
+
+
+def test_cache_written_by_the_reference_reads_back_as_the_simulation(triton_interpreter) -> None:
+    """Keys quantized by ``reference.quantize_kv_int4`` into pages, attended by the kernel, equal
+    attention over ``fake_quantize_kv_int4`` keys/values: the two halves agree on the format."""
+    g = torch.Generator().manual_seed(1)
+    t, heads = 40, 4
+    k = torch.randn(t, KV_HEADS, D, generator=g)
+    v = torch.randn(t, KV_HEADS, D, generator=g)
+    q = torch.randn(t, heads, D, generator=g)
+    blocks = torch.tensor([3, 0, 2], dtype=torch.int32)  # 40 tokens -> 3 pages, out of order
+    kc = torch.zeros(4, PAGE, KV_HEADS, D // 2, dtype=torch.uint8)
+    vc, ks, vs = kc.clone(), torch.zeros(4, PAGE, KV_HEADS), torch.zeros(4, PAGE, KV_HEADS)
+    pos = torch.arange(t)
+    for cache, scales, x in ((kc, ks, k), (vc, vs, v)):
+        cache[blocks[pos // PAGE].long(), pos % PAGE], scales[blocks[pos // PAGE].long(), pos % PAGE] = \
+            ref.quantize_kv_int4(x)
+    out = torch.empty(t, heads, D)
+    kernel.paged_int4_attention(q, kc, vc, ks, vs, out, cu_seqlens_q=torch.tensor([0, t], dtype=torch.int32),
+                                seq_lens=torch.tensor([t], dtype=torch.int32), block_table=blocks[None],
+                                max_query_len=t, softmax_scale=D ** -0.5)
+    kq = ref.fake_quantize_kv_int4(k).repeat_interleave(2, 1)
+    vq = ref.fake_quantize_kv_int4(v).repeat_interleave(2, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, kq) * D ** -0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(out, torch.einsum("hqk,khd->qhd", scores.softmax(-1), vq), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_caches_are_refused() -> None:
+    q = torch.zeros(4, 4, D)
+    cache = torch.zeros(2, PAGE, KV_HEADS, D // 2, dtype=torch.uint8)
+    scales = torch.zeros(2, PAGE, KV_HEADS)
+    md = {"cu_seqlens_q": torch.tensor([0, 4], dtype=torch.int32), "seq_lens": torch.tensor([4], dtype=torch.int32),
+          "block_table": torch.zeros(1, 2, dtype=torch.int32), "max_query_len": 4, "softmax_scale": 1.0}
+    with pytest.raises(ValueError, match="packed nibbles"):
+        kernel.paged_int4_attention(q, cache.float(), cache, scales, scales, q.clone(), **md)
+    with pytest.raises(ValueError, match="not a multiple"):
+        kernel.paged_int4_attention(torch.zeros(4, 3, D), cache, cache, scales, scales, torch.zeros(4, 3, D), **md)

@@ -1,0 +1,286 @@
+"""Paged attention over vLLM's packed int4 KV cache, on bf16/fp16 tensor cores.
+
+Why our own kernel: vLLM 0.26's ``_attn_packed`` (``int4_per_token_head``) upcasts the
+nibbles and Q to fp32 and runs ``tl.dot`` in TF32 on 16-query-row tiles, also for
+1024-token prefill chunks and long decodes; on an H200 the w4a4kv4 engine ran at 0.56x the
+same linears with a bf16 cache (issue 3). Here:
+
+* Q stays in the model dtype; the nibbles become exact small integers (0..15) of that dtype,
+  so ``Q . K`` is one bf16 MMA per nibble stream with fp32 accumulation. The zero point and
+  the per-(token, head) scale are applied to the scores: ``s = (Q.Kq - zp_k * sum(Q)) * sk``.
+* ``P . V`` likewise: ``P * sv`` is rounded to the model dtype (what FlashAttention does to
+  P), and the same rounded value subtracts the zero point: ``sum_t p'_t (Vq_t - zp_t)``.
+* GQA: one program serves all query heads of one KV head, ``BLOCK_Q`` queries x
+  ``num_queries_per_kv`` heads = ``BLOCK_M`` rows, so every K/V tile is read once per tile.
+  Prefill-sized launches use 64-128 rows, pure-decode launches 16.
+* Pure-decode batches that would leave most SMs idle split the keys into segments
+  (``_combine_segments`` merges them): batch-1 decode of a long context is one program per
+  KV head otherwise.
+
+Cache layout (vLLM's): keys and values ``(blocks, page, kv_heads, head_dim / 2)`` uint8,
+element ``2j`` in the low nibble; scales ``(blocks, page, kv_heads)`` fp32 whose low 4
+mantissa bits hold the zero point (``reference.fake_quantize_kv_int4``). Causal attention,
+queries at the end of each sequence. Torch oracle: ``reference.paged_int4_attention``.
+No vLLM import: the kernel runs under the Triton CPU interpreter in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mma_operand(x, dtype: tl.constexpr, FP32_DOTS: tl.constexpr):
+    """``x`` rounded to the MMA dtype; under the interpreter carried as fp32.
+
+    Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bits, so there
+    the dots run on the same (already rounded) values in fp32: equal products, only the
+    summation order differs from the tensor cores.
+    """
+    x = x.to(dtype)
+    if FP32_DOTS:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
+    """The sequence whose q blocks contain global q block ``q_block``.
+
+    Sequence ``i`` owns blocks ``[cu_q[i] // BLOCK_Q + i, cu_q[i+1] // BLOCK_Q + i + 1)``:
+    the ``+ i`` leaves room for each sequence's partial last block.
+    """
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_q_ptr + mid) // BLOCK_Q + mid
+        if start <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _split_scale(raw):
+    """fp32 scale with the zero point in its low 4 mantissa bits -> (scale, zero point)."""
+    bits = raw.to(tl.int32, bitcast=True)
+    return (bits & -16).to(tl.float32, bitcast=True), (bits & 0xF).to(tl.float32)
+
+
+@triton.jit
+def _int4_kv_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    block_table_ptr, seq_lens_ptr, cu_q_ptr,
+    segm_acc_ptr, segm_max_ptr, segm_sum_ptr,
+    num_seqs, qk_scale_log2,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
+    stride_kc_blk, stride_kc_slot, stride_kc_head,
+    stride_vc_blk, stride_vc_slot, stride_vc_head,
+    stride_ks_blk, stride_ks_slot, stride_ks_head,
+    stride_vs_blk, stride_vs_slot, stride_vs_head,
+    stride_bt,
+    NUM_Q_HEADS: tl.constexpr, QPKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, FP32_DOTS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+
+    seq = _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    local_block = q_block - (q_start // BLOCK_Q + seq)
+    if local_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_pos = local_block * BLOCK_Q + rows // QPKV  # position within this step's queries
+    head = kv_head * QPKV + rows % QPKV
+    row_ok = (q_pos < q_len) & (head < NUM_Q_HEADS)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + q_pos)[:, None] * stride_q_tok + head[:, None] * stride_q_head
+                + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))
+    dtype = q.dtype
+    q_sum = tl.sum(q.to(tl.float32), axis=1)
+    q_even = _mma_operand(q_even, dtype, FP32_DOTS)
+    q_odd = _mma_operand(q_odd, dtype, FP32_DOTS)
+
+    # causal: the last key any row of this block may see
+    kv_stop = tl.minimum(context + local_block * BLOCK_Q + BLOCK_Q, seq_len)
+    num_tiles = tl.cdiv(kv_stop, TILE_N)
+    tiles_per_segment = tl.cdiv(num_tiles, NUM_SEGMENTS)
+    tile_lo = segment * tiles_per_segment
+    tile_hi = tl.minimum(tile_lo + tiles_per_segment, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_even = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, HALF], tl.float32)
+    halves = tl.arange(0, HALF)
+    cols = tl.arange(0, TILE_N)
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(tile_lo, tile_hi):
+        key_pos = tile * TILE_N + cols
+        key_ok = key_pos < kv_stop
+        page = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+        slot = key_pos % PAGE
+        k_packed = tl.load(k_cache_ptr + (page * stride_kc_blk + slot * stride_kc_slot
+                                          + kv_head * stride_kc_head)[None, :] + halves[:, None],
+                           mask=key_ok[None, :], other=0)
+        k_scale, k_zero = _split_scale(tl.load(
+            k_scale_ptr + page * stride_ks_blk + slot * stride_ks_slot + kv_head * stride_ks_head,
+            mask=key_ok, other=0.0))
+        k_lo = _mma_operand((k_packed & 0xF).to(tl.float32), dtype, FP32_DOTS)
+        k_hi = _mma_operand((k_packed >> 4).to(tl.float32), dtype, FP32_DOTS)
+        s = tl.dot(q_even, k_lo, input_precision=PRECISION) + tl.dot(q_odd, k_hi, input_precision=PRECISION)
+        s = (s - q_sum[:, None] * k_zero[None, :]) * (k_scale * qk_scale_log2)[None, :]
+        visible = (key_pos[None, :] <= context + q_pos[:, None]) & key_ok[None, :] & row_ok[:, None]
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        v_packed = tl.load(v_cache_ptr + (page * stride_vc_blk + slot * stride_vc_slot
+                                          + kv_head * stride_vc_head)[:, None] + halves[None, :],
+                           mask=key_ok[:, None], other=0)
+        v_scale, v_zero = _split_scale(tl.load(
+            v_scale_ptr + page * stride_vs_blk + slot * stride_vs_slot + kv_head * stride_vs_head,
+            mask=key_ok, other=0.0))
+        pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
+        pv_zero = tl.sum(pv.to(tl.float32) * v_zero[None, :], axis=1)
+        v_lo = _mma_operand((v_packed & 0xF).to(tl.float32), dtype, FP32_DOTS)
+        v_hi = _mma_operand((v_packed >> 4).to(tl.float32), dtype, FP32_DOTS)
+        acc_even = acc_even * alpha[:, None] + tl.dot(pv, v_lo, input_precision=PRECISION) - pv_zero[:, None]
+        acc_odd = acc_odd * alpha[:, None] + tl.dot(pv, v_hi, input_precision=PRECISION) - pv_zero[:, None]
+
+    acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # re-interleave 2j, 2j+1
+    token = (q_start + q_pos).to(tl.int64)
+    if NUM_SEGMENTS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        at = (token * NUM_Q_HEADS + head) * NUM_SEGMENTS + segment
+        tl.store(segm_acc_ptr + at[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(segm_max_ptr + at, m_i, mask=row_ok)
+        tl.store(segm_sum_ptr + at, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_segments(out_ptr, segm_acc_ptr, segm_max_ptr, segm_sum_ptr, num_tokens_ptr,
+                      stride_o_tok, stride_o_head,
+                      NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+    """Merge one (token, head)'s per-segment softmax partials (segments that saw no key: m = -inf)."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if token >= tl.load(num_tokens_ptr):  # padding rows of a CUDA-graph batch: left alone
+        return
+    base = (token * NUM_Q_HEADS + head) * NUM_SEGMENTS
+    segs = tl.arange(0, NUM_SEGMENTS)
+    m = tl.load(segm_max_ptr + base + segs)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_all))
+    denom = tl.sum(tl.load(segm_sum_ptr + base + segs) * w, axis=0)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.load(segm_acc_ptr + (base + segs)[:, None] * HEAD_DIM + dims[None, :])
+    out = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Tile shape of one launch; chosen on the host from ints vLLM's metadata already holds."""
+
+    block_m: int
+    tile_n: int
+    num_segments: int
+    num_warps: int
+    num_stages: int
+
+
+def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> LaunchPlan:
+    """Prefill-sized row tiles when any sequence brings many queries, 16 rows for decode.
+
+    A pure-decode batch that gives fewer than ~2 programs per SM (H100/H200: 132) splits the
+    keys into segments. Only batch shape decides, never sequence lengths: a CUDA graph
+    captured for a batch size replays its plan, and every plan is correct for any lengths.
+    """
+    min_rows = triton.next_power_of_2(max(qpkv, 16))
+    if max_query_len > 1:
+        rows = max(min_rows, 128 if max_query_len * qpkv >= 512 else 64)
+        return LaunchPlan(rows, 64, 1, 8 if rows >= 128 else 4, 2)
+    segments = 16 if num_seqs * num_kv_heads < 256 else 1
+    return LaunchPlan(min_rows, 64, segments, 4, 3)
+
+
+def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         k_scales: torch.Tensor, v_scales: torch.Tensor, out: torch.Tensor, *,
+                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                         max_query_len: int, softmax_scale: float, plan: LaunchPlan | None = None) -> torch.Tensor:
+    """Causal attention of ``q`` (tokens, heads, d) over the int4 cache, written into ``out``.
+
+    ``cu_seqlens_q`` (num_seqs + 1) int32 and ``seq_lens`` (num_seqs) give each sequence's
+    queries and total length; its queries are the last ``q_len`` of its keys (already in the
+    cache). Rows of ``out`` past ``cu_seqlens_q[-1]`` are left alone.
+    """
+    num_tokens, num_heads, d = q.shape
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.dtype != torch.uint8 or key_cache.shape[3] * 2 != d or d & (d - 1):
+        raise ValueError(f"int4 KV attention: key cache {tuple(key_cache.shape)} {key_cache.dtype} "
+                         f"does not hold packed nibbles of a power-of-two head_dim {d}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if q.stride(2) != 1 or out.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
+        raise ValueError("int4 KV attention needs head_dim contiguous in q, out and the caches")
+    qpkv = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    plan = plan or plan_launch(max_query_len, num_seqs, num_kv_heads, qpkv)
+    block_q = plan.block_m // qpkv
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, plan.num_segments)
+    if plan.num_segments > 1:
+        segm_acc = torch.empty(num_tokens * num_heads * plan.num_segments, d, dtype=torch.float32,
+                               device=q.device)
+        segm_max = torch.empty(num_tokens * num_heads * plan.num_segments, dtype=torch.float32,
+                               device=q.device)
+        segm_sum = torch.empty_like(segm_max)
+    else:
+        segm_acc = segm_max = segm_sum = out
+    _int4_kv_attention_kernel[grid](
+        out, q, key_cache, value_cache, k_scales, v_scales,
+        block_table, seq_lens, cu_seqlens_q,
+        segm_acc, segm_max, segm_sum,
+        num_seqs, softmax_scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *key_cache.stride()[:3], *value_cache.stride()[:3],
+        *k_scales.stride(), *v_scales.stride(),
+        block_table.stride(0),
+        NUM_Q_HEADS=num_heads, QPKV=qpkv, HEAD_DIM=d, PAGE=key_cache.shape[1],
+        BLOCK_Q=block_q, BLOCK_M=plan.block_m, TILE_N=plan.tile_n,
+        NUM_SEGMENTS=plan.num_segments, FP32_DOTS=_INTERPRET or q.dtype == torch.float32,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if plan.num_segments > 1:
+        _combine_segments[(num_tokens, num_heads)](
+            out, segm_acc, segm_max, segm_sum, cu_seqlens_q[num_seqs:], out.stride(0), out.stride(1),
+            NUM_Q_HEADS=num_heads, HEAD_DIM=d, NUM_SEGMENTS=plan.num_segments)
+    return out
