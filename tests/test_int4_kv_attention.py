@@ -3,8 +3,8 @@
 The batches mix what a vLLM step holds: a fresh prefill, decodes, a chunked prefill whose
 earlier chunks are already cached, sequences ending mid-page, pages scattered over the cache
 and a padded tail of rows that must stay untouched. Every launch plan (decode tiles, prefill
-tiles, split keys) must give the same answer. On the GPU ``test_kv4_gpu.py`` runs the same
-comparison with bf16 tensor-core dots.
+tiles, split keys) must give the same answer. The ``gpu`` tests run the same comparison
+compiled (bf16 tensor-core dots) on the Llama-3-8B head shape.
 """
 
 from __future__ import annotations
@@ -18,19 +18,21 @@ from vllm_ruquant.kernels import int4_kv_attention as kernel
 PAGE, KV_HEADS, D = 16, 2, 64
 
 
-def _random_cache(generator: torch.Generator, num_blocks: int) -> tuple[torch.Tensor, ...]:
+def _random_cache(generator: torch.Generator, num_blocks: int, kv_heads: int = KV_HEADS, d: int = D,
+                  device: str = "cpu") -> tuple[torch.Tensor, ...]:
     def scales() -> torch.Tensor:
-        s = torch.rand(num_blocks, PAGE, KV_HEADS, generator=generator) * 0.2 + 0.01
-        zp = torch.randint(0, 16, (num_blocks, PAGE, KV_HEADS), generator=generator, dtype=torch.int32)
-        return ((s.view(torch.int32) & -16) | zp).view(torch.float32)
+        s = torch.rand(num_blocks, PAGE, kv_heads, generator=generator) * 0.2 + 0.01
+        zp = torch.randint(0, 16, (num_blocks, PAGE, kv_heads), generator=generator, dtype=torch.int32)
+        return ((s.view(torch.int32) & -16) | zp).view(torch.float32).to(device)
 
     def nibbles() -> torch.Tensor:
-        return torch.randint(0, 256, (num_blocks, PAGE, KV_HEADS, D // 2), dtype=torch.uint8, generator=generator)
+        return torch.randint(0, 256, (num_blocks, PAGE, kv_heads, d // 2), dtype=torch.uint8,
+                             generator=generator).to(device)
 
     return nibbles(), nibbles(), scales(), scales()
 
 
-def _batch(generator: torch.Generator, specs: list[tuple[int, int]], num_blocks: int) -> dict:
+def _batch(generator: torch.Generator, specs: list[tuple[int, int]], num_blocks: int, device: str = "cpu") -> dict:
     """(cached context, new queries) per sequence -> vLLM-style metadata over shuffled pages."""
     pages = torch.randperm(num_blocks, generator=generator)
     width = max(-(-(c + n) // PAGE) for c, n in specs) + 2
@@ -41,13 +43,20 @@ def _batch(generator: torch.Generator, specs: list[tuple[int, int]], num_blocks:
         table[i, :k] = pages[used:used + k]
         used += k
     q_lens = torch.tensor([n for _, n in specs])
-    return {"cu_seqlens_q": torch.cat([torch.zeros(1), q_lens.cumsum(0)]).int(),
-            "seq_lens": torch.tensor([c + n for c, n in specs], dtype=torch.int32),
-            "block_table": table}
+    return {"cu_seqlens_q": torch.cat([torch.zeros(1), q_lens.cumsum(0)]).int().to(device),
+            "seq_lens": torch.tensor([c + n for c, n in specs], dtype=torch.int32).to(device),
+            "block_table": table.to(device)}
 
 
 MIXED = [(0, 37), (50, 1), (5, 20), (130, 3), (0, 1), (16, 16)]
-PLANS = {"decode tiles": (16, 64, 1), "prefill tiles": (64, 32, 1), "split keys": (16, 16, 4)}
+
+def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int]) -> kernel.AttentionPlan:
+    return kernel.AttentionPlan(kernel.LaunchPlan(*decode, 4, 2), kernel.LaunchPlan(*prefill, 4, 2))
+
+
+# (rows, keys per tile, key segments): decodes per sequence, the rest in q blocks
+PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan((16, 32, 1), (64, 32, 1)),
+         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1))}
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
@@ -59,9 +68,7 @@ def test_kernel_matches_reference_on_a_mixed_batch(triton_interpreter, dtype, pl
     tokens, heads = int(md["cu_seqlens_q"][-1]), KV_HEADS * 4
     q = torch.randn(tokens + 3, heads, D, generator=g).to(dtype)
     out = torch.full(q.shape, float("nan"), dtype=dtype)  # 3 padding rows, poisoned
-    block_m, tile_n, segments = plan
-    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=37, softmax_scale=D ** -0.5,
-                                plan=kernel.LaunchPlan(block_m, tile_n, segments, 4, 2))
+    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=37, softmax_scale=D ** -0.5, plan=plan)
     want = ref.paged_int4_attention(q[:tokens], *caches, **md, softmax_scale=D ** -0.5)
     # fp32: exact products, only summation order differs; bf16: P and the output rounded to bf16
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -71,11 +78,12 @@ def test_kernel_matches_reference_on_a_mixed_batch(triton_interpreter, dtype, pl
 
 def test_default_plans() -> None:
     plan = kernel.plan_launch
-    assert plan(1024, 8, 8, 4).block_m == 128  # prefill chunk: big tiles
-    assert plan(5, 8, 8, 4).block_m == 64
-    assert plan(1, 512, 8, 4).num_segments == 1  # big decode batch: enough programs
-    assert plan(1, 1, 8, 4).num_segments > 1  # batch-1 decode: split the keys
-    assert plan(1, 1, 8, 32).block_m == 32  # all 32 query heads of one KV head in one tile
+    assert plan(1024, 8, 8, 4).prefill.block_m == 128  # prefill chunk: big tiles
+    assert plan(5, 8, 8, 4).prefill.block_m == 64
+    assert plan(4, 8, 8, 4).prefill is None  # 4 queries x 4 heads fit the decode tile
+    assert plan(1, 512, 8, 4).decode.num_segments == 1  # big decode batch: enough programs
+    assert plan(1, 1, 8, 4).decode.num_segments > 1  # batch-1 decode: split the keys
+    assert plan(1, 1, 8, 32).decode.block_m == 32  # all 32 query heads of one KV head in one tile
 
 
 def test_cache_written_by_the_reference_reads_back_as_the_simulation(triton_interpreter) -> None:
@@ -114,3 +122,33 @@ def test_bad_caches_are_refused() -> None:
         kernel.paged_int4_attention(q, cache.float(), cache, scales, scales, q.clone(), **md)
     with pytest.raises(ValueError, match="not a multiple"):
         kernel.paged_int4_attention(torch.zeros(4, 3, D), cache, cache, scales, scales, torch.zeros(4, 3, D), **md)
+
+
+GPU_MIXED = [(0, 1024), (1151, 1), (700, 300), (0, 1), (2047, 1), (31, 17)] + [(400, 1)] * 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only) -> None:
+    """32 query / 8 KV heads of 128 dims; default plans (decode-only: 46 sequences -> split keys)."""
+    g = torch.Generator().manual_seed(0)
+    specs = [s for s in GPU_MIXED if s[1] == 1] if decode_only else GPU_MIXED
+    num_blocks = sum(-(-(c + n) // PAGE) for c, n in specs)
+    caches = _random_cache(g, num_blocks, kv_heads=8, d=128, device="cuda")
+    md = _batch(g, specs, num_blocks, device="cuda")
+    tokens = int(md["cu_seqlens_q"][-1])
+    q = torch.randn(tokens + 5, 32, 128, generator=g).to(dtype).cuda()
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    max_q = max(n for _, n in specs)
+    plan = kernel.plan_launch(max_q, len(specs), 8, 4)
+    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=max_q, softmax_scale=128 ** -0.5)
+    want = ref.paged_int4_attention(q[:tokens].cpu(), *(c.cpu() for c in caches),
+                                    **{k: v.cpu() for k, v in md.items()}, softmax_scale=128 ** -0.5)
+    err = (out[:tokens].float().cpu() - want).abs()
+    print(f"\n{dtype} {'decode' if decode_only else 'mixed'} {plan}: max |ours - reference| {err.max():.2e}, "
+          f"median {err.median():.2e}")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[:tokens].float().cpu(), want, atol=tol, rtol=tol)
+    assert torch.isnan(out[tokens:]).all()

@@ -1,7 +1,8 @@
 """Issue 3 on the GPU: the int4 KV cache as vLLM serves it equals ``reference.simulate_kv_cache``.
 
 * vLLM's own int4 cache-write kernel stores what ``reference.fake_quantize_kv_int4`` says.
-* A converted w4a4kv4 model served by our ``OfflineValueInt4Impl`` gives the simulated
+* A converted w4a4kv4 model served by our ``OfflineValueInt4Impl`` (our attention kernel,
+  ``kernels/int4_kv_attention.py``) gives the simulated
   model's greedy tokens for 32 tokens and its logprobs up to float noise.
 * The same model on vLLM's built-in online-rotation path (``value_rotation: online``)
   gives the same greedy tokens; its logprobs carry bf16 noise (see that test).
@@ -37,15 +38,6 @@ pytestmark = [
 PROMPTS = [list(range(5, 37)), [3, 100, 200, 300, 7, 9, 11, 13], list(range(400, 330, -2))]
 
 
-def _decode_int4_cache(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(T, H, d/2) packed nibbles + (T, H) fp32 scales with the zero point in the low bits."""
-    q = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(*data.shape[:-1], -1).float()
-    bits = scales.view(torch.int32)
-    zp = (bits & 0xF).float()[..., None]
-    scale = (bits & -16).view(torch.float32)[..., None]
-    return (q - zp) * scale
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vllm_int4_write_kernel_stores_what_the_reference_says(dtype: torch.dtype) -> None:
     from vllm.v1.attention.ops import int4_per_token_head as int4_ops
@@ -62,7 +54,7 @@ def test_vllm_int4_write_kernel_stores_what_the_reference_says(dtype: torch.dtyp
                                  v_scale_cache=scales[1], slot_mapping=torch.arange(t, device="cuda"),
                                  packing_factor=2)
     for x, c, s in zip((k, v), caches, scales, strict=True):
-        got = _decode_int4_cache(c.reshape(-1, h, d // 2)[:t], s.reshape(-1, h)[:t])
+        got = ref.dequantize_kv_int4(c.reshape(-1, h, d // 2)[:t], s.reshape(-1, h)[:t])
         want = ref.fake_quantize_kv_int4(x.float())
         step = ((x.float().amax(-1) - x.float().amin(-1)) / 15)[..., None]
         off = (got - want).abs() > 1e-6 * step

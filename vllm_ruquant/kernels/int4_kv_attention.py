@@ -71,6 +71,19 @@ def _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _load_packed(words_ptr, row_offset, row_ok, words, byte_shift, TILE_N: tl.constexpr, HALF: tl.constexpr):
+    """(TILE_N, HALF) packed bytes of a tile's keys (or values), loaded as int32 words.
+
+    A token's packed row is 4-byte aligned in vLLM's layout (K at byte 0, V at byte
+    head_dim / 2 + 4 of a slot) but not 16-byte aligned, so byte pointers compile to
+    one-byte loads; word pointers give 4-byte ones. Little-endian: byte ``4w + b`` of the row
+    is bits ``8b..8b+7`` of word ``w``.
+    """
+    w = tl.load(words_ptr + row_offset[:, None] + words[None, :], mask=row_ok[:, None], other=0)
+    return tl.reshape((w[:, :, None] >> byte_shift[None, None, :]) & 0xFF, (TILE_N, HALF))
+
+
+@triton.jit
 def _split_scale(raw):
     """fp32 scale with the zero point in its low 4 mantissa bits -> (scale, zero point)."""
     bits = raw.to(tl.int32, bitcast=True)
@@ -92,18 +105,31 @@ def _int4_kv_attention_kernel(
     NUM_Q_HEADS: tl.constexpr, QPKV: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, FP32_DOTS: tl.constexpr, PRECISION: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr, SKIP_Q_LEN_UPTO: tl.constexpr,
 ):
+    """One (q block, KV head, key segment). ``PER_SEQUENCE``: program 0-axis = sequence, for
+    sequences of at most ``BLOCK_Q`` queries (decodes); otherwise q blocks over all tokens,
+    skipping sequences of at most ``SKIP_Q_LEN_UPTO`` queries (a per-sequence launch has them)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    q_block = tl.program_id(0)
+    WORDS: tl.constexpr = HALF // 4  # the packed cache is read as int32: 8 nibbles per load lane
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    seq = _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q)
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    local_block = q_block - (q_start // BLOCK_Q + seq)
-    if local_block * BLOCK_Q >= q_len:
-        return
+    if PER_SEQUENCE:
+        seq = tl.program_id(0)
+        q_start = tl.load(cu_q_ptr + seq)
+        q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+        local_block = 0
+        if (q_len == 0) | (q_len > BLOCK_Q):
+            return
+    else:
+        q_block = tl.program_id(0)
+        seq = _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q)
+        q_start = tl.load(cu_q_ptr + seq)
+        q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+        local_block = q_block - (q_start // BLOCK_Q + seq)
+        if (local_block * BLOCK_Q >= q_len) | (q_len <= SKIP_Q_LEN_UPTO):
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
@@ -131,7 +157,8 @@ def _int4_kv_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_even = tl.zeros([BLOCK_M, HALF], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HALF], tl.float32)
-    halves = tl.arange(0, HALF)
+    words = tl.arange(0, WORDS)
+    byte_shift = tl.arange(0, 4) * 8
     cols = tl.arange(0, TILE_N)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
@@ -139,14 +166,13 @@ def _int4_kv_attention_kernel(
         key_ok = key_pos < kv_stop
         page = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
         slot = key_pos % PAGE
-        k_packed = tl.load(k_cache_ptr + (page * stride_kc_blk + slot * stride_kc_slot
-                                          + kv_head * stride_kc_head)[None, :] + halves[:, None],
-                           mask=key_ok[None, :], other=0)
+        k_packed = _load_packed(k_cache_ptr, page * stride_kc_blk + slot * stride_kc_slot
+                                + kv_head * stride_kc_head, key_ok, words, byte_shift, TILE_N, HALF)
         k_scale, k_zero = _split_scale(tl.load(
             k_scale_ptr + page * stride_ks_blk + slot * stride_ks_slot + kv_head * stride_ks_head,
             mask=key_ok, other=0.0))
-        k_lo = _mma_operand((k_packed & 0xF).to(tl.float32), dtype, FP32_DOTS)
-        k_hi = _mma_operand((k_packed >> 4).to(tl.float32), dtype, FP32_DOTS)
+        k_lo = tl.trans(_mma_operand((k_packed & 0xF).to(tl.float32), dtype, FP32_DOTS))
+        k_hi = tl.trans(_mma_operand((k_packed >> 4).to(tl.float32), dtype, FP32_DOTS))
         s = tl.dot(q_even, k_lo, input_precision=PRECISION) + tl.dot(q_odd, k_hi, input_precision=PRECISION)
         s = (s - q_sum[:, None] * k_zero[None, :]) * (k_scale * qk_scale_log2)[None, :]
         visible = (key_pos[None, :] <= context + q_pos[:, None]) & key_ok[None, :] & row_ok[:, None]
@@ -159,9 +185,8 @@ def _int4_kv_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-        v_packed = tl.load(v_cache_ptr + (page * stride_vc_blk + slot * stride_vc_slot
-                                          + kv_head * stride_vc_head)[:, None] + halves[None, :],
-                           mask=key_ok[:, None], other=0)
+        v_packed = _load_packed(v_cache_ptr, page * stride_vc_blk + slot * stride_vc_slot
+                                + kv_head * stride_vc_head, key_ok, words, byte_shift, TILE_N, HALF)
         v_scale, v_zero = _split_scale(tl.load(
             v_scale_ptr + page * stride_vs_blk + slot * stride_vs_slot + kv_head * stride_vs_head,
             mask=key_ok, other=0.0))
@@ -186,24 +211,29 @@ def _int4_kv_attention_kernel(
 
 
 @triton.jit
-def _combine_segments(out_ptr, segm_acc_ptr, segm_max_ptr, segm_sum_ptr, num_tokens_ptr,
-                      stride_o_tok, stride_o_head,
-                      NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
-    """Merge one (token, head)'s per-segment softmax partials (segments that saw no key: m = -inf)."""
-    token = tl.program_id(0).to(tl.int64)
+def _combine_segments(out_ptr, segm_acc_ptr, segm_max_ptr, segm_sum_ptr, cu_q_ptr,
+                      stride_o_tok, stride_o_head, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      NUM_SEGMENTS: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Merge the per-segment softmax partials of one sequence's (at most ``BLOCK_Q``) queries
+    of one head; segments that saw no key carry m = -inf. Other sequences are not touched."""
+    seq = tl.program_id(0)
     head = tl.program_id(1)
-    if token >= tl.load(num_tokens_ptr):  # padding rows of a CUDA-graph batch: left alone
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if q_len > BLOCK_Q:
         return
-    base = (token * NUM_Q_HEADS + head) * NUM_SEGMENTS
     segs = tl.arange(0, NUM_SEGMENTS)
-    m = tl.load(segm_max_ptr + base + segs)
-    m_all = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_all))
-    denom = tl.sum(tl.load(segm_sum_ptr + base + segs) * w, axis=0)
     dims = tl.arange(0, HEAD_DIM)
-    acc = tl.load(segm_acc_ptr + (base + segs)[:, None] * HEAD_DIM + dims[None, :])
-    out = tl.sum(acc * w[:, None], axis=0) / denom
-    tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
+    for i in range(q_len):
+        token = (q_start + i).to(tl.int64)
+        base = (token * NUM_Q_HEADS + head) * NUM_SEGMENTS
+        m = tl.load(segm_max_ptr + base + segs)
+        m_all = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_all))
+        denom = tl.sum(tl.load(segm_sum_ptr + base + segs) * w, axis=0)
+        acc = tl.load(segm_acc_ptr + (base + segs)[:, None] * HEAD_DIM + dims[None, :])
+        out = tl.sum(acc * w[:, None], axis=0) / denom
+        tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -216,26 +246,42 @@ class LaunchPlan:
     num_warps: int
     num_stages: int
 
+    def __post_init__(self) -> None:
+        for name in ("block_m", "tile_n", "num_segments"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"LaunchPlan.{name} must be a power of two, got {v}")
 
-def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> LaunchPlan:
-    """Prefill-sized row tiles when any sequence brings many queries, 16 rows for decode.
 
-    A pure-decode batch that gives fewer than ~2 programs per SM (H100/H200: 132) splits the
-    keys into segments. Only batch shape decides, never sequence lengths: a CUDA graph
-    captured for a batch size replays its plan, and every plan is correct for any lengths.
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Two launches: ``decode`` per sequence for sequences of at most ``decode.block_m / qpkv``
+    queries, ``prefill`` over q blocks for the longer ones (None: the step has none)."""
+
+    decode: LaunchPlan
+    prefill: LaunchPlan | None
+
+
+def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> AttentionPlan:
+    """16-row tiles (all query heads of one KV head) for decodes, 64-128 rows for prefill chunks.
+
+    Decodes split the keys into segments when the batch gives fewer than ~2 programs per SM
+    (H100/H200: 132). Only batch shape decides, never sequence lengths: a CUDA graph captured
+    for a batch size replays its plan, and every plan is correct for any lengths.
     """
-    min_rows = triton.next_power_of_2(max(qpkv, 16))
-    if max_query_len > 1:
-        rows = max(min_rows, 128 if max_query_len * qpkv >= 512 else 64)
-        return LaunchPlan(rows, 64, 1, 8 if rows >= 128 else 4, 2)
-    segments = 16 if num_seqs * num_kv_heads < 256 else 1
-    return LaunchPlan(min_rows, 64, segments, 4, 3)
+    rows = triton.next_power_of_2(max(qpkv, 16))
+    decode = LaunchPlan(rows, 128, 16 if num_seqs * num_kv_heads < 256 else 1, 4, 2)
+    if max_query_len <= rows // qpkv:
+        return AttentionPlan(decode, None)
+    big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
+    return AttentionPlan(decode, LaunchPlan(big, 64, 1, 8 if big >= 128 else 4, 3 if big >= 128 else 2))
 
 
 def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          k_scales: torch.Tensor, v_scales: torch.Tensor, out: torch.Tensor, *,
                          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                         max_query_len: int, softmax_scale: float, plan: LaunchPlan | None = None) -> torch.Tensor:
+                         max_query_len: int, softmax_scale: float, plan: AttentionPlan | None = None
+                         ) -> torch.Tensor:
     """Causal attention of ``q`` (tokens, heads, d) over the int4 cache, written into ``out``.
 
     ``cu_seqlens_q`` (num_seqs + 1) int32 and ``seq_lens`` (num_seqs) give each sequence's
@@ -244,43 +290,57 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     """
     num_tokens, num_heads, d = q.shape
     num_kv_heads = key_cache.shape[2]
-    if key_cache.dtype != torch.uint8 or key_cache.shape[3] * 2 != d or d & (d - 1):
+    if key_cache.dtype != torch.uint8 or key_cache.shape[3] * 2 != d or d & (d - 1) or d < 32:
         raise ValueError(f"int4 KV attention: key cache {tuple(key_cache.shape)} {key_cache.dtype} "
-                         f"does not hold packed nibbles of a power-of-two head_dim {d}")
+                         f"does not hold packed nibbles of a power-of-two head_dim {d} >= 32")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if q.stride(2) != 1 or out.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride(3) != 1:
-        raise ValueError("int4 KV attention needs head_dim contiguous in q, out and the caches")
+    if q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("int4 KV attention needs head_dim contiguous in q and out")
+    # int32 views: vLLM's slots are 4-byte aligned (d/2 data + 4 scale bytes per half); torch
+    # refuses the view (with its reason) for a layout that is not
+    k_words, v_words = key_cache.view(torch.int32), value_cache.view(torch.int32)
     qpkv = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     plan = plan or plan_launch(max_query_len, num_seqs, num_kv_heads, qpkv)
-    block_q = plan.block_m // qpkv
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, plan.num_segments)
-    if plan.num_segments > 1:
-        segm_acc = torch.empty(num_tokens * num_heads * plan.num_segments, d, dtype=torch.float32,
-                               device=q.device)
-        segm_max = torch.empty(num_tokens * num_heads * plan.num_segments, dtype=torch.float32,
-                               device=q.device)
+    common = dict(num_seqs=num_seqs, qk_scale_log2=softmax_scale * _LOG2E, NUM_Q_HEADS=num_heads, QPKV=qpkv,
+                  HEAD_DIM=d, PAGE=key_cache.shape[1], FP32_DOTS=_INTERPRET or q.dtype == torch.float32,
+                  PRECISION="ieee" if q.dtype == torch.float32 else None)
+    tensors = (q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q)
+    decode_q = plan.decode.block_m // qpkv
+    _launch(plan.decode, (num_seqs, num_kv_heads), out, tensors, common, per_sequence=True, skip_upto=0)
+    if plan.prefill is not None:
+        block_q = plan.prefill.block_m // qpkv
+        _launch(plan.prefill, (num_tokens // block_q + num_seqs, num_kv_heads), out, tensors, common,
+                per_sequence=False, skip_upto=decode_q)
+    return out
+
+
+def _launch(lp: LaunchPlan, grid: tuple[int, int], out: torch.Tensor, tensors: tuple, common: dict, *,
+            per_sequence: bool, skip_upto: int) -> None:
+    q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q = tensors
+    num_tokens, num_heads, d = q.shape
+    block_q = lp.block_m // common["QPKV"]
+    segments = lp.num_segments if per_sequence else 1  # q-block launches: whole key range each
+    if segments > 1:
+        segm_acc = torch.empty(num_tokens * num_heads * segments, d, dtype=torch.float32, device=q.device)
+        segm_max = torch.empty(num_tokens * num_heads * segments, dtype=torch.float32, device=q.device)
         segm_sum = torch.empty_like(segm_max)
     else:
         segm_acc = segm_max = segm_sum = out
-    _int4_kv_attention_kernel[grid](
-        out, q, key_cache, value_cache, k_scales, v_scales,
-        block_table, seq_lens, cu_seqlens_q,
-        segm_acc, segm_max, segm_sum,
-        num_seqs, softmax_scale * _LOG2E,
+    _int4_kv_attention_kernel[(*grid, segments)](
+        out, q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q,
+        segm_acc, segm_max, segm_sum, common["num_seqs"], common["qk_scale_log2"],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *key_cache.stride()[:3], *value_cache.stride()[:3],
-        *k_scales.stride(), *v_scales.stride(),
+        *k_words.stride()[:3], *v_words.stride()[:3], *k_scales.stride(), *v_scales.stride(),
         block_table.stride(0),
-        NUM_Q_HEADS=num_heads, QPKV=qpkv, HEAD_DIM=d, PAGE=key_cache.shape[1],
-        BLOCK_Q=block_q, BLOCK_M=plan.block_m, TILE_N=plan.tile_n,
-        NUM_SEGMENTS=plan.num_segments, FP32_DOTS=_INTERPRET or q.dtype == torch.float32,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        NUM_Q_HEADS=num_heads, QPKV=common["QPKV"], HEAD_DIM=d, PAGE=common["PAGE"],
+        BLOCK_Q=block_q, BLOCK_M=lp.block_m, TILE_N=lp.tile_n, NUM_SEGMENTS=segments,
+        FP32_DOTS=common["FP32_DOTS"], PRECISION=common["PRECISION"],
+        PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto,
+        num_warps=lp.num_warps, num_stages=lp.num_stages,
     )
-    if plan.num_segments > 1:
-        _combine_segments[(num_tokens, num_heads)](
-            out, segm_acc, segm_max, segm_sum, cu_seqlens_q[num_seqs:], out.stride(0), out.stride(1),
-            NUM_Q_HEADS=num_heads, HEAD_DIM=d, NUM_SEGMENTS=plan.num_segments)
-    return out
+    if segments > 1:
+        _combine_segments[(common["num_seqs"], num_heads)](
+            out, segm_acc, segm_max, segm_sum, cu_seqlens_q, out.stride(0), out.stride(1),
+            NUM_Q_HEADS=num_heads, HEAD_DIM=d, NUM_SEGMENTS=segments, BLOCK_Q=block_q)

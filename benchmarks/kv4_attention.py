@@ -1,0 +1,188 @@
+"""int4-KV attention kernel benchmark: ours against vLLM's int4 kernel and FlashAttention on bf16.
+
+One command on a GPU machine with vLLM (``python benchmarks/kv4_attention.py [--out DIR]``).
+Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128, pages of 16 tokens), the
+cache in vLLM's physical int4 layout (``(blocks, kv_heads, page, 2 x (64 + 4))`` bytes: K
+nibbles, K scale, V nibbles, V scale). For each scenario of a serving step, in the same run:
+
+* ``ours``: ``kernels.int4_kv_attention.paged_int4_attention`` with its default plan;
+* ``vllm_int4``: vLLM 0.26's ``_launch_packed_attn`` on the same cache (3D split for small
+  decode batches, as its backend launches it);
+* ``fa_bf16``: vLLM's FlashAttention on a bf16 paged cache of the same shape (what a KV16
+  engine runs);
+* a sweep of our launch plans (the best is printed next to the default).
+
+Also checks ours against vLLM's kernel on the same cache (max abs difference). Medians of
+``triton.testing.do_bench``. Writes ``kv4_attention.json``; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_ruquant import reference as ref  # noqa: E402
+from vllm_ruquant.kernels import int4_kv_attention as ours  # noqa: E402
+
+HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 16
+SCENARIOS = {  # name -> [(cached context, new queries)] per sequence
+    "prefill 8x1024": [(0, 1024)] * 8,
+    "mixed 4x1024 + 256 decodes @1152": [(0, 1024)] * 4 + [(1151, 1)] * 256,
+    "decode 256 @1152": [(1151, 1)] * 256,
+    "decode 512 @1280": [(1279, 1)] * 512,
+    "decode 16 @1280": [(1279, 1)] * 16,
+    "decode 1 @2048": [(2047, 1)],
+}
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+class Int4Cache:
+    """Random keys/values quantized into vLLM's interleaved int4 page layout."""
+
+    def __init__(self, num_blocks: int, generator: torch.Generator) -> None:
+        half = D // 2
+        self.raw = torch.empty(num_blocks, KV_HEADS, PAGE, 2 * (half + 4), dtype=torch.uint8, device="cuda")
+        nhd = self.raw.transpose(1, 2)  # (blocks, page, kv_heads, 136)
+        self.k, self.v = nhd[..., :half], nhd[..., half + 4: 2 * half + 4]
+        f32 = self.raw.view(torch.float32).transpose(1, 2)  # (blocks, page, kv_heads, 34)
+        self.k_scales, self.v_scales = f32[..., half // 4], f32[..., (2 * half + 4) // 4]
+        for i in range(0, num_blocks, 4096):  # quantize in slices: fp32 temporaries stay small
+            sl = slice(i, min(i + 4096, num_blocks))
+            for data, scales in ((self.k, self.k_scales), (self.v, self.v_scales)):
+                x = torch.randn(*data[sl].shape[:-1], D, device="cuda", generator=generator)
+                data[sl], scales[sl] = ref.quantize_kv_int4(x)
+
+
+def metadata(specs: list[tuple[int, int]]) -> dict:
+    pages = [-(-(c + n) // PAGE) for c, n in specs]
+    table = torch.zeros(len(specs), max(pages), dtype=torch.int32)
+    perm = torch.randperm(sum(pages))
+    start = 0
+    for i, p in enumerate(pages):
+        table[i, :p] = perm[start:start + p]
+        start += p
+    q_lens = torch.tensor([n for _, n in specs])
+    return {"cu_seqlens_q": torch.cat([torch.zeros(1), q_lens.cumsum(0)]).int().cuda(),
+            "seq_lens": torch.tensor([c + n for c, n in specs], dtype=torch.int32).cuda(),
+            "block_table": table.cuda(), "max_query_len": int(q_lens.max()),
+            "max_seq_len": max(c + n for c, n in specs), "num_blocks": sum(pages)}
+
+
+def vllm_int4(q, cache: Int4Cache, out, md: dict):  # noqa: ANN001, ANN201
+    from vllm.v1.attention.ops import int4_per_token_head as int4_ops
+
+    threshold, segments = 16, 16  # the backend's seq_threshold_3D (128 // 8) and NUM_PAR_SOFTMAX_SEGMENTS
+    segm = torch.empty(threshold, HEADS, segments, D, device="cuda")
+    segm_max = torch.empty(threshold, HEADS, segments, device="cuda")
+    segm_sum = torch.empty_like(segm_max)
+
+    def run() -> None:
+        int4_ops._launch_packed_attn(
+            q=q, k_cache=cache.k, v_cache=cache.v, out=out, cu_seqlens_q=md["cu_seqlens_q"],
+            max_seqlen_q=md["max_query_len"], seqused_k=md["seq_lens"], softmax_scale=D ** -0.5,
+            window_size=(-1, -1), block_table=md["block_table"], softcap=0.0, sinks=None, alibi_slopes=None,
+            use_alibi_sqrt=False, qq_bias=None, output_scale=None, mm_prefix_range=None,
+            k_scale_cache=cache.k_scales, v_scale_cache=cache.v_scales, seq_threshold_3D=threshold,
+            num_par_softmax_segments=segments, softmax_segm_output=segm, softmax_segm_max=segm_max,
+            softmax_segm_expsum=segm_sum, packing_factor=2)
+    return run
+
+
+def fa_bf16(q, md: dict):  # noqa: ANN001, ANN201
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    k = torch.randn(md["num_blocks"], PAGE, KV_HEADS, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = torch.empty_like(q)
+    return lambda: flash_attn_varlen_func(
+        q=q, k=k, v=v, out=out, cu_seqlens_q=md["cu_seqlens_q"], max_seqlen_q=md["max_query_len"],
+        seqused_k=md["seq_lens"], max_seqlen_k=md["max_seq_len"], softmax_scale=D ** -0.5, causal=True,
+        block_table=md["block_table"], fa_version=3)
+
+
+def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
+    """Decode-only steps: decode launch shapes; otherwise prefill launch shapes."""
+    if default.prefill is None:
+        return [ours.AttentionPlan(ours.LaunchPlan(16, t, s, w, st), None) for t, s, w, st in
+                itertools.product((64, 128, 256), (1, 16), (2, 4), (2, 3))]
+    return [ours.AttentionPlan(default.decode, ours.LaunchPlan(m, t, 1, w, st)) for m, t, w, st in
+            itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
+
+
+def _describe(plan: ours.AttentionPlan) -> str:
+    def one(lp: ours.LaunchPlan | None) -> str:
+        return "-" if lp is None else f"m{lp.block_m} n{lp.tile_n} s{lp.num_segments} w{lp.num_warps} st{lp.num_stages}"
+    return f"decode[{one(plan.decode)}] prefill[{one(plan.prefill)}]"
+
+
+def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    md = metadata(specs)
+    cache = Int4Cache(md["num_blocks"], g)
+    tokens = sum(n for _, n in specs)
+    q = torch.randn(tokens, HEADS, D, device="cuda", generator=g).to(torch.bfloat16)
+    out, out_vllm = torch.empty_like(q), torch.empty_like(q)
+    args = {k: md[k] for k in ("cu_seqlens_q", "seq_lens", "block_table", "max_query_len")}
+
+    def mine(plan: ours.AttentionPlan | None = None):  # noqa: ANN202
+        return lambda: ours.paged_int4_attention(q, cache.k, cache.v, cache.k_scales, cache.v_scales, out,
+                                                 **args, softmax_scale=D ** -0.5, plan=plan)
+
+    row: dict = {"scenario": name, "tokens": tokens, "sequences": len(specs)}
+    default = ours.plan_launch(md["max_query_len"], len(specs), KV_HEADS, HEADS // KV_HEADS)
+    row["default_plan"] = _describe(default)
+    row["ours_ms"] = bench(mine())
+    vllm_run = vllm_int4(q, cache, out_vllm, md)
+    row["vllm_int4_ms"] = bench(vllm_run)
+    row["max_abs_diff_vs_vllm"] = float((out.float() - out_vllm.float()).abs().max())
+    try:
+        row["fa_bf16_ms"] = bench(fa_bf16(q, md))
+    except Exception as e:  # noqa: BLE001 - a baseline that does not run here: record, go on
+        row["fa_bf16_ms"], row["fa_error"] = None, f"{type(e).__name__}: {str(e)[:120]}"
+    if sweep:
+        best = (row["ours_ms"], default)
+        for plan in plan_sweep(default):
+            try:
+                t = bench(mine(plan))
+            except Exception:  # noqa: BLE001 - out of shared memory etc.: skip that plan
+                continue
+            best = min(best, (t, plan), key=lambda x: x[0])
+        row["best_ms"], row["best_plan"] = best[0], _describe(best[1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--no-sweep", action="store_true", help="time the default plans only")
+    parser.add_argument("--only", default="", help="comma-separated scenario name prefixes")
+    args = parser.parse_args()
+    names = [n for n in SCENARIOS if not args.only or any(n.startswith(p) for p in args.only.split(","))]
+    rows = [run_scenario(n, SCENARIOS[n], not args.no_sweep) for n in names]
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    (args.out / "kv4_attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    print(f"\n{info}\n{'scenario':36} {'ours':>8} {'vllm int4':>10} {'fa bf16':>8} "
+          f"{'ours/vllm':>9} {'ours/fa':>8} {'best':>8} {'diff':>8}")
+    for r in rows:
+        fa = r["fa_bf16_ms"]
+        print(f"{r['scenario']:36} {r['ours_ms']:8.3f} {r['vllm_int4_ms']:10.3f} {fa or float('nan'):8.3f} "
+              f"{r['vllm_int4_ms'] / r['ours_ms']:8.2f}x {(fa or float('nan')) / r['ours_ms']:7.2f}x "
+              f"{r.get('best_ms', float('nan')):8.3f} {r['max_abs_diff_vs_vllm']:8.1e}  best={r.get('best_plan')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
