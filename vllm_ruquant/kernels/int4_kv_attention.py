@@ -269,12 +269,14 @@ def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int)
     (H100/H200: 132). Only batch shape decides, never sequence lengths: a CUDA graph captured
     for a batch size replays its plan, and every plan is correct for any lengths.
     """
+    # shapes: the fastest of a sweep on an H200 (benchmarks/kv4_attention.py, 2026-11-30):
+    # decodes 2 warps x 64-key tiles (b256/b512: 0.59/1.30 ms vs 0.89/1.97 with 4 x 128)
     rows = triton.next_power_of_2(max(qpkv, 16))
-    decode = LaunchPlan(rows, 128, 16 if num_seqs * num_kv_heads < 256 else 1, 4, 2)
+    decode = LaunchPlan(rows, 64, 16 if num_seqs * num_kv_heads < 256 else 1, 2, 2)
     if max_query_len <= rows // qpkv:
         return AttentionPlan(decode, None)
     big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
-    return AttentionPlan(decode, LaunchPlan(big, 64, 1, 8 if big >= 128 else 4, 3 if big >= 128 else 2))
+    return AttentionPlan(decode, LaunchPlan(big, 32, 1, 8 if big >= 128 else 4, 2))
 
 
 def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
