@@ -120,6 +120,8 @@ def test_bad_caches_are_refused() -> None:
           "block_table": torch.zeros(1, 2, dtype=torch.int32), "max_query_len": 4, "softmax_scale": 1.0}
     with pytest.raises(ValueError, match="packed nibbles"):
         kernel.paged_int4_attention(q, cache.float(), cache, scales, scales, q.clone(), **md)
+    with pytest.raises(ValueError, match="packed nibbles"):  # 16 bytes cannot hold 64 nibbles
+        kernel.paged_int4_attention(q, cache[..., :16], cache, scales, scales, q.clone(), **md)
     with pytest.raises(ValueError, match="not a multiple"):
         kernel.paged_int4_attention(torch.zeros(4, 3, D), cache, cache, scales, scales, torch.zeros(4, 3, D), **md)
 
@@ -152,3 +154,23 @@ def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only) ->
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:tokens].float().cpu(), want, atol=tol, rtol=tol)
     assert torch.isnan(out[tokens:]).all()
+
+
+def test_vllm_slot_layout_with_scale_bytes(triton_interpreter) -> None:
+    """vLLM's views: per slot ``d/2`` nibble bytes then the 4-byte scale, K and V interleaved
+    in one ``(blocks, kv_heads, page, 2 (d/2 + 4))`` buffer; the kernel reads the nibbles only."""
+    g = torch.Generator().manual_seed(2)
+    half = D // 2
+    raw = torch.zeros(8, KV_HEADS, PAGE, 2 * (half + 4), dtype=torch.uint8)
+    nhd = raw.transpose(1, 2)
+    k, v = nhd[..., :half + 4], nhd[..., half + 4:]  # as vLLM's _pth_key_value_caches splits it
+    f32 = raw.view(torch.float32).transpose(1, 2)
+    ks, vs = f32[..., half // 4], f32[..., (2 * half + 4) // 4]
+    dense = _random_cache(g, 8)
+    k[..., :half], v[..., :half], ks[:], vs[:] = dense
+    md = _batch(g, [(20, 5), (0, 9)], 8)
+    q = torch.randn(14, 4 * KV_HEADS, D, generator=g)
+    got = kernel.paged_int4_attention(q, k, v, ks, vs, torch.empty_like(q), **md, max_query_len=9,
+                                      softmax_scale=D ** -0.5)
+    want = ref.paged_int4_attention(q, *dense, **md, softmax_scale=D ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -292,7 +292,8 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     """
     num_tokens, num_heads, d = q.shape
     num_kv_heads = key_cache.shape[2]
-    if key_cache.dtype != torch.uint8 or key_cache.shape[3] * 2 != d or d & (d - 1) or d < 32:
+    # vLLM's K/V views are d/2 nibble bytes + 4 bytes of scale per slot: read the first d/2
+    if key_cache.dtype != torch.uint8 or key_cache.shape[3] * 2 < d or d & (d - 1) or d < 32:
         raise ValueError(f"int4 KV attention: key cache {tuple(key_cache.shape)} {key_cache.dtype} "
                          f"does not hold packed nibbles of a power-of-two head_dim {d} >= 32")
     if num_heads % num_kv_heads:
