@@ -50,13 +50,15 @@ def _batch(generator: torch.Generator, specs: list[tuple[int, int]], num_blocks:
 
 MIXED = [(0, 37), (50, 1), (5, 20), (130, 3), (0, 1), (16, 16)]
 
-def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int]) -> kernel.AttentionPlan:
-    return kernel.AttentionPlan(kernel.LaunchPlan(*decode, 4, 2), kernel.LaunchPlan(*prefill, 4, 2))
+def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int], mma: bool = True) -> kernel.AttentionPlan:
+    return kernel.AttentionPlan(kernel.LaunchPlan(*decode, 4, 2, tensor_cores=mma),
+                                kernel.LaunchPlan(*prefill, 4, 2))
 
 
 # (rows, keys per tile, key segments): decodes per sequence, the rest in q blocks
 PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan((16, 32, 1), (64, 32, 1)),
-         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1))}
+         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1)),
+         "fp32-FMA decodes": _plan((4, 32, 2), (16, 32, 1), mma=False)}
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())

@@ -105,7 +105,7 @@ def _int4_kv_attention_kernel(
     NUM_Q_HEADS: tl.constexpr, QPKV: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, FP32_DOTS: tl.constexpr, PRECISION: tl.constexpr,
-    PER_SEQUENCE: tl.constexpr, SKIP_Q_LEN_UPTO: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr, SKIP_Q_LEN_UPTO: tl.constexpr, TENSOR_CORES: tl.constexpr,
 ):
     """One (q block, KV head, key segment). ``PER_SEQUENCE``: program 0-axis = sequence, for
     sequences of at most ``BLOCK_Q`` queries (decodes); otherwise q blocks over all tokens,
@@ -171,9 +171,13 @@ def _int4_kv_attention_kernel(
         k_scale, k_zero = _split_scale(tl.load(
             k_scale_ptr + page * stride_ks_blk + slot * stride_ks_slot + kv_head * stride_ks_head,
             mask=key_ok, other=0.0))
-        k_lo = tl.trans(_mma_operand((k_packed & 0xF).to(tl.float32), dtype, FP32_DOTS))
-        k_hi = tl.trans(_mma_operand((k_packed >> 4).to(tl.float32), dtype, FP32_DOTS))
-        s = tl.dot(q_even, k_lo, input_precision=PRECISION) + tl.dot(q_odd, k_hi, input_precision=PRECISION)
+        if TENSOR_CORES:
+            k_lo = tl.trans(_mma_operand((k_packed & 0xF).to(tl.float32), dtype, FP32_DOTS))
+            k_hi = tl.trans(_mma_operand((k_packed >> 4).to(tl.float32), dtype, FP32_DOTS))
+            s = tl.dot(q_even, k_lo, input_precision=PRECISION) + tl.dot(q_odd, k_hi, input_precision=PRECISION)
+        else:  # few rows (decode): fp32 FMAs on the loaded layout, no operand shuffles
+            s = (tl.sum(q_even.to(tl.float32)[:, None, :] * (k_packed & 0xF).to(tl.float32)[None, :, :], axis=2)
+                 + tl.sum(q_odd.to(tl.float32)[:, None, :] * (k_packed >> 4).to(tl.float32)[None, :, :], axis=2))
         s = (s - q_sum[:, None] * k_zero[None, :]) * (k_scale * qk_scale_log2)[None, :]
         visible = (key_pos[None, :] <= context + q_pos[:, None]) & key_ok[None, :] & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
@@ -190,12 +194,20 @@ def _int4_kv_attention_kernel(
         v_scale, v_zero = _split_scale(tl.load(
             v_scale_ptr + page * stride_vs_blk + slot * stride_vs_slot + kv_head * stride_vs_head,
             mask=key_ok, other=0.0))
-        pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
-        pv_zero = tl.sum(pv.to(tl.float32) * v_zero[None, :], axis=1)
-        v_lo = _mma_operand((v_packed & 0xF).to(tl.float32), dtype, FP32_DOTS)
-        v_hi = _mma_operand((v_packed >> 4).to(tl.float32), dtype, FP32_DOTS)
-        acc_even = acc_even * alpha[:, None] + tl.dot(pv, v_lo, input_precision=PRECISION) - pv_zero[:, None]
-        acc_odd = acc_odd * alpha[:, None] + tl.dot(pv, v_hi, input_precision=PRECISION) - pv_zero[:, None]
+        if TENSOR_CORES:
+            pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
+            pv_zero = tl.sum(pv.to(tl.float32) * v_zero[None, :], axis=1)
+            v_lo = _mma_operand((v_packed & 0xF).to(tl.float32), dtype, FP32_DOTS)
+            v_hi = _mma_operand((v_packed >> 4).to(tl.float32), dtype, FP32_DOTS)
+            pv_lo = tl.dot(pv, v_lo, input_precision=PRECISION)
+            pv_hi = tl.dot(pv, v_hi, input_precision=PRECISION)
+        else:
+            pv = p * v_scale[None, :]
+            pv_zero = tl.sum(pv * v_zero[None, :], axis=1)
+            pv_lo = tl.sum(pv[:, :, None] * (v_packed & 0xF).to(tl.float32)[None, :, :], axis=1)
+            pv_hi = tl.sum(pv[:, :, None] * (v_packed >> 4).to(tl.float32)[None, :, :], axis=1)
+        acc_even = acc_even * alpha[:, None] + pv_lo - pv_zero[:, None]
+        acc_odd = acc_odd * alpha[:, None] + pv_hi - pv_zero[:, None]
 
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # re-interleave 2j, 2j+1
     token = (q_start + q_pos).to(tl.int64)
@@ -245,8 +257,11 @@ class LaunchPlan:
     num_segments: int
     num_warps: int
     num_stages: int
+    tensor_cores: bool = True  # False: fp32 FMAs, for launches of a few rows (not yet timed)
 
     def __post_init__(self) -> None:
+        if self.tensor_cores and self.block_m < 16:
+            raise ValueError(f"tensor-core tiles need at least 16 rows, got {self.block_m}")
         for name in ("block_m", "tile_n", "num_segments"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -340,7 +355,7 @@ def _launch(lp: LaunchPlan, grid: tuple[int, int], out: torch.Tensor, tensors: t
         NUM_Q_HEADS=num_heads, QPKV=common["QPKV"], HEAD_DIM=d, PAGE=common["PAGE"],
         BLOCK_Q=block_q, BLOCK_M=lp.block_m, TILE_N=lp.tile_n, NUM_SEGMENTS=segments,
         FP32_DOTS=common["FP32_DOTS"], PRECISION=common["PRECISION"],
-        PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto,
+        PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto, TENSOR_CORES=lp.tensor_cores,
         num_warps=lp.num_warps, num_stages=lp.num_stages,
     )
     if segments > 1:
