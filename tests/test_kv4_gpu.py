@@ -109,6 +109,9 @@ def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rot
         assert llm.llm_engine.vllm_config.cache_config.cache_dtype == kv_cache.INT4_CACHE_DTYPE
         assert value_rotation in kv_cache._logged  # which attention path served it
         if value_rotation == "offline":
+            from vllm_ruquant.kernels.kv4_attention import ATTENTION_OURS
+
+            assert ATTENTION_OURS in kv_cache._logged  # our int4 attention kernel, not vLLM's
             check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=2.0,
                                      max_flip_fraction=0.5)
         else:

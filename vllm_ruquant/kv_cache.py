@@ -86,7 +86,7 @@ def check_attention_layer(fmt: RUQuantFormat, layer: torch.nn.Module, prefix: st
         if fmt.kv_cache.value_rotation == "offline" and getattr(layer, "attn_type", "decoder") == "decoder":
             _use_offline_value_impl(layer, prefix)
         else:
-            _log_once("online", "ruquant: KV cache int4_per_token_head with vLLM's online Q/K/V rotation")
+            log_once("online", "ruquant: KV cache int4_per_token_head with vLLM's online Q/K/V rotation")
         return
     if dtype == "auto":
         where = ("this platform has no int4_per_token_head cache (vLLM serves it with TRITON_ATTN "
@@ -95,7 +95,7 @@ def check_attention_layer(fmt: RUQuantFormat, layer: torch.nn.Module, prefix: st
             f"this checkpoint was calibrated for a {bits}-bit KV cache, but {where}. Pass "
             "--kv-cache-dtype bfloat16 (or float16) to serve it with a 16-bit cache -- at least as "
             "accurate as the converter's KV simulation -- or convert with a scheme without 'kv'.")
-    _log_once(f"override:{dtype}",
+    log_once(f"override:{dtype}",
               f"ruquant: the checkpoint was calibrated for a {bits}-bit KV cache; serving with the "
               f"requested --kv-cache-dtype {dtype} instead")
 
@@ -116,11 +116,12 @@ def _use_offline_value_impl(layer: torch.nn.Module, prefix: str) -> None:
     # Same state, same cache layout, same kernels: only the rotation around them differs
     # (see kernels/kv4_attention.py), so the instance is re-classed rather than rebuilt.
     impl.__class__ = OfflineValueInt4Impl
-    _log_once("offline", "ruquant: KV cache int4_per_token_head; Q/K rotated online by the head_dim "
+    log_once("offline", "ruquant: KV cache int4_per_token_head; Q/K rotated online by the head_dim "
                          "Hadamard, V rotated offline (R2): OfflineValueInt4Impl")
 
 
-def _log_once(key: str, msg: str) -> None:
+def log_once(key: str, msg: str) -> None:
+    """Log ``msg`` once per process; ``_logged`` keeps the keys (tests read which path served)."""
     if key not in _logged:
         _logged.add(key)
         logger.info(msg)

@@ -26,9 +26,11 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 from vllm.v1.attention.ops import int4_per_token_head as int4_ops
 
 from vllm_ruquant.kernels import int4_kv_attention
+from vllm_ruquant.kv_cache import log_once
 from vllm_ruquant.reference import hadamard_transform
 
 _INT4_PACKING = 2
+ATTENTION_OURS, ATTENTION_VLLM = "attention:ruquant", "attention:vllm"  # kv_cache._logged keys
 _HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -47,15 +49,24 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
         super().process_weights_after_loading(act_dtype)
         # fill the cache now: a host-to-device copy is not allowed later, inside CUDA-graph capture
         head_hadamard(self.head_size, act_dtype, torch.device("cuda", torch.cuda.current_device()))
+        if self._layer_fits_our_kernel():
+            log_once(ATTENTION_OURS, "ruquant: int4 KV attention by kernels/int4_kv_attention.py")
+        else:
+            log_once(ATTENTION_VLLM, "ruquant: int4 KV attention by vLLM's _attn_packed (the layer uses "
+                                     "ALiBi, sinks, soft-capping or a sliding window)")
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x @ head_hadamard(x.shape[-1], x.dtype, x.device)
 
-    def _our_kernel_covers(self, md, output_scale) -> bool:  # noqa: ANN001
-        """Plain causal softmax attention: what ``paged_int4_attention`` implements."""
-        return (output_scale is None and self.alibi_slopes is None and self.sinks is None
+    def _layer_fits_our_kernel(self) -> bool:
+        """Plain causal softmax attention (fixed per layer): what ``paged_int4_attention`` implements."""
+        return (self.alibi_slopes is None and self.sinks is None
                 and not (self.logits_soft_cap and self.logits_soft_cap > 0)
-                and (self.sliding_window is None or self.sliding_window[0] < 0)
+                and (self.sliding_window is None or self.sliding_window[0] < 0))
+
+    def _our_kernel_covers(self, md, output_scale) -> bool:  # noqa: ANN001
+        """This layer, this step: no fused fp8 output, no multimodal prefix ranges."""
+        return (output_scale is None and self._layer_fits_our_kernel()
                 and getattr(md, "mm_prefix_range_tensor", None) is None)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # noqa: ANN001, ANN201
