@@ -12,16 +12,19 @@ same linears with a bf16 cache (issue 3). Here:
   P), and the same rounded value subtracts the zero point: ``sum_t p'_t (Vq_t - zp_t)``.
 * GQA: one program serves all query heads of one KV head, ``BLOCK_Q`` queries x
   ``num_queries_per_kv`` heads = ``BLOCK_M`` rows, so every K/V tile is read once per tile.
-  Prefill-sized launches use 64-128 rows, pure-decode launches 16.
-* Pure-decode batches that would leave most SMs idle split the keys into segments
-  (``_combine_segments`` merges them): batch-1 decode of a long context is one program per
-  KV head otherwise.
+* Two launches per step: decodes (at most ``BLOCK_Q`` queries) one program per sequence and
+  KV head with 16-row tiles, the keys split into segments when the batch would leave most
+  SMs idle (``_combine_segments`` merges them); longer query runs in 64-128-row tiles.
+* The packed cache is read as int32 words (vLLM's slots are 4- but not 16-byte aligned).
+* ``LaunchPlan(tensor_cores=False)``: fp32 FMAs instead of MMAs for few-row decode tiles
+  (interpreter-tested, not yet timed on a GPU).
 
-Cache layout (vLLM's): keys and values ``(blocks, page, kv_heads, head_dim / 2)`` uint8,
+Cache layout (vLLM's): keys and values ``(blocks, page, kv_heads, >= head_dim / 2)`` uint8,
 element ``2j`` in the low nibble; scales ``(blocks, page, kv_heads)`` fp32 whose low 4
-mantissa bits hold the zero point (``reference.fake_quantize_kv_int4``). Causal attention,
+mantissa bits hold the zero point (``reference.quantize_kv_int4``). Causal attention,
 queries at the end of each sequence. Torch oracle: ``reference.paged_int4_attention``.
-No vLLM import: the kernel runs under the Triton CPU interpreter in the tests.
+No vLLM import: the kernel runs under the Triton CPU interpreter in the tests. Measured:
+``benchmarks/kv4_attention.py``, ``benchmarks/KERNEL_NOTES.md``.
 """
 
 from __future__ import annotations
@@ -71,16 +74,25 @@ def _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_packed(words_ptr, row_offset, row_ok, words, byte_shift, TILE_N: tl.constexpr, HALF: tl.constexpr):
-    """(TILE_N, HALF) packed bytes of a tile's keys (or values), loaded as int32 words.
+def _load_words(words_ptr, row_offset, row_ok, words):
+    """(TILE_N, d/8) int32 words of a tile's packed keys (or values).
 
     A token's packed row is 4-byte aligned in vLLM's layout (K at byte 0, V at byte
     head_dim / 2 + 4 of a slot) but not 16-byte aligned, so byte pointers compile to
-    one-byte loads; word pointers give 4-byte ones. Little-endian: byte ``4w + b`` of the row
-    is bits ``8b..8b+7`` of word ``w``.
+    one-byte loads; word pointers give 4-byte ones.
     """
-    w = tl.load(words_ptr + row_offset[:, None] + words[None, :], mask=row_ok[:, None], other=0)
-    return tl.reshape((w[:, :, None] >> byte_shift[None, None, :]) & 0xFF, (TILE_N, HALF))
+    return tl.load(words_ptr + row_offset[:, None] + words[None, :], mask=row_ok[:, None], other=0)
+
+
+@triton.jit
+def _nibbles(w, HIGH: tl.constexpr, dtype: tl.constexpr, TILE_N: tl.constexpr, HALF: tl.constexpr):
+    """(TILE_N, d/2) low (``HIGH=False``: even dims) or high nibbles of the words, as ``dtype``.
+
+    Little-endian: byte ``j = 4w + b`` of a row is bits ``8b..8b+7`` of word ``w``; its low
+    nibble is element ``2j``, its high one ``2j + 1``.
+    """
+    shift = tl.arange(0, 4) * 8 + 4 * HIGH
+    return tl.reshape(((w[:, :, None] >> shift[None, None, :]) & 0xF).to(tl.float32).to(dtype), (TILE_N, HALF))
 
 
 @triton.jit
@@ -158,7 +170,7 @@ def _int4_kv_attention_kernel(
     acc_even = tl.zeros([BLOCK_M, HALF], tl.float32)
     acc_odd = tl.zeros([BLOCK_M, HALF], tl.float32)
     words = tl.arange(0, WORDS)
-    byte_shift = tl.arange(0, 4) * 8
+    op_dtype: tl.constexpr = tl.float32 if FP32_DOTS else dtype  # MMA operand type of the nibbles
     cols = tl.arange(0, TILE_N)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
@@ -166,18 +178,20 @@ def _int4_kv_attention_kernel(
         key_ok = key_pos < kv_stop
         page = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
         slot = key_pos % PAGE
-        k_packed = _load_packed(k_cache_ptr, page * stride_kc_blk + slot * stride_kc_slot
-                                + kv_head * stride_kc_head, key_ok, words, byte_shift, TILE_N, HALF)
+        k_words = _load_words(k_cache_ptr, page * stride_kc_blk + slot * stride_kc_slot
+                              + kv_head * stride_kc_head, key_ok, words)
         k_scale, k_zero = _split_scale(tl.load(
             k_scale_ptr + page * stride_ks_blk + slot * stride_ks_slot + kv_head * stride_ks_head,
             mask=key_ok, other=0.0))
         if TENSOR_CORES:
-            k_lo = tl.trans(_mma_operand((k_packed & 0xF).to(tl.float32), dtype, FP32_DOTS))
-            k_hi = tl.trans(_mma_operand((k_packed >> 4).to(tl.float32), dtype, FP32_DOTS))
+            k_lo = tl.trans(_nibbles(k_words, False, op_dtype, TILE_N, HALF))
+            k_hi = tl.trans(_nibbles(k_words, True, op_dtype, TILE_N, HALF))
             s = tl.dot(q_even, k_lo, input_precision=PRECISION) + tl.dot(q_odd, k_hi, input_precision=PRECISION)
         else:  # few rows (decode): fp32 FMAs on the loaded layout, no operand shuffles
-            s = (tl.sum(q_even.to(tl.float32)[:, None, :] * (k_packed & 0xF).to(tl.float32)[None, :, :], axis=2)
-                 + tl.sum(q_odd.to(tl.float32)[:, None, :] * (k_packed >> 4).to(tl.float32)[None, :, :], axis=2))
+            k_lo = _nibbles(k_words, False, tl.float32, TILE_N, HALF)
+            k_hi = _nibbles(k_words, True, tl.float32, TILE_N, HALF)
+            s = (tl.sum(q_even.to(tl.float32)[:, None, :] * k_lo[None, :, :], axis=2)
+                 + tl.sum(q_odd.to(tl.float32)[:, None, :] * k_hi[None, :, :], axis=2))
         s = (s - q_sum[:, None] * k_zero[None, :]) * (k_scale * qk_scale_log2)[None, :]
         visible = (key_pos[None, :] <= context + q_pos[:, None]) & key_ok[None, :] & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
@@ -189,23 +203,23 @@ def _int4_kv_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-        v_packed = _load_packed(v_cache_ptr, page * stride_vc_blk + slot * stride_vc_slot
-                                + kv_head * stride_vc_head, key_ok, words, byte_shift, TILE_N, HALF)
+        v_words = _load_words(v_cache_ptr, page * stride_vc_blk + slot * stride_vc_slot
+                              + kv_head * stride_vc_head, key_ok, words)
         v_scale, v_zero = _split_scale(tl.load(
             v_scale_ptr + page * stride_vs_blk + slot * stride_vs_slot + kv_head * stride_vs_head,
             mask=key_ok, other=0.0))
         if TENSOR_CORES:
             pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
             pv_zero = tl.sum(pv.to(tl.float32) * v_zero[None, :], axis=1)
-            v_lo = _mma_operand((v_packed & 0xF).to(tl.float32), dtype, FP32_DOTS)
-            v_hi = _mma_operand((v_packed >> 4).to(tl.float32), dtype, FP32_DOTS)
+            v_lo = _nibbles(v_words, False, op_dtype, TILE_N, HALF)
+            v_hi = _nibbles(v_words, True, op_dtype, TILE_N, HALF)
             pv_lo = tl.dot(pv, v_lo, input_precision=PRECISION)
             pv_hi = tl.dot(pv, v_hi, input_precision=PRECISION)
         else:
             pv = p * v_scale[None, :]
             pv_zero = tl.sum(pv * v_zero[None, :], axis=1)
-            pv_lo = tl.sum(pv[:, :, None] * (v_packed & 0xF).to(tl.float32)[None, :, :], axis=1)
-            pv_hi = tl.sum(pv[:, :, None] * (v_packed >> 4).to(tl.float32)[None, :, :], axis=1)
+            pv_lo = tl.sum(pv[:, :, None] * _nibbles(v_words, False, tl.float32, TILE_N, HALF)[None, :, :], axis=1)
+            pv_hi = tl.sum(pv[:, :, None] * _nibbles(v_words, True, tl.float32, TILE_N, HALF)[None, :, :], axis=1)
         acc_even = acc_even * alpha[:, None] + pv_lo - pv_zero[:, None]
         acc_odd = acc_odd * alpha[:, None] + pv_hi - pv_zero[:, None]
 
