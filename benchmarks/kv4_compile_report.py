@@ -1,0 +1,81 @@
+"""Compile the int4-KV attention kernel for sm_90 on a machine without a GPU and report its resources.
+
+GPU time is scarce; registers per thread and shared memory per CTA (which bound how many
+CTAs an SM holds) and the instruction mix can be read from the cubin offline:
+
+    python benchmarks/kv4_compile_report.py                 # the default decode / prefill plans
+    python benchmarks/kv4_compile_report.py --sweep         # decode shapes around them
+
+Uses the Triton of this machine (3.9 on the CPU venv; the GPU machine runs 3.6, so codegen
+can differ) and its bundled ``cuobjdump``. Runs with ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_ruquant.kernels import int4_kv_attention as kv4  # noqa: E402
+
+HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 16
+POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": "*i32", "v_cache_ptr": "*i32",
+            "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32",
+            "cu_q_ptr": "*i32", "segm_acc_ptr": "*fp32", "segm_max_ptr": "*fp32", "segm_sum_ptr": "*fp32"}
+
+
+def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
+    fn = kv4._int4_kv_attention_kernel
+    const = dict(NUM_Q_HEADS=HEADS, QPKV=HEADS // KV_HEADS, HEAD_DIM=D, PAGE=PAGE,
+                 BLOCK_Q=lp.block_m * KV_HEADS // HEADS, BLOCK_M=lp.block_m, TILE_N=lp.tile_n,
+                 NUM_SEGMENTS=lp.num_segments if per_sequence else 1,
+                 FP32_DOTS=False, PRECISION=None, PER_SEQUENCE=per_sequence,
+                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4, TENSOR_CORES=lp.tensor_cores)
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale_log2" else "i32")
+           for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": lp.num_warps, "num_stages": lp.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+        res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    ptx = k.asm["ptx"]
+    per_sm = min(65536 // (int(regs.group(1)) * 32 * lp.num_warps) if regs else 0,
+                 233472 // max(k.metadata.shared, 1), 32)
+    return (f"{'decode ' if per_sequence else 'prefill'} {lp}: regs {regs.group(1) if regs else '?'}, "
+            f"shared {k.metadata.shared} B -> {per_sm} CTAs/SM ({per_sm * lp.num_warps} warps); "
+            f"PTX cvt {ptx.count('cvt.')}, mma {ptx.count('mma.sync') + ptx.count('wgmma.mma_async')}, "
+            f"cp.async {ptx.count('cp.async.c')}, bar.sync {ptx.count('bar.sync')}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    plan = kv4.plan_launch(1024, 8, KV_HEADS, HEADS // KV_HEADS)
+    print(report(plan.decode, True))
+    print(report(plan.prefill, False))
+    if args.sweep:
+        for n, w, st, tc in itertools.product((16, 32, 64), (1, 2, 4, 8), (2, 3), (True, False)):
+            print(report(kv4.LaunchPlan(16 if tc else 4, n, 1, w, st, tensor_cores=tc), True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
