@@ -335,44 +335,37 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     qpkv = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     plan = plan or plan_launch(max_query_len, num_seqs, num_kv_heads, qpkv)
-    common = dict(num_seqs=num_seqs, qk_scale_log2=softmax_scale * _LOG2E, NUM_Q_HEADS=num_heads, QPKV=qpkv,
-                  HEAD_DIM=d, PAGE=key_cache.shape[1], FP32_DOTS=_INTERPRET or q.dtype == torch.float32,
-                  PRECISION="ieee" if q.dtype == torch.float32 else None)
-    tensors = (q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q)
-    decode_q = plan.decode.block_m // qpkv
-    _launch(plan.decode, (num_seqs, num_kv_heads), out, tensors, common, per_sequence=True, skip_upto=0)
+    fp32 = q.dtype == torch.float32
+
+    def launch(lp: LaunchPlan, num_q_programs: int, per_sequence: bool, skip_upto: int) -> None:
+        block_q = lp.block_m // qpkv
+        segments = lp.num_segments if per_sequence else 1  # q-block launches: whole key range each
+        if segments > 1:
+            segm_acc = torch.empty(num_tokens * num_heads * segments, d, dtype=torch.float32, device=q.device)
+            segm_max = torch.empty(num_tokens * num_heads * segments, dtype=torch.float32, device=q.device)
+            segm_sum = torch.empty_like(segm_max)
+        else:
+            segm_acc = segm_max = segm_sum = out
+        _int4_kv_attention_kernel[(num_q_programs, num_kv_heads, segments)](
+            out, q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q,
+            segm_acc, segm_max, segm_sum, num_seqs, softmax_scale * _LOG2E,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            *k_words.stride()[:3], *v_words.stride()[:3], *k_scales.stride(), *v_scales.stride(),
+            block_table.stride(0),
+            NUM_Q_HEADS=num_heads, QPKV=qpkv, HEAD_DIM=d, PAGE=key_cache.shape[1],
+            BLOCK_Q=block_q, BLOCK_M=lp.block_m, TILE_N=lp.tile_n, NUM_SEGMENTS=segments,
+            FP32_DOTS=_INTERPRET or fp32, PRECISION="ieee" if fp32 else None,
+            PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto, TENSOR_CORES=lp.tensor_cores,
+            num_warps=lp.num_warps, num_stages=lp.num_stages,
+        )
+        if segments > 1:
+            _combine_segments[(num_seqs, num_heads)](
+                out, segm_acc, segm_max, segm_sum, cu_seqlens_q, out.stride(0), out.stride(1),
+                NUM_Q_HEADS=num_heads, HEAD_DIM=d, NUM_SEGMENTS=segments, BLOCK_Q=block_q)
+
+    # decodes (<= the decode tile's queries): one program per sequence; the rest in q blocks
+    launch(plan.decode, num_seqs, per_sequence=True, skip_upto=0)
     if plan.prefill is not None:
-        block_q = plan.prefill.block_m // qpkv
-        _launch(plan.prefill, (num_tokens // block_q + num_seqs, num_kv_heads), out, tensors, common,
-                per_sequence=False, skip_upto=decode_q)
+        launch(plan.prefill, num_tokens // (plan.prefill.block_m // qpkv) + num_seqs, per_sequence=False,
+               skip_upto=plan.decode.block_m // qpkv)
     return out
-
-
-def _launch(lp: LaunchPlan, grid: tuple[int, int], out: torch.Tensor, tensors: tuple, common: dict, *,
-            per_sequence: bool, skip_upto: int) -> None:
-    q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q = tensors
-    num_tokens, num_heads, d = q.shape
-    block_q = lp.block_m // common["QPKV"]
-    segments = lp.num_segments if per_sequence else 1  # q-block launches: whole key range each
-    if segments > 1:
-        segm_acc = torch.empty(num_tokens * num_heads * segments, d, dtype=torch.float32, device=q.device)
-        segm_max = torch.empty(num_tokens * num_heads * segments, dtype=torch.float32, device=q.device)
-        segm_sum = torch.empty_like(segm_max)
-    else:
-        segm_acc = segm_max = segm_sum = out
-    _int4_kv_attention_kernel[(*grid, segments)](
-        out, q, k_words, v_words, k_scales, v_scales, block_table, seq_lens, cu_seqlens_q,
-        segm_acc, segm_max, segm_sum, common["num_seqs"], common["qk_scale_log2"],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *k_words.stride()[:3], *v_words.stride()[:3], *k_scales.stride(), *v_scales.stride(),
-        block_table.stride(0),
-        NUM_Q_HEADS=num_heads, QPKV=common["QPKV"], HEAD_DIM=d, PAGE=common["PAGE"],
-        BLOCK_Q=block_q, BLOCK_M=lp.block_m, TILE_N=lp.tile_n, NUM_SEGMENTS=segments,
-        FP32_DOTS=common["FP32_DOTS"], PRECISION=common["PRECISION"],
-        PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto, TENSOR_CORES=lp.tensor_cores,
-        num_warps=lp.num_warps, num_stages=lp.num_stages,
-    )
-    if segments > 1:
-        _combine_segments[(common["num_seqs"], num_heads)](
-            out, segm_acc, segm_max, segm_sum, cu_seqlens_q, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=num_heads, HEAD_DIM=d, NUM_SEGMENTS=segments, BLOCK_Q=block_q)
