@@ -118,7 +118,7 @@ def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
     if default.prefill is None:
         segments = (default.decode.num_segments,) if default.decode.num_segments == 1 else (4, 16)
         mma = [ours.AttentionPlan(ours.LaunchPlan(16, t, s, w, st), None) for t, s, w, st in
-               itertools.product((32, 64, 128), segments, (1, 2, 4), (2, 3))]
+               itertools.product((16, 32, 64, 128), segments, (1, 2, 4), (2, 3))]  # 16 x 4 warps: 122 regs
         fma = [ours.AttentionPlan(ours.LaunchPlan(HEADS // KV_HEADS, t, s, w, 2, tensor_cores=False), None)
                for t, s, w in itertools.product((16, 32, 64), segments, (1, 2, 4))]
         return mma + fma
