@@ -35,7 +35,6 @@ def vllm_ctx():
         cleanup_dist_env_and_memory()
 
 
-
 @pytest.fixture
 def triton_interpreter() -> None:
     """Skip unless Triton kernels run in the CPU interpreter (on a GPU machine they compile)."""

@@ -74,14 +74,19 @@ def _find_sequence(cu_q_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_words(words_ptr, row_offset, row_ok, words):
-    """(TILE_N, d/8) int32 words of a tile's packed keys (or values).
+def _load_tile(words_ptr, scale_ptr, page, slot, kv_head, key_ok, words,
+               stride_blk, stride_slot, stride_head, stride_s_blk, stride_s_slot, stride_s_head):
+    """One tile of keys (or values): (TILE_N, d/8) int32 words, and per token scale and zero point.
 
-    A token's packed row is 4-byte aligned in vLLM's layout (K at byte 0, V at byte
-    head_dim / 2 + 4 of a slot) but not 16-byte aligned, so byte pointers compile to
-    one-byte loads; word pointers give 4-byte ones.
+    The packed rows are read as int32 words: a token's row is 4-byte aligned in vLLM's layout
+    (K at byte 0, V at byte head_dim / 2 + 4 of a slot) but not 16-byte aligned, so byte
+    pointers compile to one-byte loads; word pointers give 4-byte ones.
     """
-    return tl.load(words_ptr + row_offset[:, None] + words[None, :], mask=row_ok[:, None], other=0)
+    row = page * stride_blk + slot * stride_slot + kv_head * stride_head
+    w = tl.load(words_ptr + row[:, None] + words[None, :], mask=key_ok[:, None], other=0)
+    scale, zero = _split_scale(tl.load(scale_ptr + page * stride_s_blk + slot * stride_s_slot
+                                       + kv_head * stride_s_head, mask=key_ok, other=0.0))
+    return w, scale, zero
 
 
 @triton.jit
@@ -178,11 +183,9 @@ def _int4_kv_attention_kernel(
         key_ok = key_pos < kv_stop
         page = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
         slot = key_pos % PAGE
-        k_words = _load_words(k_cache_ptr, page * stride_kc_blk + slot * stride_kc_slot
-                              + kv_head * stride_kc_head, key_ok, words)
-        k_scale, k_zero = _split_scale(tl.load(
-            k_scale_ptr + page * stride_ks_blk + slot * stride_ks_slot + kv_head * stride_ks_head,
-            mask=key_ok, other=0.0))
+        k_words, k_scale, k_zero = _load_tile(k_cache_ptr, k_scale_ptr, page, slot, kv_head, key_ok, words,
+                                              stride_kc_blk, stride_kc_slot, stride_kc_head,
+                                              stride_ks_blk, stride_ks_slot, stride_ks_head)
         if TENSOR_CORES:
             k_lo = tl.trans(_nibbles(k_words, False, op_dtype, TILE_N, HALF))
             k_hi = tl.trans(_nibbles(k_words, True, op_dtype, TILE_N, HALF))
@@ -203,11 +206,9 @@ def _int4_kv_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-        v_words = _load_words(v_cache_ptr, page * stride_vc_blk + slot * stride_vc_slot
-                              + kv_head * stride_vc_head, key_ok, words)
-        v_scale, v_zero = _split_scale(tl.load(
-            v_scale_ptr + page * stride_vs_blk + slot * stride_vs_slot + kv_head * stride_vs_head,
-            mask=key_ok, other=0.0))
+        v_words, v_scale, v_zero = _load_tile(v_cache_ptr, v_scale_ptr, page, slot, kv_head, key_ok, words,
+                                              stride_vc_blk, stride_vc_slot, stride_vc_head,
+                                              stride_vs_blk, stride_vs_slot, stride_vs_head)
         if TENSOR_CORES:
             pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
             pv_zero = tl.sum(pv.to(tl.float32) * v_zero[None, :], axis=1)
