@@ -117,11 +117,8 @@ def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
     # full sweep of every scenario did not fit a 300 s call
     if default.prefill is None:
         segments = (default.decode.num_segments,) if default.decode.num_segments == 1 else (4, 16)
-        mma = [ours.AttentionPlan(ours.LaunchPlan(16, t, s, w, st), None) for t, s, w, st in
-               itertools.product((16, 32, 64, 128), segments, (1, 2, 4), (2, 3))]  # 16 x 4 warps: 122 regs
-        fma = [ours.AttentionPlan(ours.LaunchPlan(HEADS // KV_HEADS, t, s, w, 2, tensor_cores=False), None)
-               for t, s, w in itertools.product((16, 32, 64), segments, (1, 2, 4))]
-        return mma + fma
+        return [ours.AttentionPlan(ours.LaunchPlan(16, t, s, w, st), None) for t, s, w, st in
+                itertools.product((16, 32, 64, 128), segments, (1, 2, 4), (1, 2, 3))]  # 16 x 4 warps: 122 regs
     return [ours.AttentionPlan(default.decode, ours.LaunchPlan(m, t, 1, w, st)) for m, t, w, st in
             itertools.product((64, 128), (32, 64), (4, 8), (2, 3))]
 
@@ -130,8 +127,7 @@ def _describe(plan: ours.AttentionPlan) -> str:
     def one(lp: ours.LaunchPlan | None) -> str:
         if lp is None:
             return "-"
-        return (f"m{lp.block_m} n{lp.tile_n} s{lp.num_segments} w{lp.num_warps} st{lp.num_stages}"
-                + ("" if lp.tensor_cores else " fma"))
+        return f"m{lp.block_m} n{lp.tile_n} s{lp.num_segments} w{lp.num_warps} st{lp.num_stages}"
     return f"decode[{one(plan.decode)}] prefill[{one(plan.prefill)}]"
 
 

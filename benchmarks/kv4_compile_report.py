@@ -43,7 +43,7 @@ def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
                  BLOCK_Q=lp.block_m * KV_HEADS // HEADS, BLOCK_M=lp.block_m, TILE_N=lp.tile_n,
                  NUM_SEGMENTS=lp.num_segments if per_sequence else 1,
                  FP32_DOTS=False, PRECISION=None, PER_SEQUENCE=per_sequence,
-                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4, TENSOR_CORES=lp.tensor_cores)
+                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale_log2" else "i32")
            for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
@@ -72,8 +72,8 @@ def main() -> int:
     print(report(plan.decode, True))
     print(report(plan.prefill, False))
     if args.sweep:
-        for n, w, st, tc in itertools.product((16, 32, 64), (1, 2, 4, 8), (2, 3), (True, False)):
-            print(report(kv4.LaunchPlan(16 if tc else 4, n, 1, w, st, tensor_cores=tc), True))
+        for n, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 3)):
+            print(report(kv4.LaunchPlan(16, n, 1, w, st), True))
     return 0
 
 

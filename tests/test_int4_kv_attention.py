@@ -50,19 +50,18 @@ def _batch(generator: torch.Generator, specs: list[tuple[int, int]], num_blocks:
 
 MIXED = [(0, 37), (50, 1), (5, 20), (130, 3), (0, 1), (16, 16)]
 
-def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int], mma: bool = True) -> kernel.AttentionPlan:
-    return kernel.AttentionPlan(kernel.LaunchPlan(*decode, 4, 2, tensor_cores=mma),
+def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int]) -> kernel.AttentionPlan:
+    return kernel.AttentionPlan(kernel.LaunchPlan(*decode, 4, 2),
                                 kernel.LaunchPlan(*prefill, 4, 2))
 
 
 # (rows, keys per tile, key segments): decodes per sequence, the rest in q blocks
 PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan((16, 32, 1), (64, 32, 1)),
-         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1)),
-         "fp32-FMA decodes": _plan((4, 32, 2), (16, 32, 1), mma=False)}
+         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1))}
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_on_a_mixed_batch(triton_interpreter, dtype, plan) -> None:
     g = torch.Generator().manual_seed(0)
     caches = _random_cache(g, 64)
@@ -72,7 +71,7 @@ def test_kernel_matches_reference_on_a_mixed_batch(triton_interpreter, dtype, pl
     out = torch.full(q.shape, float("nan"), dtype=dtype)  # 3 padding rows, poisoned
     kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=37, softmax_scale=D ** -0.5, plan=plan)
     want = ref.paged_int4_attention(q[:tokens], *caches, **md, softmax_scale=D ** -0.5)
-    # fp32: exact products, only summation order differs; bf16: P and the output rounded to bf16
+    # fp32: exact products, only summation order differs; bf16/fp16: P and the output rounded
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:tokens].float(), want, atol=tol, rtol=tol)
     assert torch.isnan(out[tokens:]).all()

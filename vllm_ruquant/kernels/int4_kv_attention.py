@@ -16,8 +16,7 @@ same linears with a bf16 cache (issue 3). Here:
   KV head with 16-row tiles, the keys split into segments when the batch would leave most
   SMs idle (``_combine_segments`` merges them); longer query runs in 64-128-row tiles.
 * The packed cache is read as int32 words (vLLM's slots are 4- but not 16-byte aligned).
-* ``LaunchPlan(tensor_cores=False)``: fp32 FMAs instead of MMAs for few-row decode tiles
-  (interpreter-tested, not yet timed on a GPU).
+* Nibbles become floats by bit operations, not int-to-float conversions (``_nibbles``).
 
 Cache layout (vLLM's): keys and values ``(blocks, page, kv_heads, >= head_dim / 2)`` uint8,
 element ``2j`` in the low nibble; scales ``(blocks, page, kv_heads)`` fp32 whose low 4
@@ -90,14 +89,49 @@ def _load_tile(words_ptr, scale_ptr, page, slot, kv_head, key_ok, words,
 
 
 @triton.jit
-def _nibbles(w, HIGH: tl.constexpr, dtype: tl.constexpr, TILE_N: tl.constexpr, HALF: tl.constexpr):
-    """(TILE_N, d/2) low (``HIGH=False``: even dims) or high nibbles of the words, as ``dtype``.
+def _unpack(w, dtype: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(TILE_N, d) ``dtype`` values ``_nibble_bias(dtype) + nibble`` of the words, in logical order.
 
-    Little-endian: byte ``j = 4w + b`` of a row is bits ``8b..8b+7`` of word ``w``; its low
-    nibble is element ``2j``, its high one ``2j + 1``.
+    No int-to-float conversion (quarter-rate, it bounded the decode loop): a nibble OR'd into
+    the mantissa of the bias is the float ``bias + nibble`` (bf16 0x4300 = 128, fp16 0x6400 =
+    1024), and one 32-bit shift + mask + OR makes two of them, nibbles ``s`` and ``s + 4`` of a
+    word. So a row comes out in logical order, position ``8w + 2s + h`` holding nibble
+    ``s + 4h`` of word ``w`` = cache dim ``_cache_dim(position)``; Q is loaded and the output
+    stored in that order too, so no nibble ever moves. fp32 has no bias (2^23 would swamp q
+    in the products): its ``2^23 + n`` is brought back to ``n``.
     """
-    shift = tl.arange(0, 4) * 8 + 4 * HIGH
-    return tl.reshape(((w[:, :, None] >> shift[None, None, :]) & 0xF).to(tl.float32).to(dtype), (TILE_N, HALF))
+    shift = tl.arange(0, 4) * 4
+    t = (w[:, :, None] >> shift[None, None, :]) & 0x000F000F
+    if dtype == tl.bfloat16:
+        t = t | 0x43004300
+        lo = (t & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float16:
+        t = t | 0x64006400
+        lo = (t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        lo = ((t & 0xFFFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        hi = ((t >> 16) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return tl.reshape(tl.join(lo, hi), (TILE_N, HEAD_DIM))
+
+
+@triton.jit
+def _cache_dim(position):
+    """The cache dim at logical ``position`` of an ``_unpack``-ed row (dim ``8w + i`` is nibble
+    ``i`` of word ``w``: byte ``4w + i // 2``, low nibble for even ``i``)."""
+    return (position // 8) * 8 + (position % 8) // 2 + 4 * (position % 2)
+
+
+@triton.jit
+def _nibble_bias(dtype: tl.constexpr):
+    """What ``_unpack`` adds to every nibble of ``dtype``: folded into the zero points."""
+    if dtype == tl.bfloat16:
+        return 128.0
+    elif dtype == tl.float16:
+        return 1024.0
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -122,13 +156,12 @@ def _int4_kv_attention_kernel(
     NUM_Q_HEADS: tl.constexpr, QPKV: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, FP32_DOTS: tl.constexpr, PRECISION: tl.constexpr,
-    PER_SEQUENCE: tl.constexpr, SKIP_Q_LEN_UPTO: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr, SKIP_Q_LEN_UPTO: tl.constexpr,
 ):
     """One (q block, KV head, key segment). ``PER_SEQUENCE``: program 0-axis = sequence, for
     sequences of at most ``BLOCK_Q`` queries (decodes); otherwise q blocks over all tokens,
     skipping sequences of at most ``SKIP_Q_LEN_UPTO`` queries (a per-sequence launch has them)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    WORDS: tl.constexpr = HALF // 4  # the packed cache is read as int32: 8 nibbles per load lane
+    WORDS: tl.constexpr = HEAD_DIM // 8  # the packed cache is read as int32: 8 nibbles per load lane
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
@@ -154,14 +187,12 @@ def _int4_kv_attention_kernel(
     q_pos = local_block * BLOCK_Q + rows // QPKV  # position within this step's queries
     head = kv_head * QPKV + rows % QPKV
     row_ok = (q_pos < q_len) & (head < NUM_Q_HEADS)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = _cache_dim(tl.arange(0, HEAD_DIM))  # Q, K, V and the output in _unpack's order
     q = tl.load(q_ptr + (q_start + q_pos)[:, None] * stride_q_tok + head[:, None] * stride_q_head
                 + dims[None, :], mask=row_ok[:, None], other=0.0)
-    q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))
     dtype = q.dtype
     q_sum = tl.sum(q.to(tl.float32), axis=1)
-    q_even = _mma_operand(q_even, dtype, FP32_DOTS)
-    q_odd = _mma_operand(q_odd, dtype, FP32_DOTS)
+    q = _mma_operand(q, dtype, FP32_DOTS)
 
     # causal: the last key any row of this block may see
     kv_stop = tl.minimum(context + local_block * BLOCK_Q + BLOCK_Q, seq_len)
@@ -172,10 +203,9 @@ def _int4_kv_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_even = tl.zeros([BLOCK_M, HALF], tl.float32)
-    acc_odd = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     words = tl.arange(0, WORDS)
-    op_dtype: tl.constexpr = tl.float32 if FP32_DOTS else dtype  # MMA operand type of the nibbles
+    bias = _nibble_bias(dtype)  # _nibbles hands out bias + nibble: folded into the zero points
     cols = tl.arange(0, TILE_N)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
@@ -186,16 +216,9 @@ def _int4_kv_attention_kernel(
         k_words, k_scale, k_zero = _load_tile(k_cache_ptr, k_scale_ptr, page, slot, kv_head, key_ok, words,
                                               stride_kc_blk, stride_kc_slot, stride_kc_head,
                                               stride_ks_blk, stride_ks_slot, stride_ks_head)
-        if TENSOR_CORES:
-            k_lo = tl.trans(_nibbles(k_words, False, op_dtype, TILE_N, HALF))
-            k_hi = tl.trans(_nibbles(k_words, True, op_dtype, TILE_N, HALF))
-            s = tl.dot(q_even, k_lo, input_precision=PRECISION) + tl.dot(q_odd, k_hi, input_precision=PRECISION)
-        else:  # few rows (decode): fp32 FMAs on the loaded layout, no operand shuffles
-            k_lo = _nibbles(k_words, False, tl.float32, TILE_N, HALF)
-            k_hi = _nibbles(k_words, True, tl.float32, TILE_N, HALF)
-            s = (tl.sum(q_even.to(tl.float32)[:, None, :] * k_lo[None, :, :], axis=2)
-                 + tl.sum(q_odd.to(tl.float32)[:, None, :] * k_hi[None, :, :], axis=2))
-        s = (s - q_sum[:, None] * k_zero[None, :]) * (k_scale * qk_scale_log2)[None, :]
+        k = _mma_operand(_unpack(k_words, dtype, TILE_N, HEAD_DIM), dtype, FP32_DOTS)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = (s - q_sum[:, None] * (k_zero + bias)[None, :]) * (k_scale * qk_scale_log2)[None, :]
         visible = (key_pos[None, :] <= context + q_pos[:, None]) & key_ok[None, :] & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
 
@@ -209,22 +232,11 @@ def _int4_kv_attention_kernel(
         v_words, v_scale, v_zero = _load_tile(v_cache_ptr, v_scale_ptr, page, slot, kv_head, key_ok, words,
                                               stride_vc_blk, stride_vc_slot, stride_vc_head,
                                               stride_vs_blk, stride_vs_slot, stride_vs_head)
-        if TENSOR_CORES:
-            pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
-            pv_zero = tl.sum(pv.to(tl.float32) * v_zero[None, :], axis=1)
-            v_lo = _nibbles(v_words, False, op_dtype, TILE_N, HALF)
-            v_hi = _nibbles(v_words, True, op_dtype, TILE_N, HALF)
-            pv_lo = tl.dot(pv, v_lo, input_precision=PRECISION)
-            pv_hi = tl.dot(pv, v_hi, input_precision=PRECISION)
-        else:
-            pv = p * v_scale[None, :]
-            pv_zero = tl.sum(pv * v_zero[None, :], axis=1)
-            pv_lo = tl.sum(pv[:, :, None] * _nibbles(v_words, False, tl.float32, TILE_N, HALF)[None, :, :], axis=1)
-            pv_hi = tl.sum(pv[:, :, None] * _nibbles(v_words, True, tl.float32, TILE_N, HALF)[None, :, :], axis=1)
-        acc_even = acc_even * alpha[:, None] + pv_lo - pv_zero[:, None]
-        acc_odd = acc_odd * alpha[:, None] + pv_hi - pv_zero[:, None]
+        pv = _mma_operand(p * v_scale[None, :], dtype, FP32_DOTS)
+        pv_zero = tl.sum(pv.to(tl.float32) * (v_zero + bias)[None, :], axis=1)
+        v = _mma_operand(_unpack(v_words, dtype, TILE_N, HEAD_DIM), dtype, FP32_DOTS)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) - pv_zero[:, None]
 
-    acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, HEAD_DIM))  # re-interleave 2j, 2j+1
     token = (q_start + q_pos).to(tl.int64)
     if NUM_SEGMENTS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -272,10 +284,9 @@ class LaunchPlan:
     num_segments: int
     num_warps: int
     num_stages: int
-    tensor_cores: bool = True  # False: fp32 FMAs, for launches of a few rows (not yet timed)
 
     def __post_init__(self) -> None:
-        if self.tensor_cores and self.block_m < 16:
+        if self.block_m < 16:
             raise ValueError(f"tensor-core tiles need at least 16 rows, got {self.block_m}")
         for name in ("block_m", "tile_n", "num_segments"):
             v = getattr(self, name)
@@ -356,7 +367,7 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
             NUM_Q_HEADS=num_heads, QPKV=qpkv, HEAD_DIM=d, PAGE=key_cache.shape[1],
             BLOCK_Q=block_q, BLOCK_M=lp.block_m, TILE_N=lp.tile_n, NUM_SEGMENTS=segments,
             FP32_DOTS=_INTERPRET or fp32, PRECISION="ieee" if fp32 else None,
-            PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto, TENSOR_CORES=lp.tensor_cores,
+            PER_SEQUENCE=per_sequence, SKIP_Q_LEN_UPTO=skip_upto,
             num_warps=lp.num_warps, num_stages=lp.num_stages,
         )
         if segments > 1:
