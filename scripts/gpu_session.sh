@@ -6,7 +6,7 @@
 #                                                config, TIMEOUT s each), accumulated in /tmp/bench
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
-#   bash scripts/gpu_session.sh kv4 [SCENARIOS]      int4-KV attention kernel: GPU tests vs the reference, then
+#   bash scripts/gpu_session.sh kv4 [SCENARIOS [--no-sweep]]  int4-KV attention kernel: GPU tests vs the reference, then
 #                                                benchmarks/kv4_attention.py (ours / vLLM int4 / FA3 bf16)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
 # graph capture, then the run): 170 s ran out on 2026-11-30.
@@ -46,7 +46,7 @@ case "${1:-}" in
   kv4)
     python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_int4_kv_attention.py 2>&1 | tee "$OUT/gpu_tests_kv4_kernel.log" \
       | grep -E "max \||passed|failed|^E " | tail -10
-    python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
+    python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
   *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | kv4 [SCENARIOS]"; exit 2 ;;
 esac

@@ -175,3 +175,55 @@ def test_vllm_slot_layout_with_scale_bytes(triton_interpreter) -> None:
                                       softmax_scale=D ** -0.5)
     want = ref.paged_int4_attention(q, *dense, **md, softmax_scale=D ** -0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_sequences_are_the_reference_values(triton_interpreter, dtype) -> None:
+    """The FlashAttention prefill's K/V: chosen sequences' keys in order, ``dequantize_kv_int4``'s
+    values rounded once to ``dtype`` (the interpreter's bf16 cast truncates: one ulp allowed)."""
+    g = torch.Generator().manual_seed(3)
+    caches = _random_cache(g, 24)
+    specs = [(70, 3), (0, 1), (16, 20), (5, 1)]
+    md = _batch(g, specs, 24)
+    seq_ids = torch.tensor([0, 2], dtype=torch.int32)
+    lens = [73, 0, 36, 0]  # the chosen sequences' keys; none for the others
+    cu_k = torch.tensor([0, 73, 73, 109, 109], dtype=torch.int32)
+    k, v = kernel.dequantize_sequences(*caches, block_table=md["block_table"], seq_ids=seq_ids, cu_seqlens_k=cu_k,
+                                       total_keys=109, max_keys=73, head_dim=D, dtype=dtype)
+    for got, (packed, scales) in ((k, caches[0::2]), (v, caches[1::2])):
+        for i, n in enumerate(lens):
+            pos = torch.arange(n)
+            pages = md["block_table"][i, pos // PAGE].long()
+            want = ref.dequantize_kv_int4(packed[pages, pos % PAGE], scales[pages, pos % PAGE]).to(dtype)
+            torch.testing.assert_close(got[int(cu_k[i]):int(cu_k[i]) + n], want, atol=0,
+                                       rtol=0 if dtype == torch.float32 else 2 ** -7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_served_prefill_path_matches_reference_on_llama_heads() -> None:
+    """What the engine runs for a mixed step on a GPU: the prefill sequences through vLLM's
+    FlashAttention on their dequantized K/V, then the decode launch; bf16, Llama-3-8B heads."""
+    kv4_attention = pytest.importorskip("vllm_ruquant.kernels.kv4_attention")
+    if kv4_attention._FLASH_ATTN is None:
+        pytest.fail("vLLM on this GPU offers no FlashAttention: the served prefill path is off")
+    g = torch.Generator().manual_seed(0)
+    num_blocks = sum(-(-(c + n) // PAGE) for c, n in GPU_MIXED)
+    caches = _random_cache(g, num_blocks, kv_heads=8, d=128, device="cuda")
+    md = _batch(g, GPU_MIXED, num_blocks, device="cuda")
+    tokens, max_q = int(md["cu_seqlens_q"][-1]), max(n for _, n in GPU_MIXED)
+    q = torch.randn(tokens, 32, 128, generator=g).to(torch.bfloat16).cuda()
+    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    plan = kernel.plan_launch(max_q, len(GPU_MIXED), 8, 4)
+    split = kv4_attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode.block_m // 4)
+    kv4_attention.prefill_by_flash_attention(
+        kv4_attention._FLASH_ATTN, q, *caches, out, split=split, cu_seqlens_q=md["cu_seqlens_q"],
+        block_table=md["block_table"], max_query_len=max_q, softmax_scale=128 ** -0.5)
+    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=max_q, softmax_scale=128 ** -0.5,
+                                plan=kernel.AttentionPlan(plan.decode, None))
+    want = ref.paged_int4_attention(q.cpu(), *(c.cpu() for c in caches), **{k: v.cpu() for k, v in md.items()},
+                                    softmax_scale=128 ** -0.5)
+    err = (out.float().cpu() - want).abs()
+    print(f"\nserved (FlashAttention prefill + int4 decodes): {split.seq_ids.numel()} prefill sequences, "
+          f"max |served - reference| {err.max():.2e}, median {err.median():.2e}")
+    torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)

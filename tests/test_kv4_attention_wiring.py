@@ -98,3 +98,65 @@ def test_features_our_kernel_lacks_go_to_vllms_kernel(monkeypatch) -> None:
         impl.forward(None, q, None, None, None, md, torch.empty(t, 4, d))
         assert len(calls) == 1, feature
         torch.testing.assert_close(calls.pop()["q"], ref.hadamard_transform(q))  # Q still rotated
+
+
+def _torch_flash_attention(calls: list[dict]):  # noqa: ANN202
+    """Stand-in for vLLM's ``flash_attn_varlen_func``: causal, bottom-right aligned, per sequence."""
+    def flash(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, softmax_scale, causal, out):  # noqa: ANN001
+        assert causal
+        calls.append({"cu_seqlens_k": cu_seqlens_k.clone(), "max_seqlen_k": max_seqlen_k, "k": k.clone()})
+        rep = q.shape[1] // k.shape[1]
+        for i in range(cu_seqlens_q.shape[0] - 1):
+            qs, nq = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])), int(cu_seqlens_q[i + 1] - cu_seqlens_q[i])
+            ks, nk = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])), int(cu_seqlens_k[i + 1] - cu_seqlens_k[i])
+            if nk == 0:
+                out[qs] = 0
+                continue
+            s = torch.einsum("qhd,khd->hqk", q[qs].float(), k[ks].float().repeat_interleave(rep, 1)) * softmax_scale
+            s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool).triu(nk - nq + 1), float("-inf"))
+            out[qs] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[ks].float().repeat_interleave(rep, 1)).to(out.dtype)
+    return flash
+
+
+def test_prefill_sequences_go_to_flash_attention_on_dequantized_kv(monkeypatch, triton_interpreter) -> None:
+    """A step with a fresh prefill, a later prefill chunk and a decode: the two prefills are
+    attended by FlashAttention over their whole dequantized key ranges, the decode by our
+    kernel; together they equal the kernel oracle."""
+    g = torch.Generator().manual_seed(4)
+    heads, kv_heads, d = 4, 2, 64
+    specs = [(0, 20), (30, 10), (40, 1)]  # (cached context, new queries)
+    writer = ReferenceCacheWriter(12, kv_heads, d)
+    monkeypatch.setattr(kv4_attention.int4_ops, "_run_reshape_kernel", writer.run_reshape_kernel)
+    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", None)  # must not be used
+    calls: list[dict] = []
+    monkeypatch.setattr(kv4_attention, "_FLASH_ATTN", _torch_flash_attention(calls))
+    splits, split_of = [], kv4_attention.PrefillSplit.of
+    monkeypatch.setattr(kv4_attention.PrefillSplit, "of", lambda *a: splits.append(a) or split_of(*a))
+    impl = _impl(d, writer)
+    table = torch.tensor([[5, 1, 0, 0], [2, 7, 9, 0], [3, 11, 4, 0]], dtype=torch.int32)
+    for i, (c, n) in enumerate(specs):  # every key of every sequence, as earlier steps + this one wrote them
+        pos = torch.arange(c + n)
+        impl.do_kv_cache_update(None, torch.randn(c + n, kv_heads, d, generator=g),
+                                torch.randn(c + n, kv_heads, d, generator=g), None,
+                                table[i, pos // PAGE].long() * PAGE + pos % PAGE)
+    q_lens = torch.tensor([n for _, n in specs])
+    tokens = int(q_lens.sum())
+    md = _metadata(tokens, table[0])
+    md.query_start_loc = torch.cat([torch.zeros(1), q_lens.cumsum(0)]).int()
+    md.seq_lens = torch.tensor([c + n for c, n in specs], dtype=torch.int32)
+    md.block_table, md.max_query_len = table, 20
+    q = torch.randn(tokens, heads, d, generator=g).to(torch.bfloat16)
+    output = torch.full((tokens, heads, d), float("nan"), dtype=torch.bfloat16)
+    impl.forward(None, q, None, None, None, md, output)
+
+    assert len(calls) == 1
+    assert calls[0]["cu_seqlens_k"].tolist() == [0, 20, 60, 60]  # the decode gets no keys there
+    assert md._ruquant_prefill_split.seq_ids.tolist() == [0, 1]  # kept for the step's other layers
+    want = ref.paged_int4_attention(ref.hadamard_transform(q.float()).to(torch.bfloat16).float(),
+                                    writer.k, writer.v, writer.k_scales, writer.v_scales,
+                                    cu_seqlens_q=md.query_start_loc, seq_lens=md.seq_lens, block_table=table,
+                                    softmax_scale=d ** -0.5)
+    torch.testing.assert_close(output.float(), want, atol=3e-2, rtol=3e-2)
+    impl.forward(None, q, None, None, None, md, output)  # second layer of the step: same split, no new copy
+    assert len(calls) == 2 and calls[1]["cu_seqlens_k"].tolist() == [0, 20, 60, 60]
+    assert len(splits) == 1

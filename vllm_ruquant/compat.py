@@ -34,6 +34,7 @@ Differences between 0.26.0 and 0.32.0 that matter to us (checked in both sources
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import vllm
@@ -141,6 +142,20 @@ def int4_kv_cache_supported() -> bool:
     return bool(current_platform.is_cuda())
 
 
+def flash_attn_varlen() -> Any | None:
+    """vLLM's FlashAttention ``flash_attn_varlen_func`` with the version vLLM picks for this GPU
+    bound in (FA3 on Hopper); None where vLLM ships none (the CPU wheels) or offers no version."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    version = get_flash_attn_version()
+    if version is None:
+        return None
+    return functools.partial(flash_attn_varlen_func, fa_version=version)
+
+
 __all__ = [
     "Attention",
     "BasevLLMParameter",
@@ -156,6 +171,7 @@ __all__ = [
     "RowParallelLinear",
     "UnquantizedLinearMethod",
     "VLLM_VERSION",
+    "flash_attn_varlen",
     "init_logger",
     "install_kv_cache_dtype_resolver",
     "int4_kv_cache_supported",

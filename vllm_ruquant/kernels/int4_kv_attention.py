@@ -275,6 +275,49 @@ def _combine_segments(out_ptr, segm_acc_ptr, segm_max_ptr, segm_sum_ptr, cu_q_pt
         tl.store(out_ptr + token * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _dequantize_sequences_kernel(
+    k_out_ptr, v_out_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    block_table_ptr, seq_ids_ptr, cu_k_ptr,
+    stride_out_tok, stride_out_head,
+    stride_kc_blk, stride_kc_slot, stride_kc_head,
+    stride_vc_blk, stride_vc_slot, stride_vc_head,
+    stride_ks_blk, stride_ks_slot, stride_ks_head,
+    stride_vs_blk, stride_vs_slot, stride_vs_head,
+    stride_bt,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Keys and values ``BLOCK_T * pid(1) ..`` of KV head ``pid(2)`` of sequence ``seq_ids[pid(0)]``,
+    dequantized (``(q - zp) * scale`` in fp32, then rounded) to rows ``cu_k[seq] ..`` of the outputs."""
+    seq = tl.load(seq_ids_ptr + tl.program_id(0))
+    kv_head = tl.program_id(2)
+    start = tl.load(cu_k_ptr + seq)
+    n = tl.load(cu_k_ptr + seq + 1) - start
+    pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = pos < n
+    page = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + pos // PAGE, mask=ok, other=0).to(tl.int64)
+    slot = pos % PAGE
+    words = tl.arange(0, HEAD_DIM // 8)
+    at = (start + pos).to(tl.int64)[:, None] * stride_out_tok + kv_head * stride_out_head \
+        + _cache_dim(tl.arange(0, HEAD_DIM))[None, :]
+    _store_dequantized(k_out_ptr + at, k_cache_ptr, k_scale_ptr, page, slot, kv_head, ok, words,
+                       stride_kc_blk, stride_kc_slot, stride_kc_head, stride_ks_blk, stride_ks_slot, stride_ks_head,
+                       BLOCK_T, HEAD_DIM)
+    _store_dequantized(v_out_ptr + at, v_cache_ptr, v_scale_ptr, page, slot, kv_head, ok, words,
+                       stride_vc_blk, stride_vc_slot, stride_vc_head, stride_vs_blk, stride_vs_slot, stride_vs_head,
+                       BLOCK_T, HEAD_DIM)
+
+
+@triton.jit
+def _store_dequantized(out_ptrs, words_ptr, scale_ptr, page, slot, kv_head, ok, words,
+                       stride_blk, stride_slot, stride_head, stride_s_blk, stride_s_slot, stride_s_head,
+                       BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
+    w, scale, zero = _load_tile(words_ptr, scale_ptr, page, slot, kv_head, ok, words,
+                                stride_blk, stride_slot, stride_head, stride_s_blk, stride_s_slot, stride_s_head)
+    x = (_unpack(w, tl.float32, BLOCK_T, HEAD_DIM) - zero[:, None]) * scale[:, None]
+    tl.store(out_ptrs, x.to(out_ptrs.dtype.element_ty), mask=ok[:, None])
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """Tile shape of one launch; chosen on the host from ints vLLM's metadata already holds."""
@@ -310,10 +353,14 @@ def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int)
     (H100/H200: 132). Only batch shape decides, never sequence lengths: a CUDA graph captured
     for a batch size replays its plan, and every plan is correct for any lengths.
     """
-    # shapes: the fastest of a sweep on an H200 (benchmarks/kv4_attention.py, 2026-11-30):
-    # decodes 2 warps x 64-key tiles (b256/b512: 0.59/1.30 ms vs 0.89/1.97 with 4 x 128)
+    # shapes: the fastest of a sweep on an H200 (benchmarks/kv4_attention.py, 2026-11-30, bit-op
+    # unpack): big batches one warp x 32-key tiles, no cp.async staging (b256/b512: 0.34/0.73 ms
+    # vs 0.49/1.07 with 2 warps x 64); small batches 2 warps x 64 keys in 4 segments (b16: 0.044)
     rows = triton.next_power_of_2(max(qpkv, 16))
-    decode = LaunchPlan(rows, 64, 16 if num_seqs * num_kv_heads < 256 else 1, 2, 2)
+    if num_seqs * num_kv_heads < 256:
+        decode = LaunchPlan(rows, 64, 4, 2, 1)
+    else:
+        decode = LaunchPlan(rows, 32, 1, 1, 1)
     if max_query_len <= rows // qpkv:
         return AttentionPlan(decode, None)
     big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
@@ -381,3 +428,30 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         launch(plan.prefill, num_tokens // (plan.prefill.block_m // qpkv) + num_seqs, per_sequence=False,
                skip_upto=plan.decode.block_m // qpkv)
     return out
+
+
+def dequantize_sequences(key_cache: torch.Tensor, value_cache: torch.Tensor, k_scales: torch.Tensor,
+                         v_scales: torch.Tensor, *, block_table: torch.Tensor, seq_ids: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, total_keys: int, max_keys: int, head_dim: int,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of sequences ``seq_ids`` as contiguous ``(total_keys, kv_heads, d)`` tensors.
+
+    Sequence ``s`` takes rows ``cu_seqlens_k[s] : cu_seqlens_k[s + 1]`` (its first keys, in
+    order); rows of other sequences are left unwritten. Why: a prefill chunk attends to
+    whole sequences, and FlashAttention on their dequantized K/V outruns any int4 prefill tile
+    (``kernels/kv4_attention.py``); the values are ``reference.dequantize_kv_int4``'s.
+    """
+    d, kv_heads = head_dim, key_cache.shape[2]
+    k = torch.empty(total_keys, kv_heads, d, dtype=dtype, device=key_cache.device)
+    v = torch.empty_like(k)
+    if seq_ids.numel() == 0 or max_keys == 0:
+        return k, v
+    k_words, v_words = key_cache.view(torch.int32), value_cache.view(torch.int32)
+    block_t = 64
+    _dequantize_sequences_kernel[(seq_ids.numel(), triton.cdiv(max_keys, block_t), kv_heads)](
+        k, v, k_words, v_words, k_scales, v_scales, block_table, seq_ids, cu_seqlens_k,
+        k.stride(0), k.stride(1), *k_words.stride()[:3], *v_words.stride()[:3],
+        *k_scales.stride(), *v_scales.stride(), block_table.stride(0),
+        HEAD_DIM=d, PAGE=key_cache.shape[1], BLOCK_T=block_t,
+    )
+    return k, v

@@ -9,11 +9,14 @@ output needs no inverse. What remains is Q and K, rotated here by one GEMM each 
 orthonormal ``H_d / sqrt(d)`` (so the softmax scale is unchanged).
 
 The cache layout and the write kernel are vLLM's own (``_run_reshape_kernel``). Attention
-reads the cache with ``int4_kv_attention.paged_int4_attention`` (bf16 tensor-core MMAs,
-prefill-sized tiles, split keys for small decode batches) instead of vLLM's
-``_launch_packed_attn`` (TF32 on 16-row tiles, 0.56x a bf16 cache on an H200); vLLM's kernel
-stays the fallback for the features ours lacks (ALiBi, soft-capping, sinks, sliding window,
-multimodal prefix ranges, fp8 output). Arithmetic oracle:
+reads the cache with ``int4_kv_attention.paged_int4_attention`` (bf16 tensor-core MMAs, split
+keys for small decode batches) instead of vLLM's ``_launch_packed_attn`` (TF32 on 16-row
+tiles, 0.56x a bf16 cache on an H200). Prefill chunks go to FlashAttention instead, on their
+sequences' K/V dequantized once per step (``prefill_by_flash_attention``): an int4 prefill tile
+re-unpacks every K/V tile for every 32 queries and ran at 5-7x FA3's time on an H200, the
+dequantization costs one pass over those sequences' cache. vLLM's kernel stays the fallback
+for the features ours lacks (ALiBi, soft-capping, sinks, sliding window, multimodal prefix
+ranges, fp8 output). Arithmetic oracle:
 ``reference.simulate_kv_cache(..., value_rotated_offline=True)``; kernel oracle
 ``reference.paged_int4_attention``. This module touches vLLM 0.26 internals (GPU only) and
 is imported only on that path.
@@ -21,17 +24,23 @@ is imported only on that path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 from vllm.v1.attention.ops import int4_per_token_head as int4_ops
 
+from vllm_ruquant import compat
 from vllm_ruquant.kernels import int4_kv_attention
 from vllm_ruquant.kv_cache import log_once
 from vllm_ruquant.reference import hadamard_transform
 
 _INT4_PACKING = 2
+_FLASH_ATTN = compat.flash_attn_varlen()  # None on the CPU: int4 prefill tiles there
 ATTENTION_OURS, ATTENTION_VLLM = "attention:ruquant", "attention:vllm"  # kv_cache._logged keys
 _HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+# dequantized prefill K/V above this many bytes: our int4 prefill tiles instead (no big scratch)
+MAX_PREFILL_SCRATCH_BYTES = 2 << 30
 
 
 def head_hadamard(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -40,6 +49,55 @@ def head_hadamard(d: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     if key not in _HADAMARD:
         _HADAMARD[key] = hadamard_transform(torch.eye(d)).to(device=device, dtype=dtype)
     return _HADAMARD[key]
+
+
+@dataclass(frozen=True)
+class PrefillSplit:
+    """The prefill sequences of one step (more queries than a decode tile holds), on the host.
+
+    ``cu_seqlens_k`` (num_seqs + 1, device) gives each prefill sequence its whole key range in
+    the dequantized K/V and every other sequence none, so one FlashAttention call over the
+    step's ``cu_seqlens_q`` attends exactly the prefill sequences.
+    """
+
+    seq_ids: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    total_keys: int
+    max_keys: int
+
+    @classmethod
+    def of(cls, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, decode_queries: int) -> PrefillSplit | None:
+        """None when no sequence has more than ``decode_queries`` queries. One device-to-host copy."""
+        num_seqs = seq_lens.shape[0]
+        host = torch.cat([cu_seqlens_q[:num_seqs + 1], seq_lens]).cpu()
+        q_lens, lens = host[1:num_seqs + 1] - host[:num_seqs], host[num_seqs + 1:]
+        prefill = q_lens > decode_queries
+        if not bool(prefill.any()):
+            return None
+        keys = torch.where(prefill, lens, 0)
+        cu_k = torch.zeros(num_seqs + 1, dtype=torch.int32)
+        cu_k[1:] = keys.cumsum(0)
+        device = seq_lens.device
+        return cls(prefill.nonzero().flatten().to(device=device, dtype=torch.int32), cu_k.to(device),
+                   int(cu_k[-1]), int(keys.max()))
+
+
+def prefill_by_flash_attention(flash_attn, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,  # noqa: ANN001
+                               k_scales: torch.Tensor, v_scales: torch.Tensor, out: torch.Tensor, *,
+                               split: PrefillSplit, cu_seqlens_q: torch.Tensor, block_table: torch.Tensor,
+                               max_query_len: int, softmax_scale: float) -> None:
+    """Causal attention of the prefill sequences of ``split``, on their dequantized K/V, into ``out``.
+
+    Rows of the other sequences get FlashAttention's output for an empty key range: the
+    decode launch that follows overwrites them.
+    """
+    k, v = int4_kv_attention.dequantize_sequences(
+        key_cache, value_cache, k_scales, v_scales, block_table=block_table, seq_ids=split.seq_ids,
+        cu_seqlens_k=split.cu_seqlens_k, total_keys=split.total_keys, max_keys=split.max_keys,
+        head_dim=q.shape[-1], dtype=q.dtype)
+    flash_attn(q=q, k=k, v=v, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q,
+               max_seqlen_k=split.max_keys, cu_seqlens_k=split.cu_seqlens_k, softmax_scale=softmax_scale,
+               causal=True, out=out)
 
 
 class OfflineValueInt4Impl(TritonAttentionImpl):
@@ -63,6 +121,24 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
         return (self.alibi_slopes is None and self.sinks is None
                 and not (self.logits_soft_cap and self.logits_soft_cap > 0)
                 and (self.sliding_window is None or self.sliding_window[0] < 0))
+
+    def _prefill_split(self, md, plan: int4_kv_attention.AttentionPlan, q: torch.Tensor,  # noqa: ANN001
+                       kv_heads: int) -> PrefillSplit | None:
+        """This step's prefill sequences for FlashAttention; None: the int4 kernel takes them all.
+
+        Computed at the first layer of a step and kept on its metadata (shared by the layers
+        of a KV-cache group), so a mixed step pays one device-to-host copy. Never while a
+        CUDA graph is captured (full graphs hold decode-only batches, and no copy may happen).
+        """
+        if (plan.prefill is None or _FLASH_ATTN is None or q.dtype not in (torch.bfloat16, torch.float16)
+                or (q.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        split = getattr(md, "_ruquant_prefill_split", False)
+        if split is False:
+            split = PrefillSplit.of(md.query_start_loc, md.seq_lens, plan.decode.block_m * kv_heads // q.shape[1])
+            md._ruquant_prefill_split = split
+        scratch_bytes = 2 * (split.total_keys if split else 0) * kv_heads * q.shape[2] * q.element_size()
+        return None if scratch_bytes > MAX_PREFILL_SCRATCH_BYTES else split
 
     def _our_kernel_covers(self, md, output_scale) -> bool:  # noqa: ANN001
         """This layer, this step: no fused fp8 output, no multimodal prefix ranges."""
@@ -89,10 +165,21 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
         n = md.num_actual_tokens
         key_cache, value_cache = self._pth_key_value_caches(kv_cache)
         if self._our_kernel_covers(md, output_scale):
+            q, out = self._rotate(query[:n]), output[:n]
+            num_heads, kv_heads = q.shape[1], key_cache.shape[2]
+            plan = int4_kv_attention.plan_launch(md.max_query_len, md.seq_lens.shape[0], kv_heads,
+                                                 num_heads // kv_heads)
+            split = self._prefill_split(md, plan, q, kv_heads)
+            if split is not None:
+                prefill_by_flash_attention(
+                    _FLASH_ATTN, q, key_cache, value_cache, self._k_scale_cache, self._v_scale_cache, out,
+                    split=split, cu_seqlens_q=md.query_start_loc, block_table=md.block_table,
+                    max_query_len=md.max_query_len, softmax_scale=self.scale)
+                plan = int4_kv_attention.AttentionPlan(plan.decode, None)  # decodes only, below
             int4_kv_attention.paged_int4_attention(
-                self._rotate(query[:n]), key_cache, value_cache, self._k_scale_cache, self._v_scale_cache,
-                output[:n], cu_seqlens_q=md.query_start_loc, seq_lens=md.seq_lens,
-                block_table=md.block_table, max_query_len=md.max_query_len, softmax_scale=self.scale)
+                q, key_cache, value_cache, self._k_scale_cache, self._v_scale_cache, out,
+                cu_seqlens_q=md.query_start_loc, seq_lens=md.seq_lens, block_table=md.block_table,
+                max_query_len=md.max_query_len, softmax_scale=self.scale, plan=plan)
             return output
         int4_ops._launch_packed_attn(
             q=self._rotate(query[:n]), k_cache=key_cache, v_cache=value_cache, out=output[:n],
