@@ -299,7 +299,7 @@ def _dequantize_sequences_kernel(
     slot = pos % PAGE
     words = tl.arange(0, HEAD_DIM // 8)
     at = (start + pos).to(tl.int64)[:, None] * stride_out_tok + kv_head * stride_out_head \
-        + _cache_dim(tl.arange(0, HEAD_DIM))[None, :]
+        + tl.arange(0, HEAD_DIM)[None, :]
     _store_dequantized(k_out_ptr + at, k_cache_ptr, k_scale_ptr, page, slot, kv_head, ok, words,
                        stride_kc_blk, stride_kc_slot, stride_kc_head, stride_ks_blk, stride_ks_slot, stride_ks_head,
                        BLOCK_T, HEAD_DIM)
@@ -314,7 +314,10 @@ def _store_dequantized(out_ptrs, words_ptr, scale_ptr, page, slot, kv_head, ok, 
                        BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
     w, scale, zero = _load_tile(words_ptr, scale_ptr, page, slot, kv_head, ok, words,
                                 stride_blk, stride_slot, stride_head, stride_s_blk, stride_s_slot, stride_s_head)
-    x = (_unpack(w, tl.float32, BLOCK_T, HEAD_DIM) - zero[:, None]) * scale[:, None]
+    # in cache order (dim 8w + i = bits 4i of word w), so each lane stores 8 consecutive dims
+    # (_unpack's logical order scattered the stores: 0.26 ms for 8 x 1024 tokens on an H200)
+    n = (w[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+    x = (tl.reshape(n, (BLOCK_T, HEAD_DIM)).to(tl.float32) - zero[:, None]) * scale[:, None]
     tl.store(out_ptrs, x.to(out_ptrs.dtype.element_ty), mask=ok[:, None])
 
 
