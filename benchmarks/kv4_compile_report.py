@@ -3,7 +3,7 @@
 GPU time is scarce; registers per thread and shared memory per CTA (which bound how many
 CTAs an SM holds) and the instruction mix can be read from the cubin offline:
 
-    python benchmarks/kv4_compile_report.py                 # the default decode / prefill plans
+    python benchmarks/kv4_compile_report.py                 # the default decode (big / small batch) and prefill plans
     python benchmarks/kv4_compile_report.py --sweep         # decode shapes around them
 
 Uses the Triton of this machine (3.9 on the CPU venv; the GPU machine runs 3.6, so codegen
@@ -37,6 +37,13 @@ POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": "*i32", "v_cach
             "cu_q_ptr": "*i32", "segm_acc_ptr": "*fp32", "segm_max_ptr": "*fp32", "segm_sum_ptr": "*fp32"}
 
 
+# What Triton's JIT specializes on a real launch (ints and pointers divisible by 16) for vLLM's
+# int4 layout at Llama-3-8B heads: slots are 34 words apart (not /16), heads 544, blocks 4352
+DIVISIBLE_BY_16 = {*POINTERS, "stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head",
+                   "stride_kc_blk", "stride_kc_head", "stride_vc_blk", "stride_vc_head",
+                   "stride_ks_blk", "stride_ks_head", "stride_vs_blk", "stride_vs_head"}
+
+
 def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
     fn = kv4._int4_kv_attention_kernel
     const = dict(NUM_Q_HEADS=HEADS, QPKV=HEADS // KV_HEADS, HEAD_DIM=D, PAGE=PAGE,
@@ -46,7 +53,8 @@ def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
                  SKIP_Q_LEN_UPTO=0 if per_sequence else 4)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale_log2" else "i32")
            for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIVISIBLE_BY_16}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": lp.num_warps, "num_stages": lp.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -68,9 +76,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
-    plan = kv4.plan_launch(1024, 8, KV_HEADS, HEADS // KV_HEADS)
-    print(report(plan.decode, True))
-    print(report(plan.prefill, False))
+    qpkv = HEADS // KV_HEADS
+    print(report(kv4.plan_launch(1, 512, KV_HEADS, qpkv).decode, True))  # big decode batches
+    print(report(kv4.plan_launch(1, 8, KV_HEADS, qpkv).decode, True))  # small ones: split keys
+    print(report(kv4.plan_launch(1024, 8, KV_HEADS, qpkv).prefill, False))
     if args.sweep:
         for n, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 3)):
             print(report(kv4.LaunchPlan(16, n, 1, w, st), True))
