@@ -5,8 +5,8 @@ nibbles and Q to fp32 and runs ``tl.dot`` in TF32 on 16-query-row tiles, also fo
 1024-token prefill chunks and long decodes; on an H200 the w4a4kv4 engine ran at 0.56x the
 same linears with a bf16 cache (issue 3). Here:
 
-* Q stays in the model dtype; the nibbles become exact small integers (0..15) of that dtype,
-  so ``Q . K`` is one bf16 MMA per nibble stream with fp32 accumulation. The zero point and
+* Q stays in the model dtype; the nibbles become exact small integers of that dtype (plus a
+  bias, ``_unpack``), so ``Q . K`` is one bf16 MMA with fp32 accumulation. The zero point and
   the per-(token, head) scale are applied to the scores: ``s = (Q.Kq - zp_k * sum(Q)) * sk``.
 * ``P . V`` likewise: ``P * sv`` is rounded to the model dtype (what FlashAttention does to
   P), and the same rounded value subtracts the zero point: ``sum_t p'_t (Vq_t - zp_t)``.
@@ -16,7 +16,9 @@ same linears with a bf16 cache (issue 3). Here:
   KV head with 16-row tiles, the keys split into segments when the batch would leave most
   SMs idle (``_combine_segments`` merges them); longer query runs in 64-128-row tiles.
 * The packed cache is read as int32 words (vLLM's slots are 4- but not 16-byte aligned).
-* Nibbles become floats by bit operations, not int-to-float conversions (``_nibbles``).
+* Nibbles become floats by bit operations, not int-to-float conversions (``_unpack``).
+* ``dequantize_sequences``: whole sequences' K/V to bf16, for prefill chunks attended by
+  FlashAttention in the engine (``kernels/kv4_attention.py``).
 
 Cache layout (vLLM's): keys and values ``(blocks, page, kv_heads, >= head_dim / 2)`` uint8,
 element ``2j`` in the low nibble; scales ``(blocks, page, kv_heads)`` fp32 whose low 4
