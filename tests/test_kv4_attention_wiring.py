@@ -160,3 +160,28 @@ def test_prefill_sequences_go_to_flash_attention_on_dequantized_kv(monkeypatch, 
     impl.forward(None, q, None, None, None, md, output)  # second layer of the step: same split, no new copy
     assert len(calls) == 2 and calls[1]["cu_seqlens_k"].tolist() == [0, 20, 60, 60]
     assert len(splits) == 1
+
+
+def test_flash_attention_prefill_is_only_taken_where_it_applies(monkeypatch) -> None:
+    """FlashAttention needs bf16/fp16 and a prefill in the step; a scratch over the cap, or no
+    FlashAttention at all (vLLM's CPU wheels), keeps the step on our int4 tiles."""
+    writer = ReferenceCacheWriter(4, 2, 64)
+    impl = _impl(64, writer)
+    monkeypatch.setattr(kv4_attention, "_FLASH_ATTN", object())
+
+    def split(max_query_len: int, dtype: torch.dtype):  # noqa: ANN202
+        md = _metadata(40, torch.tensor([0, 1, 2], dtype=torch.int32))
+        md.max_query_len = max_query_len
+        q = torch.zeros(40, 4, 64, dtype=dtype)
+        plan = kv4_attention.int4_kv_attention.plan_launch(max_query_len, 1, 2, 2)
+        return impl._prefill_split(md, plan, q, kv_heads=2)
+
+    got = split(40, torch.bfloat16)
+    assert got is not None and got.seq_ids.tolist() == [0] and (got.total_keys, got.max_keys) == (40, 40)
+    assert split(40, torch.float32) is None  # fp32 models: FlashAttention has no fp32
+    assert split(1, torch.bfloat16) is None  # decode-only step
+    monkeypatch.setattr(kv4_attention, "MAX_PREFILL_SCRATCH_BYTES", 40 * 2 * 64 * 2 * 2 - 1)
+    assert split(40, torch.bfloat16) is None  # the bf16 K/V of 40 keys would not fit
+    monkeypatch.setattr(kv4_attention, "_FLASH_ATTN", None)
+    monkeypatch.setattr(kv4_attention, "MAX_PREFILL_SCRATCH_BYTES", 1 << 30)
+    assert split(40, torch.bfloat16) is None
