@@ -140,8 +140,9 @@ def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
     # n64 s4 w2 st1; prefill m128 n32 w4 st2): a full sweep did not fit a 480 s call
     if default.prefill is None:
         segments = (1,) if default.decode.num_segments == 1 else (2, 4, 8)
-        return [ours.AttentionPlan(ours.LaunchPlan(16, t, s, w, st), None) for t, s, w, st in
-                itertools.product((16, 32, 64), segments, (1, 2, 4), (1, 2))]
+        # 4 rows = the 4 query heads of a 1-token decode (Triton pads the MMA): fewer registers
+        return [ours.AttentionPlan(ours.LaunchPlan(m, t, s, w, st), None) for m, t, s, w, st in
+                itertools.product((HEADS // KV_HEADS, 16), (16, 32, 64), segments, (1, 2, 4), (1, 2))]
     return [ours.AttentionPlan(default.decode, ours.LaunchPlan(m, t, 1, w, st)) for m, t, w, st in
             itertools.product((64, 128), (32, 64), (4, 8), (2, 3))]
 

@@ -81,8 +81,8 @@ def main() -> int:
     print(report(kv4.plan_launch(1, 8, KV_HEADS, qpkv).decode, True))  # small ones: split keys
     print(report(kv4.plan_launch(1024, 8, KV_HEADS, qpkv).prefill, False))
     if args.sweep:
-        for n, w, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 3)):
-            print(report(kv4.LaunchPlan(16, n, 1, w, st), True))
+        for m, n, w, st in itertools.product((HEADS // KV_HEADS, 16), (16, 32, 64, 128), (1, 2, 4, 8), (1, 2)):
+            print(report(kv4.LaunchPlan(m, n, 1, w, st), True))
     return 0
 
 

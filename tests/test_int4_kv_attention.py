@@ -57,7 +57,8 @@ def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int]) -> kernel
 
 # (rows, keys per tile, key segments): decodes per sequence, the rest in q blocks
 PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan((16, 32, 1), (64, 32, 1)),
-         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1))}
+         "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1)),
+         "4-row decodes (MMA padded by Triton)": _plan((4, 32, 1), (16, 32, 1))}
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
@@ -123,6 +124,9 @@ def test_bad_caches_are_refused() -> None:
         kernel.paged_int4_attention(q, cache.float(), cache, scales, scales, q.clone(), **md)
     with pytest.raises(ValueError, match="packed nibbles"):  # 16 bytes cannot hold 64 nibbles
         kernel.paged_int4_attention(q, cache[..., :16], cache, scales, scales, q.clone(), **md)
+    one_row = kernel.AttentionPlan(kernel.LaunchPlan(1, 16, 1, 1, 1), None)
+    with pytest.raises(ValueError, match="cannot hold the 2 query heads"):
+        kernel.paged_int4_attention(q, cache, cache, scales, scales, q.clone(), **md, plan=one_row)
     with pytest.raises(ValueError, match="not a multiple"):
         kernel.paged_int4_attention(torch.zeros(4, 3, D), cache, cache, scales, scales, torch.zeros(4, 3, D), **md)
 

@@ -332,7 +332,13 @@ def _store_dequantized(out_ptrs, words_ptr, scale_ptr, page, slot, kv_head, ok, 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Tile shape of one launch; chosen on the host from ints vLLM's metadata already holds."""
+    """Tile shape of one launch; chosen on the host from ints vLLM's metadata already holds.
+
+    ``block_m`` rows (queries x query heads of one KV head) may be fewer than an MMA's 16:
+    Triton pads the dot, and the softmax and accumulator then hold only the real rows (a
+    1-token decode of 4 query heads: 4 rows, 197 instead of 237 registers at 1 warp x 32 keys,
+    sm_90 offline; untimed, in the benchmark's sweep).
+    """
 
     block_m: int
     tile_n: int
@@ -341,8 +347,6 @@ class LaunchPlan:
     num_stages: int
 
     def __post_init__(self) -> None:
-        if self.block_m < 16:
-            raise ValueError(f"tensor-core tiles need at least 16 rows, got {self.block_m}")
         for name in ("block_m", "tile_n", "num_segments"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -406,6 +410,9 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     qpkv = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     plan = plan or plan_launch(max_query_len, num_seqs, num_kv_heads, qpkv)
+    for lp in (plan.decode, plan.prefill):
+        if lp is not None and lp.block_m < qpkv:
+            raise ValueError(f"a {lp.block_m}-row tile cannot hold the {qpkv} query heads of a KV head")
     fp32 = q.dtype == torch.float32
 
     def launch(lp: LaunchPlan, num_q_programs: int, per_sequence: bool, skip_upto: int) -> None:
