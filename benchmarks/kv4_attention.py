@@ -191,6 +191,8 @@ def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
                 continue
         timed.sort(key=lambda x: x[0])
         row["best_ms"], row["best_plan"] = timed[0][0], _describe(timed[0][1])
+        d = timed[0][1].decode  # in RUQUANT_INT4_KV_DECODE_PLAN's order (scripts/gpu_session.sh kv4serve)
+        row["best_decode"] = [d.block_m, d.tile_n, d.num_warps, d.num_stages]
         row["runners_up"] = [(round(t, 4), _describe(p)) for t, p in timed[1:4]]
     print(json.dumps(row), flush=True)
     return row

@@ -8,6 +8,8 @@
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
 #   bash scripts/gpu_session.sh kv4 [SCENARIOS [--no-sweep]]  int4-KV attention kernel: GPU tests vs the reference, then
 #                                                benchmarks/kv4_attention.py (ours / vLLM int4 / FA3 bf16)
+#   bash scripts/gpu_session.sh kv4serve CONFIGS [TIMEOUT]  sweep the decode tile on "decode 512", then the
+#                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
 # graph capture, then the run): 170 s ran out on 2026-11-30.
 # Everything worth keeping is copied to $OUT.
@@ -21,6 +23,12 @@ case "${1:-}" in
     files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests/test_kernels_gpu.py tests/test_gpu_vllm.py tests/test_kv4_gpu.py)
     python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging -rs "${files[@]}" 2>&1 | tee "$OUT/gpu_tests.log" \
       | grep -E "passed|failed|error|backends|differ from|served vs simulation|Error|FAILED|KV cache" | tail -30
+    ;;
+  kv4serve)
+    python3 benchmarks/kv4_attention.py --out "$OUT/sweep" --only "decode 512" 2>&1 | tail -2
+    plan=$(python3 -c "import json; r = json.load(open('$OUT/sweep/kv4_attention.json'))['rows'][0]; print(*r['best_decode'], sep=',')")
+    echo "RUQUANT_INT4_KV_DECODE_PLAN=$plan"
+    RUQUANT_INT4_KV_DECODE_PLAN=$plan bash "$0" bench "$2" tp-1024-256 "${3:-215}"
     ;;
   bench)
     # one config per serving.py call, results copied after each: a call that runs out of time
@@ -48,5 +56,5 @@ case "${1:-}" in
       | grep -E "max \||passed|failed|^E " | tail -10
     python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
-  *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | kv4 [SCENARIOS]"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
 esac

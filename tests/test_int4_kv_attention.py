@@ -88,6 +88,20 @@ def test_default_plans() -> None:
     assert plan(1, 1, 8, 32).decode.block_m == 32  # all 32 query heads of one KV head in one tile
 
 
+def test_decode_plan_override_from_the_environment(monkeypatch) -> None:
+    """``RUQUANT_INT4_KV_DECODE_PLAN`` swaps the big-batch decode tile (a sweep candidate timed in
+    the engine); its rows set which steps are decode-only; small batches keep split keys."""
+    monkeypatch.setenv(kernel.DECODE_PLAN_ENV, "4,32,2,1")
+    plan = kernel.plan_launch
+    assert plan(1, 512, 8, 4).decode == kernel.LaunchPlan(4, 32, 1, 2, 1)
+    assert plan(1, 512, 8, 4).prefill is None
+    assert plan(2, 512, 8, 4).prefill is not None  # 2 queries x 4 heads overflow a 4-row tile
+    assert plan(1, 8, 8, 4).decode.num_segments > 1
+    monkeypatch.setenv(kernel.DECODE_PLAN_ENV, "4,32")
+    with pytest.raises(ValueError, match="rows,keys,warps,stages"):
+        plan(1, 512, 8, 4)
+
+
 def test_cache_written_by_the_reference_reads_back_as_the_simulation(triton_interpreter) -> None:
     """Keys quantized by ``reference.quantize_kv_int4`` into pages, attended by the kernel, equal
     attention over ``fake_quantize_kv_int4`` keys/values: the two halves agree on the format."""

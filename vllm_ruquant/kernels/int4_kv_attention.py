@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DECODE_PLAN_ENV = "RUQUANT_INT4_KV_DECODE_PLAN"
 _LOG2E = 1.4426950408889634
 
 
@@ -362,6 +363,22 @@ class AttentionPlan:
     prefill: LaunchPlan | None
 
 
+def decode_plan_override() -> tuple[int, int, int, int] | None:
+    """``RUQUANT_INT4_KV_DECODE_PLAN=rows,keys,warps,stages``: the big-batch decode tile.
+
+    For timing a candidate from the kernel sweep inside the engine in the same GPU lease,
+    without a code change (``scripts/gpu_session.sh kv4serve``); unset, the measured default.
+    """
+    raw = os.environ.get(DECODE_PLAN_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        rows, keys, warps, stages = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{DECODE_PLAN_ENV}={raw!r}: expected rows,keys,warps,stages, e.g. 16,32,1,1") from None
+    return rows, keys, warps, stages
+
+
 def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> AttentionPlan:
     """16-row tiles (all query heads of one KV head) for decodes, 64-128 rows for prefill chunks.
 
@@ -373,11 +390,14 @@ def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int)
     # unpack): big batches one warp x 32-key tiles, no cp.async staging (b256/b512: 0.34/0.73 ms
     # vs 0.49/1.07 with 2 warps x 64); small batches 2 warps x 64 keys in 4 segments (b16: 0.044)
     rows = triton.next_power_of_2(max(qpkv, 16))
+    override = decode_plan_override()
     if num_seqs * num_kv_heads < 256:
         decode = LaunchPlan(rows, 64, 4, 2, 1)
+    elif override is not None:
+        decode = LaunchPlan(override[0], override[1], 1, override[2], override[3])
     else:
         decode = LaunchPlan(rows, 32, 1, 1, 1)
-    if max_query_len <= rows // qpkv:
+    if max_query_len <= decode.block_m // qpkv:
         return AttentionPlan(decode, None)
     big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
     return AttentionPlan(decode, LaunchPlan(big, 32, 1, 8 if big >= 128 else 4, 2))
