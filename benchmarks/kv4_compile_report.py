@@ -50,7 +50,7 @@ def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
                  BLOCK_Q=lp.block_m * KV_HEADS // HEADS, BLOCK_M=lp.block_m, TILE_N=lp.tile_n,
                  NUM_SEGMENTS=lp.num_segments if per_sequence else 1,
                  FP32_DOTS=False, PRECISION=None, PER_SEQUENCE=per_sequence,
-                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4)
+                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4, CACHE_OFFSETS_INT32=True)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale_log2" else "i32")
            for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIVISIBLE_BY_16}

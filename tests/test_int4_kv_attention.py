@@ -64,6 +64,16 @@ PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_on_a_mixed_batch(triton_interpreter, dtype, plan) -> None:
+    _mixed_batch_matches_reference(dtype, plan)
+
+
+def test_64_bit_cache_addresses(triton_interpreter, monkeypatch) -> None:
+    """Caches of 2^31 words or more address in int64 (here forced on a small cache)."""
+    monkeypatch.setattr(kernel, "INT32_OFFSET_LIMIT", 0)
+    _mixed_batch_matches_reference(torch.float32, PLANS["split keys"])
+
+
+def _mixed_batch_matches_reference(dtype: torch.dtype, plan: kernel.AttentionPlan) -> None:
     g = torch.Generator().manual_seed(0)
     caches = _random_cache(g, 64)
     md = _batch(g, MIXED, 64)
