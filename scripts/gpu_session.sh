@@ -28,7 +28,7 @@ case "${1:-}" in
     python3 benchmarks/kv4_attention.py --out "$OUT/sweep" --only "decode 512" 2>&1 | tail -2
     plan=$(python3 -c "import json; r = json.load(open('$OUT/sweep/kv4_attention.json'))['rows'][0]; print(*r['best_decode'], sep=',')")
     echo "RUQUANT_INT4_KV_DECODE_PLAN=$plan"
-    RUQUANT_INT4_KV_DECODE_PLAN=$plan bash "$0" bench "$2" tp-1024-256 "${3:-215}"
+    RUQUANT_INT4_KV_DECODE_PLAN=$plan bash "$0" bench "$2" tp-1024-256 "${3:-240}"
     ;;
   bench)
     # one config per serving.py call, results copied after each: a call that runs out of time
