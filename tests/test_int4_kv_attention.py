@@ -243,12 +243,9 @@ def test_served_prefill_path_matches_reference_on_llama_heads() -> None:
     q = torch.randn(tokens, 32, 128, generator=g).to(torch.bfloat16).cuda()
     out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
     plan = kernel.plan_launch(max_q, len(GPU_MIXED), 8, 4)
-    split = kv4_attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode.block_m // 4)
-    kv4_attention.prefill_by_flash_attention(
-        kv4_attention._FLASH_ATTN, q, *caches, out, split=split, cu_seqlens_q=md["cu_seqlens_q"],
-        block_table=md["block_table"], max_query_len=max_q, softmax_scale=128 ** -0.5)
-    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=max_q, softmax_scale=128 ** -0.5,
-                                plan=kernel.AttentionPlan(plan.decode, None))
+    split = kv4_attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode_queries(4))
+    kv4_attention.attend_int4_cache(kv4_attention._FLASH_ATTN, q, *caches, out, plan=plan, split=split, **md,
+                                    max_query_len=max_q, softmax_scale=128 ** -0.5)
     want = ref.paged_int4_attention(q.cpu(), *(c.cpu() for c in caches), **{k: v.cpu() for k, v in md.items()},
                                     softmax_scale=128 ** -0.5)
     err = (out.float().cpu() - want).abs()

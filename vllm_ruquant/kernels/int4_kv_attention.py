@@ -13,7 +13,7 @@ same linears with a bf16 cache (issue 3). Here:
 * GQA: one program serves all query heads of one KV head, ``BLOCK_Q`` queries x
   ``num_queries_per_kv`` heads = ``BLOCK_M`` rows, so every K/V tile is read once per tile.
 * Two launches per step: decodes (at most ``BLOCK_Q`` queries) one program per sequence and
-  KV head with 16-row tiles, the keys split into segments when the batch would leave most
+  KV head with small tiles, the keys split into segments when the batch would leave most
   SMs idle (``_combine_segments`` merges them); longer query runs in 64-128-row tiles.
 * The packed cache is read as int32 words (vLLM's slots are 4- but not 16-byte aligned).
 * Nibbles become floats by bit operations, not int-to-float conversions (``_unpack``).
@@ -209,7 +209,7 @@ def _int4_kv_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     words = tl.arange(0, WORDS)
-    bias = _nibble_bias(dtype)  # _nibbles hands out bias + nibble: folded into the zero points
+    bias = _nibble_bias(dtype)  # _unpack hands out bias + nibble: folded into the zero points
     cols = tl.arange(0, TILE_N)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     # the block-table entries of a tile are loaded one tile ahead and V is issued with K, so a
@@ -363,6 +363,10 @@ class AttentionPlan:
     decode: LaunchPlan
     prefill: LaunchPlan | None
 
+    def decode_queries(self, qpkv: int) -> int:
+        """Sequences with at most this many queries go to the per-sequence decode launch."""
+        return self.decode.block_m // qpkv
+
 
 def decode_plan_override() -> tuple[int, int, int, int] | None:
     """``RUQUANT_INT4_KV_DECODE_PLAN=rows,keys,warps,stages``: the big-batch decode tile.
@@ -398,7 +402,7 @@ def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int)
         decode = LaunchPlan(override[0], override[1], 1, override[2], override[3])
     else:
         decode = LaunchPlan(rows, 32, 1, 1, 1)
-    if max_query_len <= decode.block_m // qpkv:
+    if max_query_len <= AttentionPlan(decode, None).decode_queries(qpkv):
         return AttentionPlan(decode, None)
     big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
     return AttentionPlan(decode, LaunchPlan(big, 32, 1, 8 if big >= 128 else 4, 2))
@@ -469,7 +473,7 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     launch(plan.decode, num_seqs, per_sequence=True, skip_upto=0)
     if plan.prefill is not None:
         launch(plan.prefill, num_tokens // (plan.prefill.block_m // qpkv) + num_seqs, per_sequence=False,
-               skip_upto=plan.decode.block_m // qpkv)
+               skip_upto=plan.decode_queries(qpkv))
     return out
 
 

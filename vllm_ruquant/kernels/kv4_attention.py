@@ -12,7 +12,7 @@ The cache layout and the write kernel are vLLM's own (``_run_reshape_kernel``). 
 reads the cache with ``int4_kv_attention.paged_int4_attention`` (bf16 tensor-core MMAs, split
 keys for small decode batches) instead of vLLM's ``_launch_packed_attn`` (TF32 on 16-row
 tiles, 0.56x a bf16 cache on an H200). Prefill chunks go to FlashAttention instead, on their
-sequences' K/V dequantized once per step (``prefill_by_flash_attention``): an int4 prefill tile
+sequences' K/V dequantized once per step (``attend_int4_cache``): an int4 prefill tile
 re-unpacks every K/V tile for every 32 queries and ran at 5-7x FA3's time on an H200, the
 dequantization costs one pass over those sequences' cache. vLLM's kernel stays the fallback
 for the features ours lacks (ALiBi, soft-capping, sinks, sliding window, multimodal prefix
@@ -82,22 +82,29 @@ class PrefillSplit:
                    int(cu_k[-1]), int(keys.max()))
 
 
-def prefill_by_flash_attention(flash_attn, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,  # noqa: ANN001
-                               k_scales: torch.Tensor, v_scales: torch.Tensor, out: torch.Tensor, *,
-                               split: PrefillSplit, cu_seqlens_q: torch.Tensor, block_table: torch.Tensor,
-                               max_query_len: int, softmax_scale: float) -> None:
-    """Causal attention of the prefill sequences of ``split``, on their dequantized K/V, into ``out``.
+def attend_int4_cache(flash_attn, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,  # noqa: ANN001
+                      k_scales: torch.Tensor, v_scales: torch.Tensor, out: torch.Tensor, *,
+                      plan: int4_kv_attention.AttentionPlan, split: PrefillSplit | None,
+                      cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                      max_query_len: int, softmax_scale: float) -> None:
+    """One layer's attention over the int4 cache into ``out``, as the engine runs it.
 
-    Rows of the other sequences get FlashAttention's output for an empty key range: the
-    decode launch that follows overwrites them.
+    With a ``split``: its prefill sequences by ``flash_attn`` on their dequantized K/V (rows of
+    the other sequences get FlashAttention's output for an empty key range), then the decode
+    launch of ``plan`` overwrites the decodes' rows. Without: ``plan`` takes every sequence.
     """
-    k, v = int4_kv_attention.dequantize_sequences(
-        key_cache, value_cache, k_scales, v_scales, block_table=block_table, seq_ids=split.seq_ids,
-        cu_seqlens_k=split.cu_seqlens_k, total_keys=split.total_keys, max_keys=split.max_keys,
-        head_dim=q.shape[-1], dtype=q.dtype)
-    flash_attn(q=q, k=k, v=v, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q,
-               max_seqlen_k=split.max_keys, cu_seqlens_k=split.cu_seqlens_k, softmax_scale=softmax_scale,
-               causal=True, out=out)
+    if split is not None:
+        k, v = int4_kv_attention.dequantize_sequences(
+            key_cache, value_cache, k_scales, v_scales, block_table=block_table, seq_ids=split.seq_ids,
+            cu_seqlens_k=split.cu_seqlens_k, total_keys=split.total_keys, max_keys=split.max_keys,
+            head_dim=q.shape[-1], dtype=q.dtype)
+        flash_attn(q=q, k=k, v=v, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q,
+                   max_seqlen_k=split.max_keys, cu_seqlens_k=split.cu_seqlens_k, softmax_scale=softmax_scale,
+                   causal=True, out=out)
+        plan = int4_kv_attention.AttentionPlan(plan.decode, None)  # decodes only
+    int4_kv_attention.paged_int4_attention(
+        q, key_cache, value_cache, k_scales, v_scales, out, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens,
+        block_table=block_table, max_query_len=max_query_len, softmax_scale=softmax_scale, plan=plan)
 
 
 class OfflineValueInt4Impl(TritonAttentionImpl):
@@ -135,7 +142,7 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
             return None
         split = getattr(md, "_ruquant_prefill_split", False)
         if split is False:
-            split = PrefillSplit.of(md.query_start_loc, md.seq_lens, plan.decode.block_m * kv_heads // q.shape[1])
+            split = PrefillSplit.of(md.query_start_loc, md.seq_lens, plan.decode_queries(q.shape[1] // kv_heads))
             md._ruquant_prefill_split = split
         scratch_bytes = 2 * (split.total_keys if split else 0) * kv_heads * q.shape[2] * q.element_size()
         return None if scratch_bytes > MAX_PREFILL_SCRATCH_BYTES else split
@@ -169,17 +176,11 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
             num_heads, kv_heads = q.shape[1], key_cache.shape[2]
             plan = int4_kv_attention.plan_launch(md.max_query_len, md.seq_lens.shape[0], kv_heads,
                                                  num_heads // kv_heads)
-            split = self._prefill_split(md, plan, q, kv_heads)
-            if split is not None:
-                prefill_by_flash_attention(
-                    _FLASH_ATTN, q, key_cache, value_cache, self._k_scale_cache, self._v_scale_cache, out,
-                    split=split, cu_seqlens_q=md.query_start_loc, block_table=md.block_table,
-                    max_query_len=md.max_query_len, softmax_scale=self.scale)
-                plan = int4_kv_attention.AttentionPlan(plan.decode, None)  # decodes only, below
-            int4_kv_attention.paged_int4_attention(
-                q, key_cache, value_cache, self._k_scale_cache, self._v_scale_cache, out,
-                cu_seqlens_q=md.query_start_loc, seq_lens=md.seq_lens, block_table=md.block_table,
-                max_query_len=md.max_query_len, softmax_scale=self.scale, plan=plan)
+            attend_int4_cache(
+                _FLASH_ATTN, q, key_cache, value_cache, self._k_scale_cache, self._v_scale_cache, out,
+                plan=plan, split=self._prefill_split(md, plan, q, kv_heads), cu_seqlens_q=md.query_start_loc,
+                seq_lens=md.seq_lens, block_table=md.block_table, max_query_len=md.max_query_len,
+                softmax_scale=self.scale)
             return output
         int4_ops._launch_packed_attn(
             q=self._rotate(query[:n]), k_cache=key_cache, v_cache=value_cache, out=output[:n],
