@@ -133,8 +133,10 @@ def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
     if default.prefill is None:
         segments = (1,) if default.decode.num_segments == 1 else (2, 4, 8)
         # 4 rows = the 4 query heads of a 1-token decode (Triton pads the MMA): fewer registers
-        return [ours.AttentionPlan(ours.LaunchPlan(m, t, s, w, st), None) for m, t, s, w, st in
-                itertools.product((HEADS // KV_HEADS, 16), (16, 32, 64), segments, (1, 2, 4), (1, 2))]
+        # prefetch_kv (loads one tile ahead in registers) replaces cp.async staging: stages 1 only
+        return [ours.AttentionPlan(ours.LaunchPlan(m, t, s, w, st, prefetch_kv=pf), None) for m, t, s, w, st, pf in
+                itertools.product((HEADS // KV_HEADS, 16), (16, 32, 64), segments, (1, 2, 4), (1, 2), (False, True))
+                if not (pf and st > 1)]
     return [ours.AttentionPlan(default.decode, ours.LaunchPlan(m, t, 1, w, st)) for m, t, w, st in
             itertools.product((64, 128), (32, 64), (4, 8), (2, 3))]
 
@@ -143,7 +145,8 @@ def _describe(plan: ours.AttentionPlan) -> str:
     def one(lp: ours.LaunchPlan | None) -> str:
         if lp is None:
             return "-"
-        return f"m{lp.block_m} n{lp.tile_n} s{lp.num_segments} w{lp.num_warps} st{lp.num_stages}"
+        return (f"m{lp.block_m} n{lp.tile_n} s{lp.num_segments} w{lp.num_warps} st{lp.num_stages}"
+                + (" pf" if lp.prefetch_kv else ""))
     return f"decode[{one(plan.decode)}] prefill[{one(plan.prefill)}]"
 
 
@@ -184,7 +187,7 @@ def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
         timed.sort(key=lambda x: x[0])
         row["best_ms"], row["best_plan"] = timed[0][0], _describe(timed[0][1])
         d = timed[0][1].decode  # in RUQUANT_INT4_KV_DECODE_PLAN's order (scripts/gpu_session.sh kv4serve)
-        row["best_decode"] = [d.block_m, d.tile_n, d.num_warps, d.num_stages]
+        row["best_decode"] = [d.block_m, d.tile_n, d.num_warps, d.num_stages, int(d.prefetch_kv)]
         row["runners_up"] = [(round(t, 4), _describe(p)) for t, p in timed[1:4]]
     print(json.dumps(row), flush=True)
     return row

@@ -50,7 +50,8 @@ def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
                  BLOCK_Q=lp.block_m * KV_HEADS // HEADS, BLOCK_M=lp.block_m, TILE_N=lp.tile_n,
                  NUM_SEGMENTS=lp.num_segments if per_sequence else 1,
                  FP32_DOTS=False, PRECISION=None, PER_SEQUENCE=per_sequence,
-                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4, CACHE_OFFSETS_INT32=True)
+                 SKIP_Q_LEN_UPTO=0 if per_sequence else 4, CACHE_OFFSETS_INT32=True,
+                 PREFETCH_KV=lp.prefetch_kv)
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale_log2" else "i32")
            for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIVISIBLE_BY_16}
@@ -81,8 +82,10 @@ def main() -> int:
     print(report(kv4.plan_launch(1, 8, KV_HEADS, qpkv).decode, True))  # small ones: split keys
     print(report(kv4.plan_launch(1024, 8, KV_HEADS, qpkv).prefill, False))
     if args.sweep:
-        for m, n, w, st in itertools.product((HEADS // KV_HEADS, 16), (16, 32, 64, 128), (1, 2, 4, 8), (1, 2)):
-            print(report(kv4.LaunchPlan(m, n, 1, w, st), True))
+        for m, n, w, st, pf in itertools.product((HEADS // KV_HEADS, 16), (16, 32, 64, 128), (1, 2, 4, 8), (1, 2),
+                                                 (False, True)):
+            if not (pf and st > 1):
+                print(report(kv4.LaunchPlan(m, n, 1, w, st, prefetch_kv=pf), True))
     return 0
 
 

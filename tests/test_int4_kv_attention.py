@@ -9,6 +9,8 @@ compiled (bf16 tensor-core dots) on the Llama-3-8B head shape.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,7 +60,12 @@ def _plan(decode: tuple[int, int, int], prefill: tuple[int, int, int]) -> kernel
 # (rows, keys per tile, key segments): decodes per sequence, the rest in q blocks
 PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan((16, 32, 1), (64, 32, 1)),
          "split keys": _plan((16, 16, 4), (32, 16, 1)), "32-row decodes": _plan((32, 64, 2), (64, 64, 1)),
-         "4-row decodes (MMA padded by Triton)": _plan((4, 32, 1), (16, 32, 1))}
+         "4-row decodes (MMA padded by Triton)": _plan((4, 32, 1), (16, 32, 1)),
+         # K/V one tile ahead; with split keys a segment must not read into the next one's keys
+         "prefetched K/V, split keys": kernel.AttentionPlan(kernel.LaunchPlan(16, 16, 4, 4, 1, prefetch_kv=True),
+                                                            kernel.LaunchPlan(32, 16, 1, 4, 1, prefetch_kv=True)),
+         "prefetched K/V, 4-row decodes": kernel.AttentionPlan(kernel.LaunchPlan(4, 32, 1, 1, 1, prefetch_kv=True),
+                                                               kernel.LaunchPlan(64, 32, 1, 4, 1, prefetch_kv=True))}
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
@@ -107,9 +114,12 @@ def test_decode_plan_override_from_the_environment(monkeypatch) -> None:
     assert plan(1, 512, 8, 4).prefill is None
     assert plan(2, 512, 8, 4).prefill is not None  # 2 queries x 4 heads overflow a 4-row tile
     assert plan(1, 8, 8, 4).decode.num_segments > 1
-    monkeypatch.setenv(kernel.DECODE_PLAN_ENV, "4,32")
-    with pytest.raises(ValueError, match="rows,keys,warps,stages"):
-        plan(1, 512, 8, 4)
+    monkeypatch.setenv(kernel.DECODE_PLAN_ENV, "4,32,2,1,1")  # fifth field: K/V prefetched a tile ahead
+    assert plan(1, 512, 8, 4).decode == kernel.LaunchPlan(4, 32, 1, 2, 1, prefetch_kv=True)
+    for bad in ("4,32", "4,32,2,1,1,0", "4,32,two,1"):
+        monkeypatch.setenv(kernel.DECODE_PLAN_ENV, bad)
+        with pytest.raises(ValueError, match="rows,keys,warps,stages"):
+            plan(1, 512, 8, 4)
 
 
 def test_cache_written_by_the_reference_reads_back_as_the_simulation(triton_interpreter) -> None:
@@ -160,10 +170,12 @@ GPU_MIXED = [(0, 1024), (1151, 1), (700, 300), (0, 1), (2047, 1), (31, 17)] + [(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only) -> None:
-    """32 query / 8 KV heads of 128 dims; default plans (decode-only: 46 sequences -> split keys)."""
+def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only, prefetch) -> None:
+    """32 query / 8 KV heads of 128 dims; default plans (decode-only: 46 sequences -> split keys),
+    and the same with K/V loaded a tile ahead."""
     g = torch.Generator().manual_seed(0)
     specs = [s for s in GPU_MIXED if s[1] == 1] if decode_only else GPU_MIXED
     num_blocks = sum(-(-(c + n) // PAGE) for c, n in specs)
@@ -174,7 +186,10 @@ def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only) ->
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
     max_q = max(n for _, n in specs)
     plan = kernel.plan_launch(max_q, len(specs), 8, 4)
-    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=max_q, softmax_scale=128 ** -0.5)
+    if prefetch:
+        plan = kernel.AttentionPlan(*(lp and dataclasses.replace(lp, prefetch_kv=True, num_stages=1)
+                                      for lp in (plan.decode, plan.prefill)))
+    kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=max_q, softmax_scale=128 ** -0.5, plan=plan)
     want = ref.paged_int4_attention(q[:tokens].cpu(), *(c.cpu() for c in caches),
                                     **{k: v.cpu() for k, v in md.items()}, softmax_scale=128 ** -0.5)
     err = (out[:tokens].float().cpu() - want).abs()
