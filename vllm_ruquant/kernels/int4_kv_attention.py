@@ -304,7 +304,7 @@ def _int4_kv_attention_kernel(
             next_page = tl.load(bt_row + (key_pos + TILE_N) // PAGE, mask=key_pos + TILE_N < kv_stop, other=0)
         # tiles below the causal edge of the block's first query (all but a decode's last) skip
         # the visibility mask: ~7% of the decode loop's instructions (offline sm_90)
-        if tile < unmasked_hi:
+        if PER_SEQUENCE and tile < unmasked_hi:  # (q-block launches: one body, half the JIT time)
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_sum, k_words, k_scale, k_zero, v_words, v_scale, v_zero,
                                          key_pos, key_ok, q_abs, row_ok, bias, qk_scale_log2, dtype, TILE_N,
                                          HEAD_DIM, FP32_DOTS, PRECISION, False)
@@ -455,15 +455,16 @@ def decode_plan_override() -> LaunchPlan | None:
 
 
 def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> AttentionPlan:
-    """16-row tiles (all query heads of one KV head) for decodes, 64-128 rows for prefill chunks.
+    """Decode tiles of all query heads of one KV head, 64-128 rows for prefill chunks.
 
     Decodes split the keys into segments when the batch gives fewer than ~2 programs per SM
     (H100/H200: 132). Only batch shape decides, never sequence lengths: a CUDA graph captured
     for a batch size replays its plan, and every plan is correct for any lengths.
     """
-    # shapes: the fastest of a sweep on an H200 (benchmarks/kv4_attention.py, 2026-11-30, bit-op
-    # unpack): big batches one warp x 32-key tiles, no cp.async staging (b256/b512: 0.34/0.73 ms
-    # vs 0.49/1.07 with 2 warps x 64); small batches 2 warps x 64 keys in 4 segments (b16: 0.044)
+    # shapes: the fastest of sweeps on an H200 (benchmarks/kv4_attention.py, 2026-11-30): big
+    # batches one warp x 32 keys, one row per query head (Triton pads the MMA), K/V prefetched a
+    # tile ahead (b256/b512: 0.189/0.407 ms vs 0.297/0.636 with 16 rows unprefetched; FA3 on a
+    # bf16 cache 0.312/0.655); small batches 2 warps x 64 keys in 4 segments (b16: 0.044)
     rows = triton.next_power_of_2(max(qpkv, 16))
     override = decode_plan_override()
     if num_seqs * num_kv_heads < 256:
@@ -471,7 +472,7 @@ def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int)
     elif override is not None:
         decode = override
     else:
-        decode = LaunchPlan(rows, 32, 1, 1, 1)
+        decode = LaunchPlan(triton.next_power_of_2(max(qpkv, 4)), 32, 1, 1, 1, prefetch_kv=True)
     if max_query_len <= AttentionPlan(decode, None).decode_queries(qpkv):
         return AttentionPlan(decode, None)
     big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
