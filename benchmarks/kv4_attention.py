@@ -128,7 +128,7 @@ def served(q, cache: Int4Cache, out, md: dict, plan: ours.AttentionPlan):  # noq
 
 def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
     """Decode-only steps: decode launch shapes; otherwise prefill launch shapes."""
-    # around the 2026-11-30 H200 optima (bit-op unpack: decode m16 n32 w1 st1, small batches
+    # around the 2026-11-30 H200 optima (decode m4 n32 w1 st1 prefetched, small batches
     # n64 s4 w2 st1; prefill m128 n32 w4 st2): a full sweep did not fit a 480 s call
     if default.prefill is None:
         segments = (1,) if default.decode.num_segments == 1 else (2, 4, 8)

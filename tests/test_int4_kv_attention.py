@@ -170,12 +170,12 @@ GPU_MIXED = [(0, 1024), (1151, 1), (700, 300), (0, 1), (2047, 1), (31, 17)] + [(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+@pytest.mark.parametrize("flip_prefetch", [False, True], ids=["default", "prefetch-flipped"])
 @pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only, prefetch) -> None:
-    """32 query / 8 KV heads of 128 dims; default plans (decode-only: 46 sequences -> split keys),
-    and the same with K/V loaded a tile ahead."""
+def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only, flip_prefetch) -> None:
+    """32 query / 8 KV heads of 128 dims; default plans, and the same with the K/V prefetch
+    switched (on where the default has it off and off where on), so both loops run compiled."""
     g = torch.Generator().manual_seed(0)
     specs = [s for s in GPU_MIXED if s[1] == 1] if decode_only else GPU_MIXED
     num_blocks = sum(-(-(c + n) // PAGE) for c, n in specs)
@@ -186,8 +186,8 @@ def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only, pr
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
     max_q = max(n for _, n in specs)
     plan = kernel.plan_launch(max_q, len(specs), 8, 4)
-    if prefetch:
-        plan = kernel.AttentionPlan(*(lp and dataclasses.replace(lp, prefetch_kv=True, num_stages=1)
+    if flip_prefetch:  # prefetching replaces cp.async staging: one stage
+        plan = kernel.AttentionPlan(*(lp and dataclasses.replace(lp, prefetch_kv=not lp.prefetch_kv, num_stages=1)
                                       for lp in (plan.decode, plan.prefill)))
     kernel.paged_int4_attention(q, *caches, out, **md, max_query_len=max_q, softmax_scale=128 ** -0.5, plan=plan)
     want = ref.paged_int4_attention(q[:tokens].cpu(), *(c.cpu() for c in caches),
