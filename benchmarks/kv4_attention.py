@@ -58,15 +58,12 @@ class Int4Cache:
     def __init__(self, num_blocks: int, generator: torch.Generator) -> None:
         half = D // 2
         self.raw = torch.empty(num_blocks, KV_HEADS, PAGE, 2 * (half + 4), dtype=torch.uint8, device="cuda")
-        nhd = self.raw.transpose(1, 2)  # (blocks, page, kv_heads, 136)
-        self.k, self.v = nhd[..., :half], nhd[..., half + 4: 2 * half + 4]
-        f32 = self.raw.view(torch.float32).transpose(1, 2)  # (blocks, page, kv_heads, 34)
-        self.k_scales, self.v_scales = f32[..., half // 4], f32[..., (2 * half + 4) // 4]
+        self.k, self.v, self.k_scales, self.v_scales = ref.int4_cache_views(self.raw, D)
         for i in range(0, num_blocks, 4096):  # quantize in slices: fp32 temporaries stay small
             sl = slice(i, min(i + 4096, num_blocks))
             for data, scales in ((self.k, self.k_scales), (self.v, self.v_scales)):
                 x = torch.randn(*data[sl].shape[:-1], D, device="cuda", generator=generator)
-                data[sl], scales[sl] = ref.quantize_kv_int4(x)
+                data[sl, ..., :half], scales[sl] = ref.quantize_kv_int4(x)
 
 
 def metadata(specs: list[tuple[int, int]]) -> dict:

@@ -206,12 +206,16 @@ def test_vllm_slot_layout_with_scale_bytes(triton_interpreter) -> None:
     g = torch.Generator().manual_seed(2)
     half = D // 2
     raw = torch.zeros(8, KV_HEADS, PAGE, 2 * (half + 4), dtype=torch.uint8)
-    nhd = raw.transpose(1, 2)
-    k, v = nhd[..., :half + 4], nhd[..., half + 4:]  # as vLLM's _pth_key_value_caches splits it
-    f32 = raw.view(torch.float32).transpose(1, 2)
-    ks, vs = f32[..., half // 4], f32[..., (2 * half + 4) // 4]
+    k, v, ks, vs = ref.int4_cache_views(raw, D)
     dense = _random_cache(g, 8)
     k[..., :half], v[..., :half], ks[:], vs[:] = dense
+    # the views address the bytes the layout says: K's nibbles at 0, K's scale at d/2, V's after
+    slot = raw[3, 1, 5]
+    assert torch.equal(slot[:half], dense[0][3, 5, 1]) and torch.equal(slot[half + 4:2 * half + 4], dense[1][3, 5, 1])
+    assert slot[half:half + 4].view(torch.float32) == dense[2][3, 5, 1]
+    assert slot[2 * half + 4:].view(torch.float32) == dense[3][3, 5, 1]
+    with pytest.raises(ValueError, match="not an int4 page"):
+        ref.int4_cache_views(raw[..., :-4], D)
     md = _batch(g, [(20, 5), (0, 9)], 8)
     q = torch.randn(14, 4 * KV_HEADS, D, generator=g)
     got = kernel.paged_int4_attention(q, k, v, ks, vs, torch.empty_like(q), **md, max_query_len=9,

@@ -380,6 +380,24 @@ def fake_quantize_kv_int4(x: torch.Tensor) -> torch.Tensor:
     return dequantize_kv_int4(*quantize_kv_int4(x))
 
 
+def int4_cache_views(raw: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """vLLM 0.26's int4 page ``raw`` (blocks, kv_heads, page, 2 (d/2 + 4)) uint8 as the kernels see it.
+
+    Per slot and head: K's ``d/2`` nibble bytes, K's fp32 scale (zero point in its low bits),
+    then V's likewise. Returns ``(key_cache, value_cache, k_scales, v_scales)``: the caches
+    (blocks, page, kv_heads, d/2 + 4) split the way vLLM's ``_pth_key_value_caches`` does
+    (nibbles first, the scale bytes after them), the scales (blocks, page, kv_heads) fp32.
+    One description of the layout for the tests and benchmarks that build such a cache.
+    """
+    half = head_dim // 2
+    if raw.dtype != torch.uint8 or raw.shape[-1] != 2 * (half + 4) or half % 4:
+        raise ValueError(f"not an int4 page of head_dim {head_dim}: {tuple(raw.shape)} {raw.dtype}")
+    by_slot = raw.transpose(1, 2)
+    words = raw.view(torch.float32).transpose(1, 2)
+    return (by_slot[..., :half + 4], by_slot[..., half + 4:],
+            words[..., half // 4], words[..., (2 * half + 4) // 4])
+
+
 def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          k_scales: torch.Tensor, v_scales: torch.Tensor, *, cu_seqlens_q: torch.Tensor,
                          seq_lens: torch.Tensor, block_table: torch.Tensor,
