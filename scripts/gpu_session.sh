@@ -12,7 +12,8 @@
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
 # graph capture, then the run): 170 s ran out on 2026-11-30. The first engine of a fresh machine
-# spends ~2 more minutes after graph capture (231 s to ready, 253 s with the run, 2026-11-30d): 300.
+# spent ~2 more minutes after graph capture (231 s to ready, 253 s with the run, 2026-11-30d),
+# very likely FlashInfer's sampler JIT, which serving.py now turns off (untimed): 300 to be safe.
 # Everything worth keeping is copied to $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

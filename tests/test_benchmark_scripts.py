@@ -137,6 +137,22 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
         assert serving.run_to_completion(["true"], log, timeout=10) == 0
 
 
+def test_engine_runs_without_the_flashinfer_sampler_unless_asked(tmp_path: Path, monkeypatch) -> None:
+    """The engine subprocess gets ``VLLM_USE_FLASHINFER_SAMPLER=0`` (its warm-up JIT cost a fresh
+    machine ~2 minutes, and the benchmark's requests never use it); the caller's value wins."""
+    log_path = tmp_path / "log"
+    cmd = ["bash", "-c", "echo sampler=$VLLM_USE_FLASHINFER_SAMPLER"]
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    with log_path.open("w") as log:
+        assert serving.run_to_completion(cmd, log, timeout=10) == 0
+    assert log_path.read_text().strip() == "sampler=0"
+    assert serving.environment()["engine_env"] == "VLLM_USE_FLASHINFER_SAMPLER=0"
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    with log_path.open("w") as log:
+        assert serving.run_to_completion(cmd, log, timeout=10) == 0
+    assert log_path.read_text().strip() == "sampler=1"
+
+
 def test_ruquant_stage1_timing_script_runs_the_converters_stage1(tmp_path: Path) -> None:
     """benchmarks/ruquant_stage1.py (the 8B stage-1 timing of issue 8) on the tiny shape, CPU."""
     import ruquant_stage1
