@@ -76,10 +76,7 @@ def test_offline_value_impl_equals_the_simulation(monkeypatch, triton_interprete
     assert impl.forward(None, q, k, v, None, _metadata(t, blocks), output) is output
     assert torch.isnan(output[t:]).all()  # rows past num_actual_tokens untouched
     ks, vs = ref.simulate_kv_cache(k, v, 4, value_rotated_offline=True)
-    rep = heads // kv_heads
-    scores = torch.einsum("qhd,khd->hqk", q, ks.repeat_interleave(rep, 1)) * d ** -0.5
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs.repeat_interleave(rep, 1))
+    want = ref.causal_gqa_attention(q, ks, vs, d ** -0.5)
     torch.testing.assert_close(output[:t], want, atol=1e-5, rtol=1e-5)
 
 
@@ -105,16 +102,13 @@ def _torch_flash_attention(calls: list[dict]):  # noqa: ANN202
     def flash(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k, softmax_scale, causal, out):  # noqa: ANN001
         assert causal
         calls.append({"cu_seqlens_k": cu_seqlens_k.clone(), "max_seqlen_k": max_seqlen_k, "k": k.clone()})
-        rep = q.shape[1] // k.shape[1]
         for i in range(cu_seqlens_q.shape[0] - 1):
-            qs, nq = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])), int(cu_seqlens_q[i + 1] - cu_seqlens_q[i])
-            ks, nk = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])), int(cu_seqlens_k[i + 1] - cu_seqlens_k[i])
-            if nk == 0:
+            qs = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
+            ks = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
+            if ks.stop == ks.start:
                 out[qs] = 0
                 continue
-            s = torch.einsum("qhd,khd->hqk", q[qs].float(), k[ks].float().repeat_interleave(rep, 1)) * softmax_scale
-            s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool).triu(nk - nq + 1), float("-inf"))
-            out[qs] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[ks].float().repeat_interleave(rep, 1)).to(out.dtype)
+            out[qs] = ref.causal_gqa_attention(q[qs], k[ks], v[ks], softmax_scale).to(out.dtype)
     return flash
 
 

@@ -398,6 +398,21 @@ def int4_cache_views(raw: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ..
             words[..., half // 4], words[..., (2 * half + 4) // 4])
 
 
+def causal_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Softmax attention of one sequence's queries (nq, heads, d) over its keys (nk, kv_heads, d), fp32.
+
+    The queries are the last ``nq`` of the ``nk`` positions (bottom-right causal alignment, as
+    in a prefill chunk or a decode); each KV head serves ``heads / kv_heads`` query heads.
+    """
+    nq, nk = q.shape[0], k.shape[0]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * softmax_scale
+    q_pos = nk - nq + torch.arange(nq, device=q.device)
+    scores = scores.masked_fill(torch.arange(nk, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
 def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          k_scales: torch.Tensor, v_scales: torch.Tensor, *, cu_seqlens_q: torch.Tensor,
                          seq_lens: torch.Tensor, block_table: torch.Tensor,
@@ -405,9 +420,10 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     """Oracle of ``kernels.int4_kv_attention``: causal GQA attention over the paged int4 cache, fp32.
 
     Sequence ``i``'s queries ``q[cu[i]:cu[i+1]]`` are the last of its ``seq_lens[i]`` keys,
-    which live in pages ``block_table[i]`` of ``(blocks, page, kv_heads, d/2)`` caches.
+    which live in pages ``block_table[i]`` of ``(blocks, page, kv_heads, >= d/2)`` caches whose
+    first ``d/2`` bytes are the nibbles (as the kernel reads vLLM's views with the scale bytes).
     """
-    page = key_cache.shape[1]
+    page, half = key_cache.shape[1], q.shape[-1] // 2
     out = torch.zeros(q.shape, dtype=torch.float32)
     for i in range(seq_lens.shape[0]):
         start, stop, n = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(seq_lens[i])
@@ -415,14 +431,9 @@ def paged_int4_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
             continue
         pos = torch.arange(n)
         blocks, slots = block_table[i].long()[pos // page].cpu(), pos % page
-        k = dequantize_kv_int4(key_cache[blocks, slots].cpu(), k_scales[blocks, slots].cpu())
-        v = dequantize_kv_int4(value_cache[blocks, slots].cpu(), v_scales[blocks, slots].cpu())
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:stop].float().cpu(), k) * softmax_scale
-        q_pos = n - (stop - start) + torch.arange(stop - start)
-        scores = scores.masked_fill(pos[None, :] > q_pos[:, None], float("-inf"))
-        out[start:stop] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        k = dequantize_kv_int4(key_cache[blocks, slots, :, :half].cpu(), k_scales[blocks, slots].cpu())
+        v = dequantize_kv_int4(value_cache[blocks, slots, :, :half].cpu(), v_scales[blocks, slots].cpu())
+        out[start:stop] = causal_gqa_attention(q[start:stop].cpu(), k, v, softmax_scale)
     return out
 
 
