@@ -229,6 +229,19 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=2))
 
 
+# The benchmark's requests sample without top-k / top-p, where vLLM 0.26 never calls
+# FlashInfer's sampler (``TopKTopPSampler.forward_cuda`` falls back to torch); but the
+# engine's sampler warm-up does (top_p 0.9), and on a fresh GPU machine that JIT-compiles
+# FlashInfer's sampling kernels: ~2 minutes after graph capture for the first engine of
+# each lease (2026-11-30). Off by default here; the environment may set it back.
+ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+def engine_environment() -> dict[str, str]:
+    """The engine subprocess's environment: ``ENGINE_ENV`` under the caller's own values."""
+    return {**ENGINE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def environment() -> dict[str, str]:
     env = {"python": platform.python_version(), "host": platform.node()}
     for mod in ("torch", "vllm", "triton"):
@@ -242,7 +255,8 @@ def environment() -> dict[str, str]:
         env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     except Exception:  # noqa: BLE001
         env["gpu"] = "unknown"
-    env["engine_env"] = " ".join(f"{k}={os.environ.get(k, v)}" for k, v in ENGINE_ENV.items())
+    engine = engine_environment()
+    env["engine_env"] = " ".join(f"{k}={engine[k]}" for k in ENGINE_ENV)
     return env
 
 
@@ -383,14 +397,6 @@ def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout:
     return rows
 
 
-# The benchmark's requests sample without top-k / top-p, where vLLM 0.26 never calls
-# FlashInfer's sampler (``TopKTopPSampler.forward_cuda`` falls back to torch); but the
-# engine's sampler warm-up does (top_p 0.9), and on a fresh GPU machine that JIT-compiles
-# FlashInfer's sampling kernels: ~2 minutes after graph capture for the first engine of
-# each lease (2026-11-30). Off by default here; the environment may set it back.
-ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
-
-
 def run_to_completion(cmd: list[str], log, timeout: int) -> int | None:
     """Run ``cmd`` in its own process group; on timeout kill the whole group and return None.
 
@@ -399,7 +405,7 @@ def run_to_completion(cmd: list[str], log, timeout: int) -> int | None:
     fails to start for lack of free memory (seen on an H100).
     """
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**ENGINE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"})
+                            env=engine_environment())
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
