@@ -15,10 +15,13 @@ nibbles, K scale, V nibbles, V scale). For each scenario of a serving step, in t
 * ``fa_bf16``: vLLM's FlashAttention on a bf16 paged cache of the same shape (what a KV16
   engine runs);
 * a sweep of our launch plans (the best is printed next to the default);
-* ``*_graph_ms`` (steps with prefill chunks): ``ours_served`` and ``fa_bf16`` replayed from a
-  CUDA graph, i.e. GPU time without Python's launch overhead. The served path makes several
-  launches from Python per call; if its plain timing is far above its graph timing, the gap
-  to FA3 is host time, which the engine hides behind a prefill step's GEMMs.
+* ``*_graph_ms``: ours (the served path for steps with prefill chunks) and ``fa_bf16``
+  replayed from a CUDA graph, i.e. GPU time without Python's launch overhead, which is what
+  the engine's decode steps pay (they replay captured graphs). If a plain timing is far above
+  its graph timing, the difference is host time;
+* ``--plans``: instead of the generated sweep, the listed decode plans, each timed plainly
+  and from a CUDA graph (a short list for one GPU call; the full sweep of a small-batch
+  scenario compiles ~160 plans and does not fit one).
 
 Also checks ours against vLLM's kernel on the same cache (max abs difference). Medians of
 ``triton.testing.do_bench``. Writes ``kv4_attention.json``; prints the table last.
@@ -151,6 +154,18 @@ def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
             itertools.product((64, 128), (32, 64), (4, 8), (2, 3))]
 
 
+def parse_plans(text: str) -> list[ours.LaunchPlan]:
+    """``rows,keys,segments,warps,stages,prefetch;...`` (LaunchPlan's field order) -> decode plans."""
+    plans = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        fields = [int(x) for x in item.split(",")]
+        if len(fields) != 6:
+            raise ValueError(f"--plans item {item!r}: expected rows,keys,segments,warps,stages,prefetch")
+        *shape, prefetch = fields
+        plans.append(ours.LaunchPlan(*shape, prefetch_kv=bool(prefetch)))
+    return plans
+
+
 def _describe(plan: ours.AttentionPlan) -> str:
     def one(lp: ours.LaunchPlan | None) -> str:
         if lp is None:
@@ -160,7 +175,8 @@ def _describe(plan: ours.AttentionPlan) -> str:
     return f"decode[{one(plan.decode)}] prefill[{one(plan.prefill)}]"
 
 
-def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
+def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool,
+                 listed: list[ours.LaunchPlan] | None = None) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     md = metadata(specs)
     cache = Int4Cache(md["num_blocks"], g)
@@ -180,6 +196,8 @@ def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
     row["vllm_int4_ms"] = bench(vllm_run)
     row["ours_ms"] = bench(mine())
     row["max_abs_diff_vs_vllm"] = float((out.float() - out_vllm.float()).abs().max())
+    if default.prefill is None:
+        row["ours_graph_ms"] = bench_graph(mine())
     if default.prefill is not None:
         served_run = served(q, cache, out, md, default)
         row["ours_served_ms"] = bench(served_run)
@@ -188,11 +206,15 @@ def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
     try:
         fa_run = fa_bf16(q, md)
         row["fa_bf16_ms"] = bench(fa_run)
-        if default.prefill is not None:
-            row["fa_bf16_graph_ms"] = bench_graph(fa_run)
+        row["fa_bf16_graph_ms"] = bench_graph(fa_run)
     except Exception as e:  # noqa: BLE001 - a baseline that does not run here: record, go on
         row["fa_bf16_ms"], row["fa_error"] = None, f"{type(e).__name__}: {str(e)[:120]}"
-    if sweep:
+    if listed and default.prefill is None:
+        plans = [ours.AttentionPlan(lp, None) for lp in listed]
+        row["listed"] = [{"plan": _describe(p), "ms": bench(mine(p)), "graph_ms": bench_graph(mine(p)),
+                          "max_abs_diff_vs_vllm": float((out.float() - out_vllm.float()).abs().max())}
+                         for p in plans]
+    elif sweep:
         timed = [(row["ours_ms"], default)]
         for plan in plan_sweep(default):
             try:
@@ -208,14 +230,21 @@ def run_scenario(name: str, specs: list[tuple[int, int]], sweep: bool) -> dict:
     return row
 
 
+def _ms(x: float | str | None) -> str:
+    return f"{x:8.3f}" if isinstance(x, float) else f"{'failed':>8}"  # the reason is in the JSON
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--no-sweep", action="store_true", help="time the default plans only")
     parser.add_argument("--only", default="", help="comma-separated scenario name prefixes")
+    parser.add_argument("--plans", default="", help="decode plans to time instead of the sweep: "
+                        "rows,keys,segments,warps,stages,prefetch;... e.g. '16,64,4,2,1,0;4,32,16,1,1,1'")
     args = parser.parse_args()
+    listed = parse_plans(args.plans)
     names = [n for n in SCENARIOS if not args.only or any(n.startswith(p) for p in args.only.split(","))]
-    rows = [run_scenario(n, SCENARIOS[n], not args.no_sweep) for n in names]
+    rows = [run_scenario(n, SCENARIOS[n], not args.no_sweep, listed) for n in names]
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     (args.out / "kv4_attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
@@ -228,11 +257,12 @@ def main() -> int:
         print(f"{r['scenario']:36} {r['ours_ms']:8.3f} {mine:8.3f} {r['vllm_int4_ms']:10.3f} {fa:8.3f} "
               f"{r['vllm_int4_ms'] / mine:10.2f}x {fa / mine:8.2f}x "
               f"{r.get('best_ms', float('nan')):8.3f} {diff:8.1e}  best={r.get('best_plan')}")
-        if "ours_served_graph_ms" in r:  # GPU time alone (CUDA-graph replay): no Python launch overhead
-            def ms(x: float | str | None) -> str:
-                return f"{x:8.3f}" if isinstance(x, float) else f"{'failed':>8}"  # the reason is in the JSON
-            print(f"{'  from a CUDA graph':36} {'':8} {ms(r['ours_served_graph_ms'])} {'':10} "
-                  f"{ms(r.get('fa_bf16_graph_ms'))}")
+        # GPU time alone (CUDA-graph replay): no Python launch overhead
+        print(f"{'  from a CUDA graph':36} {'':8} {_ms(r.get('ours_served_graph_ms', r.get('ours_graph_ms')))} "
+              f"{'':10} {_ms(r.get('fa_bf16_graph_ms'))}")
+        for lp in r.get("listed", []):
+            print(f"    {lp['plan']:32} {_ms(lp['ms'])} {_ms(lp['graph_ms'])} (plain, graph) "
+                  f"diff {lp['max_abs_diff_vs_vllm']:.1e}")
     return 0
 
 

@@ -65,7 +65,10 @@ PLANS = {"16-row tiles": _plan((16, 64, 1), (16, 64, 1)), "prefill tiles": _plan
          "prefetched K/V, split keys": kernel.AttentionPlan(kernel.LaunchPlan(16, 16, 4, 4, 1, prefetch_kv=True),
                                                             kernel.LaunchPlan(32, 16, 1, 4, 1, prefetch_kv=True)),
          "prefetched K/V, 4-row decodes": kernel.AttentionPlan(kernel.LaunchPlan(4, 32, 1, 1, 1, prefetch_kv=True),
-                                                               kernel.LaunchPlan(64, 32, 1, 4, 1, prefetch_kv=True))}
+                                                               kernel.LaunchPlan(64, 32, 1, 4, 1, prefetch_kv=True)),
+         # batch-1 decodes split the keys finely: short sequences leave segments without a key
+         "more key segments than tiles": kernel.AttentionPlan(kernel.LaunchPlan(4, 16, 16, 1, 1, prefetch_kv=True),
+                                                              kernel.LaunchPlan(16, 16, 1, 4, 1))}
 
 
 @pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
