@@ -141,10 +141,12 @@ def served(q, cache: Int4Cache, out, md: dict, plan: ours.AttentionPlan):  # noq
 
 def plan_sweep(default: ours.AttentionPlan) -> list[ours.AttentionPlan]:
     """Decode-only steps: decode launch shapes; otherwise prefill launch shapes."""
-    # around the 2026-11-30 H200 optima (decode m4 n32 w1 st1 prefetched, small batches
-    # n64 s4 w2 st1; prefill m128 n32 w4 st2): a full sweep did not fit a 480 s call
+    # around the 2026-11-30 H200 optima (decode m4 n32 w1 st1 prefetched, small batches split
+    # into segments for ~1024 programs; prefill m128 n32 w4 st2): a full sweep did not fit a
+    # 480 s call, a small-batch one not 200 s (--plans times a short list instead)
     if default.prefill is None:
-        segments = (1,) if default.decode.num_segments == 1 else (2, 4, 8)
+        s = default.decode.num_segments
+        segments = (1,) if s == 1 else (max(s // 2, 2), s, s * 2)
         # 4 rows = the 4 query heads of a 1-token decode (Triton pads the MMA): fewer registers
         # prefetch_kv (loads one tile ahead in registers) replaces cp.async staging: stages 1 only
         return [ours.AttentionPlan(ours.LaunchPlan(m, t, s, w, st, prefetch_kv=pf), None) for m, t, s, w, st, pf in

@@ -106,6 +106,15 @@ def test_default_plans() -> None:
     assert plan(1, 512, 8, 4).decode.num_segments == 1  # big decode batch: enough programs
     assert plan(1, 1, 8, 4).decode.num_segments > 1  # batch-1 decode: split the keys
     assert plan(1, 1, 8, 32).decode.block_m == 32  # all 32 query heads of one KV head in one tile
+    for num_seqs in (1, 3, 16, 31):  # small batches: ~1024 programs, a power of two of segments
+        lp = plan(1, num_seqs, 8, 4).decode
+        programs = num_seqs * 8 * lp.num_segments
+        assert lp.num_segments == kernel.MAX_KEY_SEGMENTS or 512 < programs <= 1024, (num_seqs, lp)
+    # a step of speculative decodes (4 queries x 4 heads) stays per sequence, big batch or small
+    assert plan(4, 512, 8, 4).prefill is None and plan(4, 512, 8, 4).decode.block_m == 16
+    assert plan(4, 2, 8, 4).prefill is None
+    # a prefill chunk in the step: the decode tile holds one query, the rest go to q blocks
+    assert plan(1024, 512, 8, 4).decode.block_m == 4
 
 
 def test_decode_plan_override_from_the_environment(monkeypatch) -> None:
@@ -166,18 +175,24 @@ def test_bad_caches_are_refused() -> None:
 
 
 GPU_MIXED = [(0, 1024), (1151, 1), (700, 300), (0, 1), (2047, 1), (31, 17)] + [(400, 1)] * 40
+GPU_BATCHES = {  # (cached keys, new queries) per sequence
+    "mixed": GPU_MIXED,
+    "decode": [s for s in GPU_MIXED if s[1] == 1],  # 43 x 8 KV heads: one key range per program
+    "small decode": [(2047, 1), (0, 1), (1151, 1)],  # 24 pairs: keys split in 32 segments
+    "speculative": [(2044, 4), (0, 4), (1148, 4), (13, 3)],  # 4 queries x 4 heads: 16-row decode tiles
+}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("flip_prefetch", [False, True], ids=["default", "prefetch-flipped"])
-@pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode"])
+@pytest.mark.parametrize("batch", GPU_BATCHES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only, flip_prefetch) -> None:
+def test_compiled_kernel_matches_reference_on_llama_heads(dtype, batch, flip_prefetch) -> None:
     """32 query / 8 KV heads of 128 dims; default plans, and the same with the K/V prefetch
     switched (on where the default has it off and off where on), so both loops run compiled."""
     g = torch.Generator().manual_seed(0)
-    specs = [s for s in GPU_MIXED if s[1] == 1] if decode_only else GPU_MIXED
+    specs = GPU_BATCHES[batch]
     num_blocks = sum(-(-(c + n) // PAGE) for c, n in specs)
     caches = _random_cache(g, num_blocks, kv_heads=8, d=128, device="cuda")
     md = _batch(g, specs, num_blocks, device="cuda")
@@ -193,7 +208,7 @@ def test_compiled_kernel_matches_reference_on_llama_heads(dtype, decode_only, fl
     want = ref.paged_int4_attention(q[:tokens].cpu(), *(c.cpu() for c in caches),
                                     **{k: v.cpu() for k, v in md.items()}, softmax_scale=128 ** -0.5)
     err = (out[:tokens].float().cpu() - want).abs()
-    print(f"\n{dtype} {'decode' if decode_only else 'mixed'} {plan}: max |ours - reference| {err.max():.2e}, "
+    print(f"\n{dtype} {batch} {plan}: max |ours - reference| {err.max():.2e}, "
           f"median {err.median():.2e}")
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[:tokens].float().cpu(), want, atol=tol, rtol=tol)

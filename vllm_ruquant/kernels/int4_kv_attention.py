@@ -40,6 +40,11 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_PLAN_ENV = "RUQUANT_INT4_KV_DECODE_PLAN"
 INT32_OFFSET_LIMIT = 2 ** 31  # cache storage (in 4-byte words) below which addresses use int32
+# decode batches of fewer (sequence, KV head) pairs split each sequence's keys into segments,
+# as many as give ~DECODE_PROGRAMS_TARGET programs (a power of two, 2..MAX_KEY_SEGMENTS)
+SPLIT_KEYS_BELOW_PAIRS = 256
+DECODE_PROGRAMS_TARGET = 1024
+MAX_KEY_SEGMENTS = 64
 _LOG2E = 1.4426950408889634
 
 
@@ -459,25 +464,34 @@ def decode_plan_override() -> LaunchPlan | None:
 def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> AttentionPlan:
     """Decode tiles of all query heads of one KV head, 64-128 rows for prefill chunks.
 
-    Decodes split the keys into segments when the batch gives fewer than ~2 programs per SM
-    (H100/H200: 132). Only batch shape decides, never sequence lengths: a CUDA graph captured
-    for a batch size replays its plan, and every plan is correct for any lengths.
+    Decodes split the keys into segments when the batch has fewer than 256 (sequence, KV
+    head) pairs. Only batch shape decides, never sequence lengths: a CUDA graph captured for a
+    batch replays its plan, and every plan is correct for any lengths. ``max_query_len`` is
+    part of that shape: vLLM captures uniform decode batches (one query, or one plus the
+    speculative tokens) with it fixed.
     """
-    # shapes: the fastest of sweeps on an H200 (benchmarks/kv4_attention.py, 2026-11-30): big
-    # batches one warp x 32 keys, one row per query head (Triton pads the MMA), K/V prefetched a
-    # tile ahead (b256/b512: 0.189/0.407 ms vs 0.297/0.636 with 16 rows unprefetched; FA3 on a
-    # bf16 cache 0.312/0.655); small batches 2 warps x 64 keys in 4 segments (b16: 0.044)
-    rows = triton.next_power_of_2(max(qpkv, 16))
+    # shapes: the fastest of sweeps on an H200 (benchmarks/kv4_attention.py, 2026-11-30): one
+    # warp x 32 keys, one row per query head (Triton pads the MMA), K/V prefetched a tile ahead
+    # (b256/b512: 0.189/0.407 ms vs 0.297/0.636 with 16 rows unprefetched; FA3 on a bf16 cache
+    # 0.312/0.655). Small batches split the keys into enough segments for ~1024 programs
+    # (CUDA-graph replay, b1 @2048: 0.008 ms at 64 segments vs 0.030 with the former 16-row,
+    # 4-segment tile, FA3 0.012; b16 @1280: 0.019 at 8 segments vs 0.026, FA3 0.030)
+    # rows: all query heads of a KV head for one query (4 at least); a step of speculative
+    # decodes only (a few queries per sequence, up to 16 rows) keeps them per sequence too
+    queries = max_query_len if max_query_len * qpkv <= 16 else 1
+    rows = triton.next_power_of_2(max(4, qpkv * queries))
+    pairs = num_seqs * num_kv_heads
     override = decode_plan_override()
-    if num_seqs * num_kv_heads < 256:
-        decode = LaunchPlan(rows, 64, 4, 2, 1)
+    if pairs < SPLIT_KEYS_BELOW_PAIRS:
+        segments = min(MAX_KEY_SEGMENTS, max(2, 1 << ((DECODE_PROGRAMS_TARGET // max(pairs, 1)).bit_length() - 1)))
+        decode = LaunchPlan(rows, 32, segments, 1, 1, prefetch_kv=True)
     elif override is not None:
         decode = override
     else:
-        decode = LaunchPlan(triton.next_power_of_2(max(qpkv, 4)), 32, 1, 1, 1, prefetch_kv=True)
+        decode = LaunchPlan(rows, 32, 1, 1, 1, prefetch_kv=True)
     if max_query_len <= AttentionPlan(decode, None).decode_queries(qpkv):
         return AttentionPlan(decode, None)
-    big = max(rows, 128 if max_query_len * qpkv >= 512 else 64)
+    big = max(triton.next_power_of_2(max(qpkv, 16)), 128 if max_query_len * qpkv >= 512 else 64)
     return AttentionPlan(decode, LaunchPlan(big, 32, 1, 8 if big >= 128 else 4, 2))
 
 
