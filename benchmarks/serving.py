@@ -233,7 +233,8 @@ class Results:
 # FlashInfer's sampler (``TopKTopPSampler.forward_cuda`` falls back to torch); but the
 # engine's sampler warm-up does (top_p 0.9), and on a fresh GPU machine that JIT-compiles
 # FlashInfer's sampling kernels: ~2 minutes after graph capture for the first engine of
-# each lease (2026-11-30). Off by default here; the environment may set it back.
+# each lease (2026-11-30d: 125 s; with it off, 19 s in 2026-11-30e). Off by default here;
+# the environment may set it back.
 ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
 

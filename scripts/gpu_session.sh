@@ -12,8 +12,10 @@
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
 # graph capture, then the run): 170 s ran out on 2026-11-30. The first engine of a fresh machine
-# spent ~2 more minutes after graph capture (231 s to ready, 253 s with the run, 2026-11-30d),
-# very likely FlashInfer's sampler JIT, which serving.py now turns off (untimed): 300 to be safe.
+# spent ~2 more minutes after graph capture (231 s to ready, 253 s with the run, 2026-11-30d):
+# FlashInfer's sampler JIT. serving.py turns that sampler off; the first engine then took 131 s
+# with its run (2026-11-30e): 300 leaves room. A kv4 sweep of a small-batch scenario compiles
+# ~160 plans and ran past 200 s each: time a short list there instead (kv4_attention.py --plans).
 # Everything worth keeping is copied to $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
