@@ -461,6 +461,15 @@ def decode_plan_override() -> LaunchPlan | None:
     return LaunchPlan(rows, keys, 1, warps, stages, prefetch_kv=bool(prefetch and prefetch[0]))
 
 
+def _key_segments(pairs: int) -> int:
+    """1 from ``SPLIT_KEYS_BELOW_PAIRS`` (sequence, KV head) pairs up; below, the power of two
+    (2..``MAX_KEY_SEGMENTS``) of segments that gives at most ~``DECODE_PROGRAMS_TARGET`` programs."""
+    if pairs >= SPLIT_KEYS_BELOW_PAIRS:
+        return 1
+    fill = 1 << ((DECODE_PROGRAMS_TARGET // max(pairs, 1)).bit_length() - 1)
+    return min(MAX_KEY_SEGMENTS, max(2, fill))
+
+
 def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int) -> AttentionPlan:
     """Decode tiles of all query heads of one KV head, 64-128 rows for prefill chunks.
 
@@ -482,13 +491,10 @@ def plan_launch(max_query_len: int, num_seqs: int, num_kv_heads: int, qpkv: int)
     rows = triton.next_power_of_2(max(4, qpkv * queries))
     pairs = num_seqs * num_kv_heads
     override = decode_plan_override()
-    if pairs < SPLIT_KEYS_BELOW_PAIRS:
-        segments = min(MAX_KEY_SEGMENTS, max(2, 1 << ((DECODE_PROGRAMS_TARGET // max(pairs, 1)).bit_length() - 1)))
-        decode = LaunchPlan(rows, 32, segments, 1, 1, prefetch_kv=True)
-    elif override is not None:
+    if pairs >= SPLIT_KEYS_BELOW_PAIRS and override is not None:
         decode = override
-    else:
-        decode = LaunchPlan(rows, 32, 1, 1, 1, prefetch_kv=True)
+    else:  # one tile for every batch size; small batches split the keys
+        decode = LaunchPlan(rows, 32, _key_segments(pairs), 1, 1, prefetch_kv=True)
     if max_query_len <= AttentionPlan(decode, None).decode_queries(qpkv):
         return AttentionPlan(decode, None)
     big = max(triton.next_power_of_2(max(qpkv, 16)), 128 if max_query_len * qpkv >= 512 else 64)
