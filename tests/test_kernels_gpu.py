@@ -264,6 +264,17 @@ _BACKEND_CASES = [  # (weight bits, act bits, group, rotation, K, N)
     (4, 4, -1, "padded", 4096, 4096),
     (4, 8, -1, "padded", 4096, 4096),
     (4, 16, -1, "padded", 4096, 4096),
+    # issue 20: input sizes without a whole 128-wide tile are zero-padded to one; H_344 > 64 rotates in torch
+    (4, 4, -1, "hadamard", 344, 512),
+    (4, 8, -1, "hadamard", 344, 512),
+    (4, 16, -1, "hadamard", 344, 512),
+    (4, 4, -1, None, 172, 512),
+    (4, 4, 64, None, 576, 512),
+    (4, 8, -1, "hadamard", 576, 512),
+    (4, 4, 128, "hadamard", 1536, 512),
+    (4, 16, -1, "hadamard", 1536, 512),
+    (4, 4, -1, "hadamard", 11008, 4096),  # Llama-2-7B down_proj: H_344 (x) H_32
+    (4, 16, -1, "hadamard", 11008, 4096),
 ]
 
 

@@ -42,6 +42,26 @@ def test_every_supported_factor_is_hadamard(m: int) -> None:
     assert torch.equal(h @ h.T, m * torch.eye(m))
 
 
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float16])
+def test_rotations_ignore_the_default_dtype(default_dtype: torch.dtype) -> None:
+    """vLLM builds layers under ``set_default_dtype(bf16)``; the cached factors stay fp32 (issue 20)."""
+    small_hadamard.cache_clear()
+    hadamard_matrix.cache_clear()
+    x = torch.randn(3, 344, dtype=torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        assert small_hadamard(344).dtype == torch.float32  # first built (and cached) under bf16/fp16
+        y = ref.hadamard_transform(x)
+        q = ref.OnlineRotation("hadamard", 344).matrix()
+    finally:
+        torch.set_default_dtype(previous)
+    assert y.dtype == torch.float32 and q.dtype == torch.float32
+    torch.testing.assert_close(y.double(), x.double() @ (hadamard_matrix(344).double() / math.sqrt(344)),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.hadamard_transform(x.bfloat16()), y, rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize("n", [11008, 13824, 14336, 18944, 4096, 896, 3584, 28672])
 def test_llm_sizes_factor(n: int) -> None:
     m, p = factor_size(n)

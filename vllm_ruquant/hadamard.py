@@ -120,7 +120,7 @@ def _jacobsthal(q: int) -> torch.Tensor:
     p, k = _prime_power(q)  # type: ignore[misc]
     field = _GF(p, k)
     sq = field.squares()
-    Q = torch.zeros(q, q)
+    Q = torch.zeros(q, q, dtype=torch.float32)
     for a in range(q):
         for b in range(q):
             d = field.sub(a, b)
@@ -131,23 +131,23 @@ def _jacobsthal(q: int) -> torch.Tensor:
 def _paley1(q: int) -> torch.Tensor:
     Q = _jacobsthal(q)
     n = q + 1
-    S = torch.zeros(n, n)
+    S = torch.zeros(n, n, dtype=torch.float32)
     S[0, 1:] = 1
     S[1:, 0] = -1
     S[1:, 1:] = Q
-    return S + torch.eye(n)
+    return S + torch.eye(n, dtype=torch.float32)
 
 
 def _paley2(q: int) -> torch.Tensor:
     Q = _jacobsthal(q)
     n = q + 1
-    C = torch.zeros(n, n)
+    C = torch.zeros(n, n, dtype=torch.float32)
     C[0, 1:] = 1
     C[1:, 0] = 1
     C[1:, 1:] = Q
     # replace 0 -> [[1,-1],[-1,-1]], +-1 -> +-[[1,1],[1,-1]]
-    zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]])
-    one = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float32)
+    one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float32)
     return torch.kron(C, one) + torch.kron((C == 0).float(), zero)
 
 
@@ -195,21 +195,24 @@ def _paley_order(m: int) -> torch.Tensor | None:
 
 def _check(H: torch.Tensor) -> torch.Tensor:
     n = H.shape[0]
-    if not torch.equal(H @ H.T, n * torch.eye(n)):
+    if H.dtype != torch.float32 or not torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float32)):
         raise AssertionError(f"internal error: constructed matrix of order {n} is not Hadamard")
     return H
 
 
 @functools.cache
 def small_hadamard(m: int) -> torch.Tensor:
-    """An unnormalised Hadamard matrix of order ``m`` (entries +-1, H H^T = m I), fp32.
+    """An unnormalised Hadamard matrix of order ``m`` (entries +-1, H H^T = m I), always fp32.
 
+    Cached, so it must not depend on the caller's state: every tensor here names its dtype,
+    because vLLM builds layers under ``torch.set_default_dtype(bfloat16)`` and a matrix first
+    built there would be cached in bf16 for everyone (the GPU crash of issue 20).
     Raises ValueError when ``m`` is not an order we can build.
     """
     if m < 1:
         raise ValueError(f"Hadamard order must be positive, got {m}")
     if m & (m - 1) == 0:
-        H = torch.ones(1, 1)
+        H = torch.ones(1, 1, dtype=torch.float32)
         while H.shape[0] < m:
             H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
         return _check(H)

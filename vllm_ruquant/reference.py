@@ -229,7 +229,7 @@ class OnlineRotation:
         """The matrix Q (fp32, ``(in_features, size)``) with ``apply(x) == x @ Q``: orthogonal,
         or with padding the first ``padded_from`` rows of one (``Q Q^T = I``), for offline
         absorption (``W -> W Q``) and tests."""
-        return self.apply(torch.eye(self.in_features))
+        return self.apply(torch.eye(self.in_features, dtype=torch.float32))
 
 
 # --------------------------------------------------------------------- linear layers
@@ -239,11 +239,16 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact integer ``a (M, K) @ w (N, K)^T`` -> int32 (M, N), as the GPU's int MMA does.
 
     Integer products are summed in a float format wide enough to be exact: fp32 when
-    ``K * max|a| * max|w| < 2^24``, else fp64 (2^53); CPU has no fast int GEMM.
+    ``K * max|a| * max|w| < 2^24``, else fp64 (2^53); CPU has no fast int GEMM. On the CPU the
+    bound reads the data; on a GPU it is the int8 worst case, because reading a value back to the
+    host (``.item()``) would break CUDA-graph capture of this op (the GPU's fallback path).
     """
-    bound = a.shape[-1] * int(a.abs().max().item() if a.numel() else 0) * int(
-        w.abs().max().item() if w.numel() else 0
-    )
+    if a.is_cuda:
+        bound = a.shape[-1] * 128 * 128
+    else:
+        bound = a.shape[-1] * int(a.abs().max().item() if a.numel() else 0) * int(
+            w.abs().max().item() if w.numel() else 0
+        )
     dtype = torch.float32 if bound < (1 << 24) else torch.float64
     return (a.to(dtype) @ w.to(dtype).T).to(torch.int32)
 

@@ -19,14 +19,19 @@ against 0.9-1.2x with both operands packed (benchmarks/KERNEL_NOTES.md). The ext
 activation bytes are small beside the weights at decode sizes and beside the arithmetic
 at prefill sizes. ``RUQUANT_W4A4_PACKED_ACT=1`` selects packed int4 activations.
 
-Shapes the kernels do not tile (K not a multiple of 128, weight groups not a multiple of
-64) use the reference arithmetic on the GPU, with a warning once per layer shape.
+An input size K that is not a multiple of 128 (SmolLM2's 576, a shard of 344, ...) is served
+by the same kernels on K zero-padded to the tile: ``prepare`` pads the weights with zero
+columns (and zero-weight groups), ``apply`` has rotate+quantize write its integers into the
+first K columns of a zeroed (M, K_pad) buffer. Zeros change no absmax, product or sum, so the
+integers and the result are those of the unpadded layer. Only weight groups that are not a
+multiple of 64 (e.g. 32) use the reference arithmetic on the GPU, logged once per shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 import torch
@@ -41,12 +46,30 @@ from vllm_ruquant.ops import LinearSpec, ReferenceBackend
 logger = logging.getLogger(__name__)
 
 
+TILE_K = 128  # the GEMMs' K tile
+
+
+def padded_k(spec: LinearSpec) -> int | None:
+    """K rounded up to whole GEMM tiles and weight groups, or None if the groups do not tile.
+
+    ``K`` itself when it tiles already; groups must be a multiple of 64 (the narrowest chunk).
+    """
+    k, g = spec.in_features, spec.group_size
+    if g in (-1, k):
+        step = TILE_K
+    elif g % 64 == 0:
+        step = math.lcm(TILE_K, g)
+    else:
+        return None
+    return -(-k // step) * step
+
+
 def _path(spec: LinearSpec) -> str:
     """Which kernel path serves this layer (see the module table)."""
-    k, g = spec.in_features, spec.group_size
-    group_ok = g in (-1, k) or g % 64 == 0
-    if k % 128 or not group_ok:
+    k = padded_k(spec)
+    if k is None:
         return "reference"
+    g = k if spec.group_size == spec.in_features else spec.group_size
     if spec.act_bits >= 16:
         if spec.weight_bits == 4:
             return "w4a16" if layout.chunk_for(k, g) else "reference"
@@ -58,6 +81,17 @@ def _path(spec: LinearSpec) -> str:
     return "int8"
 
 
+def _pad_weights(spec: LinearSpec, qweight: torch.Tensor, weight_scale: torch.Tensor, k_pad: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's weights with ``k_pad - K`` zero input columns (zero-weight groups, scale 1)."""
+    k = spec.in_features
+    w_q = torch.nn.functional.pad(ref.unpack_weight(qweight, spec.weight_bits), (0, k_pad - k))
+    if spec.group_size not in (-1, k):
+        extra = (k_pad - k) // spec.group_size
+        weight_scale = torch.nn.functional.pad(weight_scale.float(), (0, extra), value=1.0)
+    return ref.pack_weight(w_q, spec.weight_bits), weight_scale
+
+
 class TritonBackend:
     """GPU backend: fused rotate+quant, then W4A4 / W4A8 / W8A8 / W4A16 Triton GEMMs."""
 
@@ -67,36 +101,42 @@ class TritonBackend:
         # packed W4A4 on FP8 tensor cores instead of int8 (both exact; fp8 measured 3x slower)
         self.w4a4_fp8 = os.environ.get("RUQUANT_W4A4_MMA", "int8").lower() == "fp8"
         self._ref = ReferenceBackend()
-        self._warned: set[tuple[int, int, str]] = set()
+        self._warned: set[tuple[int, int, str]] = set()  # (K, N, reason) logged
         logger.info("ruquant: using Triton kernels (rotate_quant + %s W4A4 GEMM)",
                     "fp8" if self.w4a4_fp8 else "int8")
 
     def prepare(self, spec: LinearSpec, qweight: torch.Tensor, weight_scale: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         path = _path(spec)
-        out: dict[str, torch.Tensor] = {"w_scale": weight_scale.float().contiguous()}
+        out: dict[str, torch.Tensor] = {}
         if spec.rotation is not None and spec.rotation.kind == "block_diagonal":
             assert spec.rotation.blocks is not None
             # a plain tensor (the layer's loaded parameter is a vLLM parameter subclass)
             out["rot_blocks"] = spec.rotation.blocks.data.to(qweight.device, torch.float32).clone()
         if path == "reference":
-            key = (spec.in_features, spec.out_features, "reference")
-            if key not in self._warned:
-                self._warned.add(key)
-                logger.warning("ruquant: no Triton tiling for K=%d group=%d; reference math on GPU",
-                               spec.in_features, spec.group_size)
+            self._log_once(spec, f"reference math on GPU: weight groups of {spec.group_size} are not a "
+                                 "multiple of 64")
+            out["w_scale"] = weight_scale.float().contiguous()
             out.update(self._ref.prepare(spec, qweight, weight_scale))
-        elif path == "w4a4":
+            return out
+        k, k_pad = spec.in_features, padded_k(spec)
+        assert k_pad is not None
+        if k_pad != k:
+            self._log_once(spec, f"K zero-padded to {k_pad} for the {TILE_K}-wide GEMM tiles")
+            qweight, weight_scale = _pad_weights(spec, qweight, weight_scale, k_pad)
+        g = k_pad if spec.group_size == k else spec.group_size
+        out["w_scale"] = weight_scale.float().contiguous()
+        if path == "w4a4":
             out["w"] = qweight.contiguous()
         elif path in ("w4a8", "w4a16"):
-            chunk = layout.chunk_for(spec.in_features, spec.group_size)
+            chunk = layout.chunk_for(k_pad, g)
             assert chunk is not None
             out["w"] = layout.pack_chunked(ref.unpack_int4(qweight), chunk)
         elif path == "int8":
             out["w"] = ref.unpack_weight(qweight, spec.weight_bits).contiguous()
         else:  # dequant_matmul
             w_q = ref.unpack_weight(qweight, spec.weight_bits)
-            out["w"] = ref.dequantize_weight(w_q, weight_scale, spec.group_size)  # fp32, cast at use
+            out["w"] = ref.dequantize_weight(w_q, weight_scale, g)  # fp32, cast at use
         if spec.rotation is not None and spec.rotation.kind == "hadamard":
             from vllm_ruquant.hadamard import factor_size  # noqa: PLC0415
 
@@ -104,6 +144,13 @@ class TritonBackend:
             if m > 1:
                 out["rot_ht"] = hadamard_factor_t(m, qweight.device)
         return out
+
+    def _log_once(self, spec: LinearSpec, reason: str) -> None:
+        key = (spec.in_features, spec.out_features, reason)
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("ruquant: layer K=%d N=%d group=%d: %s", spec.in_features, spec.out_features,
+                           spec.group_size, reason)
 
     def apply(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
@@ -113,7 +160,8 @@ class TritonBackend:
         if path in ("w4a16", "dequant_matmul") and x.dtype not in (torch.bfloat16, torch.float16):
             return self._weight_only_torch(spec, prepared, x, bias)
         lead = x.shape[:-1]
-        k = spec.in_features
+        k, k_pad = spec.in_features, padded_k(spec)
+        assert k_pad is not None
         rotation = spec.rotation
         x2 = x.reshape(-1, x.shape[-1])
         if rotation is not None and rotation.padded_from is not None:
@@ -121,24 +169,28 @@ class TritonBackend:
             x2 = rotation.pad(x2)
             rotation = dataclasses.replace(rotation, padded_from=None)
         blocks = prepared.get("rot_blocks")
-        g = spec.group_size
-        if path == "w4a16":
-            xr, _ = rotate_quant(x2, 16, rotation=rotation, blocks=blocks)
-            y = w4a16_gemm(xr, prepared["w"], prepared["w_scale"], K=k, group_size=g,
-                           chunk=layout.chunk_for(k, g) or 128, bias=bias)
-        elif path == "dequant_matmul":
-            xr, _ = rotate_quant(x2, 16, rotation=rotation, blocks=blocks)
-            y = (xr @ prepared["w"].to(x.dtype).T).float()
-            if bias is not None:
-                y = y + bias.float()
-            y = y.to(x.dtype)
+        g = k_pad if spec.group_size == k else spec.group_size
+        chunk = layout.chunk_for(k_pad, g) or TILE_K
+        if path in ("w4a16", "dequant_matmul"):
+            buf = _padded_buffer(x2, k_pad, path)
+            xr, _ = rotate_quant(x2, 16, rotation=rotation, blocks=blocks, out=_first_columns(buf, x2))
+            xr = xr if buf is None else buf
+            if path == "w4a16":
+                y = w4a16_gemm(xr, prepared["w"], prepared["w_scale"], K=k_pad, group_size=g, chunk=chunk, bias=bias)
+            else:
+                y = (xr @ prepared["w"].to(x.dtype).T).float()
+                if bias is not None:
+                    y = y + bias.float()
+                y = y.to(x.dtype)
         else:
             packed = path == "w4a4"
-            q, s = rotate_quant(x2, spec.act_bits, spec.clip_ratio, rotation, pack=packed,
-                                blocks=blocks)
+            buf = _padded_buffer(x2, k_pad, path)
+            q, s = rotate_quant(x2, spec.act_bits, spec.clip_ratio, rotation, pack=packed, blocks=blocks,
+                                out=_first_columns(buf, x2))
+            q = q if buf is None else buf
             b_mode = {"w4a4": 1, "w4a8": 2, "int8": 0}[path]
             y = qgemm(q, s, prepared["w"], prepared["w_scale"], a_mode=1 if packed else 0,
-                      b_mode=b_mode, K=k, group_size=g, chunk=layout.chunk_for(k, g) or 128,
+                      b_mode=b_mode, K=k_pad, group_size=g, chunk=chunk,
                       bias=bias, out_dtype=x.dtype, use_fp8=packed and self.w4a4_fp8)
         return y.reshape(*lead, spec.out_features)
 
@@ -146,15 +198,38 @@ class TritonBackend:
                            bias: torch.Tensor | None) -> torch.Tensor:
         """fp32 (or other) activations on a weight-only layer: the reference math in torch."""
         w = prepared["w"]
+        k, k_pad = spec.in_features, padded_k(spec)
+        assert k_pad is not None
+        g = k_pad if spec.group_size == k else spec.group_size
         if _path(spec) == "w4a16":
-            chunk = layout.chunk_for(spec.in_features, spec.group_size) or 128
-            w_q = layout.unpack_chunked(w, chunk)
-            w = ref.dequantize_weight(w_q, prepared["w_scale"], spec.group_size)
+            w_q = layout.unpack_chunked(w, layout.chunk_for(k_pad, g) or TILE_K)
+            w = ref.dequantize_weight(w_q, prepared["w_scale"], g)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if spec.rotation is not None:
             x2 = dataclasses.replace(spec.rotation, blocks=prepared.get("rot_blocks")).apply(x2)
+        x2 = torch.nn.functional.pad(x2, (0, k_pad - x2.shape[-1]))
         y = (x2.to(x.dtype) @ w.to(x.dtype).T).float()
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*lead, spec.out_features)
+
+
+def _padded_buffer(x2: torch.Tensor, k_pad: int, path: str) -> torch.Tensor | None:
+    """A zeroed (M, K_pad) buffer (K_pad/2 bytes if packed) for rotate_quant's output; None if K tiles."""
+    m, k = x2.shape
+    if k == k_pad:
+        return None
+    if path in ("w4a16", "dequant_matmul"):
+        return x2.new_zeros(m, k_pad)
+    if path == "w4a4":  # packed int4, two per byte
+        return torch.zeros(m, k_pad // 2, dtype=torch.uint8, device=x2.device)
+    return torch.zeros(m, k_pad, dtype=torch.int8, device=x2.device)
+
+
+def _first_columns(buf: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor | None:
+    """The view of ``buf`` that rotate_quant fills: the columns of the K real inputs."""
+    if buf is None:
+        return None
+    k = x2.shape[1]
+    return buf[:, : k // 2] if buf.dtype == torch.uint8 else buf[:, :k]
