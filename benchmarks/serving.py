@@ -52,16 +52,29 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How one row of the table is served: extra config.json keys and extra CLI flags."""
+    """How one row of the table is served: extra config.json keys and extra CLI flags.
+
+    ``weight_bits`` and ``kernel`` are what the row claims, checked against its engine log
+    (``row_evidence``): a row whose model memory or kernel contradicts its name is failed.
+    """
 
     quantization_config: dict[str, Any] | None = None
     cli: tuple[str, ...] = ()
     note: str = ""
+    weight_bits: int = 16  # of the decoder linears (embeddings and lm_head stay bf16)
+    kernel: str | None = None  # a regex the engine log must match, naming the linear kernel
+
+
+# The decoder linears of a Llama block, as GPTQ names them. vLLM 0.26's ``auto_gptq`` rebuilds an
+# absent list from the safetensors metadata, and with ``--load-format dummy`` there are no files:
+# the list came back empty and every linear was served unquantized (14.96 GiB, bf16's memory).
+GPTQ_MODULES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def _gptq(bits: int = 4, group: int = 128) -> dict[str, Any]:
     return {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True,
-            "checkpoint_format": "gptq"}
+            "checkpoint_format": "gptq", "modules_in_block_to_quantize": GPTQ_MODULES}
 
 
 def _compressed_tensors(w_bits: int, a_bits: int, act_type: str = "int", group: int | None = None) -> dict[str, Any]:
@@ -98,28 +111,82 @@ def _ruquant(scheme: str, intermediate_size: int) -> dict[str, Any]:
 INT4_KV = ("--kv-cache-dtype", "int4_per_token_head")
 
 
+RUQUANT_KERNEL = r"ruquant: linear layers run on the 'triton' backend"
+
+
 def quant_configs(shape: dict[str, Any]) -> dict[str, QuantConfig]:
     inter = shape["intermediate_size"]
     return {
         "bf16": QuantConfig(),
-        "fp8": QuantConfig(cli=("--quantization", "fp8"), note="dynamic fp8 W8A8 (vLLM)"),
-        "gptq-marlin-w4a16": QuantConfig(_gptq(), note="GPTQ 4-bit g128, Marlin kernel"),
+        "fp8": QuantConfig(cli=("--quantization", "fp8"), note="dynamic fp8 W8A8 (vLLM)", weight_bits=8,
+                           kernel=r"Selected \w*FP8\w*Kernel"),
+        "fp8-kvfp8": QuantConfig(cli=("--quantization", "fp8", "--kv-cache-dtype", "fp8"),
+                                 note="dynamic fp8 W8A8 + fp8 KV cache (vLLM)", weight_bits=8,
+                                 kernel=r"Selected \w*FP8\w*Kernel"),
+        "gptq-marlin-w4a16": QuantConfig(_gptq(), note="GPTQ 4-bit g128, Marlin kernel", weight_bits=4,
+                                         kernel=r"Marlin"),
         # vLLM 0.26 runs W4A8-int (signed int4 weights) only on CPU / XPU kernels: no CUDA kernel
         # implements scalar type int4 x bf16, so on the GPU this row fails at engine start ...
-        "ct-w4a8-int": QuantConfig(_compressed_tensors(4, 8), note="compressed-tensors int4 x int8 (CPU/XPU only)"),
+        "ct-w4a8-int": QuantConfig(_compressed_tensors(4, 8), note="compressed-tensors int4 x int8 (CPU/XPU only)",
+                                   weight_bits=4),
         # ... and compressed-tensors' W4A8 on Hopper is int4 weights (g128) x fp8 activations (CUTLASS)
         "ct-w4a8-fp8": QuantConfig(_compressed_tensors(4, 8, act_type="float", group=128),
-                                   note="compressed-tensors int4 g128 x fp8, CUTLASS (sm90)"),
-        "ct-w8a8-int8": QuantConfig(_compressed_tensors(8, 8), note="compressed-tensors int8 x int8"),
-        "ruquant-w4a16": QuantConfig(_ruquant("w4a16", inter)),
-        "ruquant-w4a8": QuantConfig(_ruquant("w4a8", inter)),
-        "ruquant-w4a4": QuantConfig(_ruquant("w4a4", inter)),
-        "ruquant-w4a4kv4": QuantConfig(_ruquant("w4a4kv4", inter), note="int4 KV, V rotated offline"),
+                                   note="compressed-tensors int4 g128 x fp8, CUTLASS (sm90)", weight_bits=4,
+                                   kernel=r"CutlassW4A8LinearKernel"),
+        "ct-w8a8-int8": QuantConfig(_compressed_tensors(8, 8), note="compressed-tensors int8 x int8", weight_bits=8),
+        "ruquant-w4a16": QuantConfig(_ruquant("w4a16", inter), weight_bits=4, kernel=RUQUANT_KERNEL),
+        "ruquant-w4a8": QuantConfig(_ruquant("w4a8", inter), weight_bits=4, kernel=RUQUANT_KERNEL),
+        "ruquant-w4a4": QuantConfig(_ruquant("w4a4", inter), weight_bits=4, kernel=RUQUANT_KERNEL),
+        "ruquant-w4a4kv4": QuantConfig(_ruquant("w4a4kv4", inter), note="int4 KV, V rotated offline",
+                                       weight_bits=4, kernel=RUQUANT_KERNEL),
         # the same linears with vLLM's built-in int4 KV path (online Q/K/V rotation + inverse)
         "ruquant-w4a4-vllm-int4kv": QuantConfig(_ruquant("w4a4", inter), cli=INT4_KV,
-                                                note="vLLM's int4_per_token_head"),
+                                                note="vLLM's int4_per_token_head", weight_bits=4,
+                                                kernel=RUQUANT_KERNEL),
         "bf16-vllm-int4kv": QuantConfig(cli=INT4_KV, note="vLLM's int4_per_token_head"),
     }
+
+
+def expected_model_gib(shape: dict[str, Any], weight_bits: int) -> float:
+    """Weight memory of a Llama of ``shape``: decoder linears at ``weight_bits``, embeddings and
+    lm_head in bf16 (scales and norms, < 2%, left out)."""
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    linear = layers * (h * (h + 2 * kv) + h * h + 3 * h * inter)
+    embeddings = 2 * shape["vocab_size"] * h
+    return (linear * weight_bits / 8 + embeddings * 2) / 2**30
+
+
+MEMORY_TOLERANCE = 0.12  # relative; group scales add ~3% at g128, vLLM's own buffers a little
+
+
+def row_evidence(log_text: str, qc: QuantConfig, shape: dict[str, Any], on_gpu: bool = True) -> dict[str, Any]:
+    """What the engine log proves about a row: model memory, the kernel line, and any contradiction.
+
+    ``contradiction`` is None when the log's "Model loading took X GiB" is within
+    ``MEMORY_TOLERANCE`` of ``qc.weight_bits``' expected memory and ``qc.kernel`` (if any) is
+    in the log; else a sentence saying which claim the log refutes. vLLM's CPU model runner
+    logs no model memory, so off the GPU a missing line proves nothing either way.
+    """
+    import re
+
+    mem = re.findall(r"Model loading took ([\d.]+) GiB", log_text)
+    model_gib = float(mem[-1]) if mem else None
+    kernel_line = None
+    if qc.kernel is not None:
+        found = re.search(rf"[^\n]*{qc.kernel}[^\n]*", log_text)
+        kernel_line = found.group(0).split("] ", 1)[-1].strip()[:200] if found else None
+    expected = expected_model_gib(shape, qc.weight_bits)
+    contradiction = None
+    if model_gib is None and on_gpu:
+        contradiction = "no 'Model loading took' line in the engine log"
+    elif model_gib is not None and abs(model_gib / expected - 1) > MEMORY_TOLERANCE:
+        contradiction = (f"model memory {model_gib:.2f} GiB is not that of {qc.weight_bits}-bit linears "
+                         f"({expected:.2f} GiB expected)")
+    elif qc.kernel is not None and kernel_line is None:
+        contradiction = f"the engine log never names the kernel /{qc.kernel}/"
+    return {"model_gib": model_gib, "expected_model_gib": round(expected, 3), "kernel_line": kernel_line,
+            "contradiction": contradiction}
 
 
 @dataclass(frozen=True)
@@ -144,12 +211,17 @@ WORKLOADS: dict[str, Workload] = {
     "lat-b1": Workload("latency", 128, 256, batch_size=1),
     "lat-b16": Workload("latency", 128, 256, batch_size=16),
 }
+# Where the KV cache, not the scheduler, limits a step (issue 23): run alone, every config with
+# ``--max-model-len 4096 -- --max-num-seqs 1024`` (one engine per config serves one set of limits).
+KV_BOUND_WORKLOADS: dict[str, Workload] = {
+    "tp-2048-512": Workload("throughput", 2048, 512, num_prompts=1024),
+}
 # seconds on the tiny shape: the CPU test runs the whole path through a real engine with these
 SMOKE_WORKLOADS: dict[str, Workload] = {
     "tp-smoke": Workload("throughput", 32, 8, num_prompts=8),
     "lat-smoke": Workload("latency", 16, 8, batch_size=2),
 }
-ALL_WORKLOADS = {**WORKLOADS, **SMOKE_WORKLOADS}
+ALL_WORKLOADS = {**WORKLOADS, **KV_BOUND_WORKLOADS, **SMOKE_WORKLOADS}
 
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:
@@ -356,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in runs:
                 print(shlex.join(["vllm", "bench", r["kind"], *r["argv"]]))
             continue
-        for w, row in run_config(name, runs, args.models_dir, args.timeout).items():
+        for w, row in run_config(name, runs, args.models_dir, args.timeout, configs[name], shape).items():
             results.add(name, w, row)
             print(f"{name:<20} {w:<12} {row['status'][:100]} ({row['wall_s']:.0f} s)", flush=True)
     if not args.dry_run:
@@ -365,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout: int,
-               python: str = sys.executable) -> dict[str, dict[str, Any]]:
+def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout: int, qc: QuantConfig,
+               shape: dict[str, Any], python: str = sys.executable) -> dict[str, dict[str, Any]]:
     """Run one config's workloads on one engine (``one_engine.py``, its own process); a row each."""
     for r in runs:
         Path(r["argv"][r["argv"].index("--output-json") + 1]).unlink(missing_ok=True)
@@ -379,11 +451,18 @@ def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout:
     wall = time.perf_counter() - t0
     report = json.loads(report_path.read_text()) if report_path.exists() else {"runs": []}
     kv_tokens = _kv_tokens(log)
+    evidence = None
+    if log.exists():
+        text = log.read_text(errors="replace")
+        evidence = row_evidence(text, qc, shape, on_gpu=_cuda_available())
     rows = {}
     for i, r in enumerate(runs):
         out_json = Path(r["argv"][r["argv"].index("--output-json") + 1])
         done = report["runs"][i] if i < len(report["runs"]) else None
-        if done is not None and done["error"] is None and out_json.exists():
+        if done is not None and done["error"] is None and out_json.exists() and evidence["contradiction"]:
+            row = {"status": f"failed: contradicts its name: {evidence['contradiction']}",
+                   "measured_but_not_reported": summarize(r["kind"], json.loads(out_json.read_text()))}
+        elif done is not None and done["error"] is None and out_json.exists():
             row = {"status": "ok", **summarize(r["kind"], json.loads(out_json.read_text()))}
         elif done is not None:
             row = {"status": f"failed: {done['error']}"}
@@ -394,8 +473,16 @@ def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout:
         row["wall_s"] = done["wall_s"] if done is not None else wall
         row["engine_start_s"] = report.get("engine_start_s")
         row["kv_cache_tokens"] = kv_tokens
+        if evidence is not None:
+            row.update({k: v for k, v in evidence.items() if k != "contradiction"})
         rows[r["workload"]] = row
     return rows
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_to_completion(cmd: list[str], log, timeout: int) -> int | None:

@@ -206,3 +206,34 @@ def test_serve_openai_stop_ends_the_whole_process_group() -> None:
         time.sleep(0.1)
     else:
         raise AssertionError("a process of the server's group survived stop()")
+
+
+def test_expected_model_memory_matches_the_h200_logs() -> None:
+    """The 2026-11-30 H200 logs (Llama-3-8B shape): bf16 14.96 GiB, fp8 8.49, ruquant 4-bit 5.21."""
+    shape = serving.SHAPES["llama3-8b"]
+    for bits, logged in [(16, 14.96), (8, 8.49), (4, 5.21)]:
+        assert abs(serving.expected_model_gib(shape, bits) / logged - 1) < 0.02
+
+
+def test_a_peer_row_that_ran_bf16_is_failed_not_reported() -> None:
+    """The GPTQ row of 2026-11-30 loaded bf16's 14.96 GiB and never named Marlin: refuted."""
+    shape = serving.SHAPES["llama3-8b"]
+    qc = serving.quant_configs(shape)["gptq-marlin-w4a16"]
+    bf16_log = "(EngineCore pid=1) INFO [model_runner.py:305] Model loading took 14.96 GiB and 2.5 seconds\n"
+    ev = serving.row_evidence(bf16_log, qc, shape)
+    assert ev["model_gib"] == 14.96 and "not that of 4-bit" in ev["contradiction"]
+    marlin_log = ("INFO [gptq_marlin.py:1] Using MarlinLinearKernel for GPTQMarlinLinearMethod\n"
+                  "INFO [model_runner.py:305] Model loading took 5.48 GiB and 2.5 seconds\n")
+    ev = serving.row_evidence(marlin_log, qc, shape)
+    assert ev["contradiction"] is None and "MarlinLinearKernel" in ev["kernel_line"]
+    no_kernel = "INFO [model_runner.py:305] Model loading took 5.48 GiB and 2.5 seconds\n"
+    assert "never names the kernel" in serving.row_evidence(no_kernel, qc, shape)["contradiction"]
+    assert "no 'Model loading took'" in serving.row_evidence("", qc, shape)["contradiction"]
+
+
+def test_gptq_config_names_its_quantized_modules() -> None:
+    """So that vLLM 0.26 cannot rebuild an empty list from a dummy model's (absent) files."""
+    cfg = serving.quant_configs(serving.SHAPES["tiny"])["gptq-marlin-w4a16"].quantization_config
+    names = [m for group in cfg["modules_in_block_to_quantize"] for m in group]
+    assert sorted(names) == sorted(f"{p}.{n}_proj" for p, ns in (("self_attn", "qkvo"), ("mlp", ["gate", "up", "down"]))
+                                   for n in ns)
