@@ -1,0 +1,161 @@
+"""Decode-size linears of one Llama-3-8B layer: ours against cuBLAS bf16, vLLM fp8 and vLLM's Marlin.
+
+    python benchmarks/decode_linears.py [--out DIR] [--ms 1,16]
+
+For each linear of a decoder layer (qkv 4096x6144, o 4096x4096, gate_up 4096x28672, down
+14336x4096 with its online Hadamard) and each decode batch M, times one call, replayed from a
+CUDA graph over weight copies larger than L2 (``kernels._timed``, as a served decode step
+replays its graph with the weights in device memory):
+
+* ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
+* ``rq``: our rotate+quantize alone; ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
+  chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs);
+* ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
+  activations with per-token scales (``is_a_8bit``), the candidate to feed our 4-bit integers.
+
+Marlin's Python API moved between vLLM releases; each call is adapted to the installed
+signatures, and a method that does not run records its error instead of a time. Prints a
+table (microseconds, and the layer's sum) and writes ``decode_linears.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+from pathlib import Path
+
+import torch
+from kernels import _timed  # the sibling script's CUDA-graph timer (benchmarks/kernels.py)
+
+from vllm_ruquant import reference as ref
+from vllm_ruquant.kernels import TritonBackend, layout
+from vllm_ruquant.kernels.gemm import qgemm
+from vllm_ruquant.kernels.rotate_quant import rotate_quant
+from vllm_ruquant.ops import LinearSpec
+
+LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
+         "down": (14336, 4096, True)}
+METHODS = ["bf16", "vllm_fp8", "rq", "gemm", "linear", "marlin_w4a16", "marlin_w4a8"]
+
+
+def _call(fn, **candidates):
+    """``fn`` with the candidates its signature names (vLLM's Marlin API differs by release)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in candidates.items() if k in params})
+
+
+class Marlin:
+    """Random int4 weights in Marlin's layout, for bf16 or int8 activations (vLLM's helpers)."""
+
+    def __init__(self, k: int, n: int, a_8bit: bool) -> None:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
+        from vllm.scalar_type import scalar_types
+
+        self.mu, self.k, self.n, self.a_8bit = mu, k, n, a_8bit
+        self.wtype = scalar_types.uint4b8
+        packed = torch.randint(0, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+        self.w = _call(ops.gptq_marlin_repack, b_q_weight=packed, perm=torch.empty(0, dtype=torch.int, device="cuda"),
+                       size_k=k, size_n=n, num_bits=4, is_a_8bit=a_8bit)
+        s = (torch.rand(1, n, device="cuda") * 0.01 + 1e-3).to(torch.bfloat16)
+        self.s = _call(mu.marlin_permute_scales, s=s, size_k=k, size_n=n, group_size=-1, is_a_8bit=a_8bit)
+        self.empty = torch.empty(0, dtype=torch.int, device="cuda")
+        self.workspace = mu.marlin_make_workspace_new(torch.device("cuda"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _call(self.mu.apply_gptq_marlin_linear, input=x, weight=self.w, weight_scale=self.s,
+                     weight_zp=self.empty, g_idx=self.empty, g_idx_sort_indices=self.empty,
+                     workspace=self.workspace, wtype=self.wtype, output_size_per_partition=self.n,
+                     input_size_per_partition=self.k, is_k_full=True, bias=None,
+                     input_global_scale=torch.ones(1, device="cuda") if self.a_8bit else None,
+                     input_dtype=torch.int8 if self.a_8bit else None)
+
+
+def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
+    res: dict = {"linear": name, "K": k, "N": n, "M": m, "us": {}, "err": {}}
+    copies = max(1, min(16, math.ceil(256e6 / (n * k / 2))))
+
+    def put(method: str, make) -> None:
+        try:
+            res["us"][method] = 1000 * _timed([make(i) for i in range(copies)], graph=True)
+        except Exception as e:  # a method that does not run here: record, go on
+            res["us"][method] = None
+            res["err"][method] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    put("bf16", lambda i: (lambda: x @ w[i].T))
+    try:
+        from vllm import _custom_ops as ops
+
+        m_f = max(16, (m + 15) // 16 * 16)
+        xf = torch.randn(m_f, k, device="cuda").to(torch.float8_e4m3fn)
+        wf = [t.to(torch.float8_e4m3fn) for t in w]
+        sa, sb = torch.rand(m_f, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+        put("vllm_fp8", lambda i: (lambda: ops.cutlass_scaled_mm(xf, wf[i].T, sa, sb, torch.bfloat16)))
+        wf.clear()
+    except Exception as e:  # noqa: BLE001
+        res["err"]["vllm_fp8"] = f"{type(e).__name__}: {e}"
+    w.clear()
+    rot = ref.OnlineRotation("hadamard", k) if rotated else None
+    put("rq", lambda i: (lambda: rotate_quant(x, 4, 1.0, rot, pack=False)))
+    w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    w_s = torch.rand(n, 1) * 0.01 + 1e-3
+    w_c = [layout.pack_chunked(w_q, 128).cuda() for _ in range(copies)]
+    a_q = torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8)
+    a_s = torch.rand(m, device="cuda") + 0.5
+    ws = w_s.cuda()
+    put("gemm", lambda i: (lambda: qgemm(a_q, a_s, w_c[i], ws, a_mode=0, b_mode=2, K=k)))
+    w_c.clear()
+    backend = TritonBackend()
+    spec = LinearSpec(k, n, 4, -1, 4, rotation=rot)
+    prepared = [backend.prepare(spec, ref.pack_int4(w_q).cuda(), ws) for _ in range(copies)]
+    put("linear", lambda i: (lambda: backend.apply(spec, prepared[i], x, None)))
+    prepared.clear()
+    for method, a_8bit in (("marlin_w4a16", False), ("marlin_w4a8", True)):
+        try:
+            mar = [Marlin(k, n, a_8bit) for _ in range(copies)]
+            put(method, lambda i, mar=mar: (lambda: mar[i](x)))
+        except Exception as e:  # noqa: BLE001 (vLLM absent or another API: record it)
+            res["us"][method] = None
+            res["err"][method] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'M':>3} {'linear':<8} " + " ".join(f"{m:>12}" for m in METHODS)]
+    for m in sorted({r["M"] for r in rows}):
+        total = dict.fromkeys(METHODS, 0.0)
+        for r in (r for r in rows if r["M"] == m):
+            cells = []
+            for meth in METHODS:
+                t = r["us"].get(meth)
+                cells.append(f"{t:12.1f}" if t is not None else f"{'-':>12}")
+                total[meth] = total[meth] + t if (t is not None and total[meth] is not None) else None
+            lines.append(f"{m:>3} {r['linear']:<8} " + " ".join(cells))
+        lines.append(f"{m:>3} {'layer':<8} " + " ".join(f"{t:12.1f}" if t is not None else f"{'-':>12}"
+                                                         for t in total.values()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--ms", default="1,16")
+    args = ap.parse_args(argv)
+    rows = [row(name, k, n, rotated, m) for m in map(int, args.ms.split(","))
+            for name, (k, n, rotated) in LAYER.items()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    (args.out / "decode_linears.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    for r in rows:
+        for meth, e in r["err"].items():
+            print(f"  {r['linear']} M={r['M']} {meth}: {e}")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
