@@ -13,6 +13,10 @@ replays its graph with the weights in device memory):
 * ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
   activations with per-token scales (``is_a_8bit``), the candidate to feed our 4-bit integers.
 
+``--sweep`` instead times our GEMM over a grid of small-M tile configs (tile N, tile K,
+split-K, pipeline stages) on the same shapes, and prints the best per shape: the data behind
+``gemm._CONFIGS["small"]``.
+
 Marlin's Python API moved between vLLM releases; each call is adapted to the installed
 signatures, and a method that does not run records its error instead of a time. Prints a
 table (microseconds, and the layer's sum) and writes ``decode_linears.json``.
@@ -124,6 +128,58 @@ def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
     return res
 
 
+def _time_config(cfg, m: int, k: int, w_c: list[torch.Tensor], ws: torch.Tensor) -> float | None:
+    """Microseconds of one qgemm config at batch m over the weight copies; None if it cannot run."""
+    import triton
+
+    from vllm_ruquant.kernels import gemm as g
+
+    if k % (cfg.kwargs["BK"] * cfg.kwargs["SPLIT_K"]):
+        return None
+    a_q = torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8)
+    a_s = torch.rand(m, device="cuda") + 0.5
+    cfg = triton.Config(dict(cfg.kwargs, ASM=1), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    try:
+        return 1000 * _timed([lambda w=w: g.qgemm(a_q, a_s, w, ws, a_mode=0, b_mode=2, K=k, config=cfg)
+                              for w in w_c], graph=True)
+    except Exception:  # noqa: BLE001 (a config this GPU cannot hold: shared memory)
+        return None
+
+
+def sweep(ms: list[int], top: int = 5) -> list[dict]:
+    """Our W4A4 GEMM (int8-held activations, chunked weights) over small-M configs, M = ms[0] for
+    the whole grid, then the ``top`` of each shape again at the other Ms."""
+    import triton
+
+    from vllm_ruquant.kernels import gemm as g
+
+    grid = [g._cfg(16, bn, bk, 4, st, split, 1) for bn in (32, 64, 128) for bk in (128, 256, 512)
+            for split in (1, 2, 4, 8) for st in (3, 5)]
+    out = []
+    for name, (k, n, _) in LAYER.items():
+        copies = max(1, min(16, math.ceil(256e6 / (n * k / 2))))
+        w_c = [layout.pack_chunked(torch.randint(-8, 8, (n, k), dtype=torch.int8), 128).cuda() for _ in range(copies)]
+        ws = torch.rand(n, 1, device="cuda") * 0.01 + 1e-3
+
+        def time_cfg(cfg: triton.Config, m: int, k: int = k, w_c: list = w_c, ws: torch.Tensor = ws) -> float | None:
+            return _time_config(cfg, m, k, w_c, ws)
+
+        timed = [(time_cfg(c, ms[0]), c) for c in grid]
+        timed = sorted(((t, c) for t, c in timed if t is not None), key=lambda tc: tc[0])
+        default = g._CONFIGS["small"][0]
+        for rank, (t, c) in enumerate(timed[:top]):
+            rec = {"linear": name, "K": k, "N": n, "rank": rank, "config": g._shape_key(c), f"us_m{ms[0]}": t}
+            for m in ms[1:]:
+                rec[f"us_m{m}"] = time_cfg(c, m)
+            out.append(rec)
+        out.append({"linear": name, "K": k, "N": n, "rank": "default", "config": g._shape_key(default),
+                    **{f"us_m{m}": time_cfg(default, m) for m in ms}})
+        w_c.clear()
+        for r in out[-top - 1:]:
+            print(r, flush=True)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"{'M':>3} {'linear':<8} " + " ".join(f"{m:>12}" for m in METHODS)]
     for m in sorted({r["M"] for r in rows}):
@@ -144,7 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--sweep", action="store_true", help="time our GEMM's small-M configs instead")
     args = ap.parse_args(argv)
+    if args.sweep:
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = sweep([int(m) for m in args.ms.split(",")])
+        (args.out / "gemm_decode_sweep.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
+                                                                     "rows": rows}, indent=2))
+        return 0
     rows = [row(name, k, n, rotated, m) for m in map(int, args.ms.split(","))
             for name, (k, n, rotated) in LAYER.items()]
     args.out.mkdir(parents=True, exist_ok=True)
