@@ -17,8 +17,7 @@ What is built (``RotationPlan``)
 * R4 (down_proj input, online, per layer): ``block_diagonal`` with blocks ``H_b @ B_k``
   (block Hadamard then the stage-1 map), executed by the plugin's block-diagonal op -- unless
   the full Hadamard of the intermediate size has a lower quantization MSE summed over the
-  layers (measured on SmolLM2-135M: 1536 = 12 x 128 full Hadamard 0.0156 vs 256-blocks 0.0199
-  at layer 0; blocks <= 256 cannot mix across blocks), then every layer gets the Hadamard.
+  layers (blocks <= 256 cannot mix across blocks), then every layer gets the Hadamard.
 * R2 (per head V/O, absorbed): the randomized Hadamard, as in QuaRot.
 
 Stage 1, per block (``_composite_blocks``), greedy, deterministic under the seed
@@ -34,12 +33,8 @@ makes the proxy worse). Finally the composition is chosen by measurement: among
 {identity, Hadamard, blocks, Hadamard then blocks} the one with the lowest full-row
 per-token quantization MSE on the calibration rows (reported as ``r1_choice``).
 ``Stage1Config.full_row`` (default off) instead keeps an R1 step only if it lowers the
-*full-row* per-token MSE (one scale per token, as served), blocks applied in place. Measured
-on SmolLM2-135M w4a4 (16 x 256 calibration): the Hadamard-then-blocks candidate accepts 27
-steps on its 4096 training rows yet scores 0.01519 on the selection rows vs 0.01458 for
-plain Hadamard (per-block acceptance: 0.0154 vs 0.0146), so the plan still picks plain
-Hadamard: the greedy steps fit the individual worst rows and do not transfer to other
-tokens. Off by default because it changes nothing but the conversion time (~3 min, 1 core).
+*full-row* per-token MSE (one scale per token, as served), blocks applied in place; off by
+default because on the model we measured it changed nothing but the conversion time.
 
 Choices (open in the abstract), and why
 ---------------------------------------
@@ -65,16 +60,13 @@ a straight-through twin of ``convert.simulate.kv_cache_quantizer``). Layer input
 fp model's. Default: 8 layers evenly spaced, 30 steps, 4 sequences per step drawn from a
 seeded 75% of the calibration sequences; the other 25% are held out and decide what is kept:
 no reflection (stage 1 alone), the initial ``v`` or the trained ``v``, whichever has the
-lowest held-out loss (before: trained vs initial on all sequences, never "none").
-Measured (SmolLM2-135M w4a4kv4, 4096 eval tokens, GPTQ): held-out loss 0.2765 (stage 1
-alone) / 0.2709 (initial v) / 0.2484 (trained), kept "trained", perplexity 80.17 (80.89
-before these changes; Hadamard + GPTQ 79.45; RUQuant stage 1 alone, i.e. a Hadamard with
-RUQuant's random signs: run, not finished within the time box). A 10% lower layer
-loss does not move perplexity: the loss uses RTN weights while the converter runs GPTQ,
-and a single reflection is a rank-1 change of R1. ``simulate_weights=False`` (fp weights
-in the loss, leaving weight error to GPTQ) is offered as a knob; not yet measured.
-The pipeline passes the scheme's ``kv_bits`` in ``RotationContext`` (the 80.17 run set it by
-hand, before that wiring landed; same value).
+lowest held-out loss, so stage 2 never keeps a reflection that does worse on sequences it
+did not train on. ``simulate_weights=False`` (fp weights in the loss, leaving weight error to
+GPTQ) is offered as a knob. The pipeline passes the scheme's ``kv_bits`` in
+``RotationContext``.
+
+Measurements of these choices (R4 blocks vs Hadamard, ``full_row``, stage 2's keep/drop) and
+of RUQuant against Hadamard on a real model: ``docs/methods.md``.
 
 ``--finetune`` (the paper's fine-tuned variant): a product of 4 reflections, every layer,
 120 steps. Rotation names: ``ruquant-stage1`` (stage 1 only), ``ruquant`` (1 + 2).
