@@ -15,7 +15,7 @@ int3/6/8 x bf16                rotated bf16         dequantized bf16, torch.matm
 
 W4A4 keeps its activations one per byte by default: the same integers, but then the GEMM
 unpacks only the weights, and measured on H100 that is 1.4-1.7x cuBLAS bf16 at M=4096
-against 0.9-1.2x with both operands packed (benchmarks/KERNEL_NOTES.md). The extra
+against 0.9-1.2x with both operands packed (docs/kernels.md). The extra
 activation bytes are small beside the weights at decode sizes and beside the arithmetic
 at prefill sizes. ``RUQUANT_W4A4_PACKED_ACT=1`` selects packed int4 activations.
 

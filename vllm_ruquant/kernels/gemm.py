@@ -287,7 +287,7 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, split: int = 1, swa
 
 # Per M bucket, best guess first (used alone when autotuning is off). Measured on H100
 # (benchmarks/gemm_variants.py): SWAP (weights as wgmma's register operand) and split K
-# win at M <= 16; see benchmarks/KERNEL_NOTES.md.
+# win at M <= 16; see docs/kernels.md.
 _CONFIGS: dict[str, list[triton.Config]] = {
     "small": [  # M <= 16: weight streaming; split K to fill the SMs; SWAP puts N on wgmma's M
         _cfg(16, 64, 256, 4, 4, 2, 1), _cfg(16, 64, 256, 4, 4, 4, 1), _cfg(16, 128, 256, 4, 4, 2, 1),

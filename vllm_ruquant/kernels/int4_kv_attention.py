@@ -25,7 +25,7 @@ element ``2j`` in the low nibble; scales ``(blocks, page, kv_heads)`` fp32 whose
 mantissa bits hold the zero point (``reference.quantize_kv_int4``). Causal attention,
 queries at the end of each sequence. Torch oracle: ``reference.paged_int4_attention``.
 No vLLM import: the kernel runs under the Triton CPU interpreter in the tests. Measured:
-``benchmarks/kv4_attention.py``, ``benchmarks/KERNEL_NOTES.md``.
+``benchmarks/kv4_attention.py``, ``docs/kernels.md``.
 """
 
 from __future__ import annotations
