@@ -8,7 +8,8 @@ CUDA graph over weight copies larger than L2 (``kernels._timed``, as a served de
 replays its graph with the weights in device memory):
 
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
-* ``rq``: our rotate+quantize alone (``rq_butterfly``: down_proj's Kronecker FWHT as butterflies); ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
+* ``rq``: our rotate+quantize alone (``rq_butterfly``: down_proj's Kronecker FWHT as
+  butterflies); ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
   chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs);
 * ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
   activations with per-token scales (``is_a_8bit``), the candidate to feed our 4-bit integers.
