@@ -22,12 +22,13 @@ arguments: dummy weights, no prefix caching): one vLLM engine in its own process
 ``torch.profiler``), the served path -- torch.compile and CUDA graphs, captured for the
 profiled batch sizes only (start time) -- then per batch size (1 and 16): prompts of 128
 random tokens, ``vllm bench latency``'s sampling (temperature 1, top-p 1, EOS ignored), a few
-decode steps to warm up, ``--steps`` decode steps timed without the profiler (the step's wall
-time), then ``--steps`` more recorded by ``torch.profiler`` (device activity only, after
-``--warmup-steps`` profiler warm-up steps): the kernels of decode steps only, never the
-prefill. Per kernel: calls per decode step, microseconds per step and share of the summed
-kernel time; per step: wall time (without and with the profiler), GPU-busy time (union of
-kernel intervals), kernels and host launches per step.
+decode steps to warm up, ``--steps`` decode steps timed twice without the profiler (the faster
+window gives the step's wall time), then ``--steps`` more recorded by ``torch.profiler``
+(device activity only, after ``--warmup-steps`` profiler warm-up steps): the kernels of decode
+steps only, never the prefill (the device is synchronised at both ends of each window). Per
+kernel: calls per decode step, microseconds per step and share of the summed kernel time; per
+step: wall time (without and with the profiler), GPU-busy time (union of kernel intervals),
+kernels and host launches per step.
 
 CUDA graphs and the profiler: CUPTI reports the kernels of a graph replay one by one (the
 host side shows one ``cudaGraphLaunch``), so the graph mode gives both the true step time and
@@ -460,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--timeout", type=float, default=240, help="seconds per engine (start, decode, profiles)")
-    ap.add_argument("--budget-s", type=float, default=540, help="seconds for the whole run")
+    ap.add_argument("--budget-s", type=float, default=520, help="seconds for the whole run")
     ap.add_argument("--min-engine-s", type=float, default=60, help="no engine starts with less budget left")
     ap.add_argument("--top", type=int, default=25, help="kernels per table in the markdown")
     ap.add_argument("--reanalyze", action="store_true", help="re-read --out's traces, run nothing")
