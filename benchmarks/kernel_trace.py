@@ -142,6 +142,12 @@ def union_us(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
+def _cat(event: dict[str, Any]) -> str:
+    """The event's category; older Kineto wrote some capitalised ("Kernel", "Runtime" for cuda_runtime)."""
+    cat = str(event.get("cat", "")).lower()
+    return "cuda_runtime" if cat == "runtime" else cat
+
+
 def _rows(groups: dict[str, dict[str, Any]], steps: float, total: float) -> list[dict[str, Any]]:
     rows = [{**{k: v for k, v in g.items() if k not in ("calls", "us")},
              "calls_per_step": round(g["calls"] / steps, 3), "us_per_step": round(g["us"] / steps, 3),
@@ -163,7 +169,7 @@ def summarize(events: list[dict[str, Any]], activity: str, decode_steps: float, 
         raise ValueError(f"no decode step in the profiled window (decode_steps={decode_steps})")
     if activity not in ("cuda", "cpu"):
         raise ValueError(f"activity must be cuda or cpu, not {activity!r}")
-    picked = [e for e in events if e.get("cat") in (DEVICE_CATS if activity == "cuda" else CPU_CATS)]
+    picked = [e for e in events if _cat(e) in (DEVICE_CATS if activity == "cuda" else CPU_CATS)]
     times = [float(e["dur"]) for e in picked] if activity == "cuda" else self_times(picked)
     kernels: dict[str, dict[str, Any]] = {}
     categories: dict[str, dict[str, Any]] = {}
@@ -183,7 +189,7 @@ def summarize(events: list[dict[str, Any]], activity: str, decode_steps: float, 
     total = sum(times)
     runtime: dict[str, dict[str, Any]] = {}
     for e in events:
-        if e.get("cat") in RUNTIME_CATS:
+        if _cat(e) in RUNTIME_CATS:
             r = runtime.setdefault(e["name"], {"name": e["name"], "calls": 0, "us": 0.0})
             r["calls"] += 1
             r["us"] += float(e["dur"])

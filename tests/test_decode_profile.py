@@ -64,7 +64,7 @@ def test_summary_of_a_cuda_trace(tmp_path: Path) -> None:
         _x("kernel", "nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 30, 5),
         _x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 31, 2, tid=8),  # another stream, overlapping
         _x("cuda_runtime", "cudaGraphLaunch", 0, 3, tid=1), _x("cuda_runtime", "cudaGraphLaunch", 20, 3, tid=1),
-        _x("cuda_driver", "cuLaunchKernelEx", 25, 1, tid=1),
+        _x("Runtime", "cuLaunchKernelEx", 25, 1, tid=1),  # as older Kineto spelled cuda_runtime
         _x("cpu_op", "aten::mm", 0, 50, tid=1),  # not device time
         {"ph": "i", "cat": "kernel", "name": "marker", "ts": 5},  # not a duration event
     ]
@@ -114,6 +114,19 @@ def test_engine_arguments_per_mode(tmp_path: Path) -> None:
         assert "--load-format" in argv and "--no-enable-prefix-caching" in argv
     with pytest.raises(SystemExit):
         decode_profile.parse_args(["--configs", "nope"])
+
+
+def test_an_eager_engine_follows_only_where_graph_replays_hid_their_kernels() -> None:
+    def part(*visible: bool | None) -> dict:
+        return {"batches": {f"b{i}": {"profile": {"graph_kernels_visible": v}} for i, v in enumerate(visible)}}
+
+    assert decode_profile.graph_kernels_missing(part(True, False))
+    assert not decode_profile.graph_kernels_missing(part(True, True))
+    assert not decode_profile.graph_kernels_missing(part(None))  # no graph launched: nothing was hidden
+    assert not decode_profile.graph_kernels_missing({"status": "failed: boom", "batches": {}})
+    modes = {k: decode_profile.modes_for(decode_profile.parse_args(["--eager-kernels", k]))
+             for k in ("auto", "always", "never", "only")}
+    assert modes == {"auto": ["graph"], "always": ["graph", "eager"], "never": ["graph"], "only": ["eager"]}
 
 
 def test_a_spent_budget_starts_no_engine(tmp_path: Path) -> None:
