@@ -383,7 +383,8 @@ def markdown(results: dict[str, Any], top: int = 25) -> str:
           "",
           f"vLLM {env.get('vllm', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}; "
           f"{env.get('engine_env', '')}. Prompts of {s['prompt_len']} random tokens, temperature 1; "
-          f"{s['steps']} decode steps timed without the profiler (wall), {s['steps']} more recorded "
+          f"{s['steps']} decode steps timed twice without the profiler (the faster is the wall), {s['steps']} more "
+          f"recorded "
           f"({env.get('activity', '?')} activity). Made by `benchmarks/decode_profile.py`.",
           "",
           "| config | mode | batch | step wall µs | profiled wall µs | busy µs | busy / profiled wall | kernels / step "
