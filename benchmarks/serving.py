@@ -264,18 +264,25 @@ def write_model_dir(root: Path, name: str, shape: dict[str, Any], qc: QuantConfi
     return out
 
 
-def bench_argv(model_dir: Path, qc: QuantConfig, wl: Workload, result_json: Path, max_model_len: int,
-               gpu_mem: float, engine_extra: tuple[str, ...] = ()) -> list[str]:
-    """What follows ``vllm bench {throughput,latency}`` for one (config, workload).
+def engine_argv(model_dir: Path, qc: QuantConfig, max_model_len: int, gpu_mem: float,
+                engine_extra: tuple[str, ...] = ()) -> list[str]:
+    """The engine arguments (vLLM's CLI spelling) of one config: dummy weights, no prefix caching.
 
-    Prefix caching is off for both kinds (``vllm bench latency``'s default; the random
+    Prefix caching is off for every workload (``vllm bench latency``'s default; the random
     throughput prompts share no prefix) and the tokenizer is named (throughput sets it, latency
     would leave it unset), so the workloads of a config ask for the same engine and share it.
+    ``benchmarks/decode_profile.py`` builds its engines from the same list.
     """
     return ["--model", str(model_dir), "--tokenizer", str(model_dir), "--load-format", "dummy",
             "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_mem),
-            "--no-enable-prefix-caching",
-            "--output-json", str(result_json), *qc.cli, *engine_extra, *wl.args()]
+            "--no-enable-prefix-caching", *qc.cli, *engine_extra]
+
+
+def bench_argv(model_dir: Path, qc: QuantConfig, wl: Workload, result_json: Path, max_model_len: int,
+               gpu_mem: float, engine_extra: tuple[str, ...] = ()) -> list[str]:
+    """What follows ``vllm bench {throughput,latency}`` for one (config, workload)."""
+    return [*engine_argv(model_dir, qc, max_model_len, gpu_mem, engine_extra),
+            "--output-json", str(result_json), *wl.args()]
 
 
 def summarize(kind: str, raw: dict[str, Any]) -> dict[str, float]:

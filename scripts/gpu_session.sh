@@ -6,6 +6,8 @@
 #                                                config, TIMEOUT s each), accumulated in /tmp/bench
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
+#   bash scripts/gpu_session.sh profile [ARGS]       decode-step profile per GPU kernel (benchmarks/decode_profile.py:
+#                                                bf16, fp8, ruquant w4a4 / w4a4kv4 at batch 1 and 16, ~5-7 min)
 #   bash scripts/gpu_session.sh kv4 [SCENARIOS [--no-sweep]]  int4-KV attention kernel: GPU tests vs the reference, then
 #                                                benchmarks/kv4_attention.py (ours / vLLM int4 / FA3 bf16)
 #   bash scripts/gpu_session.sh kv4serve CONFIGS [TIMEOUT]  sweep the decode tile on "decode 512", then the
@@ -52,6 +54,10 @@ case "${1:-}" in
       2>&1 | grep -vE "^\s*$" | tail -25
     tail -c 30000 "$OUT/serve_openai.server.log" > /tmp/server_tail.log 2>/dev/null && mv /tmp/server_tail.log "$OUT/serve_openai.server.log"
     ;;
+  profile)
+    shift
+    python3 benchmarks/decode_profile.py --out "$OUT/decode_profile" "$@" 2>&1 | tee "$OUT/decode_profile.log" | tail -40
+    ;;
   stage1)
     python3 benchmarks/ruquant_stage1.py --json "$OUT/ruquant_stage1.json" 2>&1 | tail -5
     ;;
@@ -60,5 +66,5 @@ case "${1:-}" in
       | grep -E "max \||passed|failed|^E " | tail -10
     python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
-  *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
 esac
