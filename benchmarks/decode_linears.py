@@ -8,8 +8,7 @@ CUDA graph over weight copies larger than L2 (``kernels._timed``, as a served de
 replays its graph with the weights in device memory):
 
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
-* ``rq``: our rotate+quantize alone (``rq_butterfly``: down_proj's Kronecker FWHT as
-  butterflies); ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
+* ``rq``: our rotate+quantize alone; ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
   chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs);
 * ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
   activations with per-token scales (``is_a_8bit``), the candidate to feed our 4-bit integers.
@@ -29,7 +28,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -43,7 +41,7 @@ from vllm_ruquant.ops import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["bf16", "vllm_fp8", "rq", "rq_butterfly", "gemm", "linear", "marlin_w4a16", "marlin_w4a8"]
+METHODS = ["bf16", "vllm_fp8", "rq", "gemm", "linear", "marlin_w4a16", "marlin_w4a8"]
 
 
 def _call(fn, **candidates):
@@ -107,15 +105,6 @@ def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
     w.clear()
     rot = ref.OnlineRotation("hadamard", k) if rotated else None
     put("rq", lambda i: (lambda: rotate_quant(x, 4, 1.0, rot, pack=False)))
-    if rotated:  # the Kronecker FWHT as butterflies (before 2026-12-04) against tensor-core products
-        def rq_butterfly() -> None:
-            os.environ["RUQUANT_FWHT"] = "butterfly"
-            try:
-                rotate_quant(x, 4, 1.0, rot, pack=False)
-            finally:
-                os.environ.pop("RUQUANT_FWHT")
-
-        put("rq_butterfly", lambda i: rq_butterfly)
     w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     w_s = torch.rand(n, 1) * 0.01 + 1e-3
     w_c = [layout.pack_chunked(w_q, 128).cuda() for _ in range(copies)]

@@ -107,36 +107,6 @@ def _fwht_rows(y, R: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
 
 
 @triton.jit
-def _sylvester(N: tl.constexpr):
-    """The Sylvester Hadamard matrix H_N (fp32, +-1) from index bits: (-1)^popcount(i & j)."""
-    i = tl.arange(0, N)
-    v = i[:, None] & i[None, :]
-    v = v ^ (v >> 16)
-    v = v ^ (v >> 8)
-    v = v ^ (v >> 4)
-    v = v ^ (v >> 2)
-    v = v ^ (v >> 1)
-    return 1.0 - 2.0 * (v & 1).to(tl.float32)
-
-
-@triton.jit
-def _fwht_dot(y, R: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
-    """``y (R, P) @ H_P`` as tensor-core products instead of log2(P) butterfly stages.
-
-    ``H_P = H_A (x) H_B`` (B = 16, A = P / 16, Sylvester order): one product over the inner
-    16 and one over the outer A, with a transpose between. Same matrix as ``_fwht_rows``,
-    summed in another order (fp32 via 3xTF32): for the Kronecker path, whose dense ``H_m``
-    factor already rounds differently from the reference. Needs P >= 256 (both factors >= 16).
-    """
-    B: tl.constexpr = 16
-    A: tl.constexpr = P // B
-    z = tl.dot(tl.reshape(y, (R * A, B)), _sylvester(B), input_precision=PRECISION)  # (r, a, jb)
-    z = tl.permute(tl.reshape(z, (R, A, B)), (0, 2, 1))  # (r, jb, a)
-    z = tl.dot(tl.reshape(z, (R * B, A)), _sylvester(A), input_precision=PRECISION)  # (r, jb, ja)
-    return tl.reshape(tl.permute(tl.reshape(z, (R, B, A)), (0, 2, 1)), (R, P))
-
-
-@triton.jit
 def _rq_plain_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, K, clip,
                      QMAX: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
     """No rotation: one token (row) per program.
@@ -155,7 +125,7 @@ def _rq_plain_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, K, clip,
 def _rq_hadamard_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, stride_xm, stride_qm, K, clip, sqrt_n,
                         QMAX: tl.constexpr, MODE: tl.constexpr, HM: tl.constexpr,
                         HM_P2: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
-                        PRECISION: tl.constexpr, FWHT_DOT: tl.constexpr):
+                        PRECISION: tl.constexpr):
     """Hadamard ``H_m (x) H_p`` rotation of one token per program.
 
     The row is viewed as an ``(m, p)`` matrix X (row-major, as the reference reshapes it),
@@ -168,9 +138,7 @@ def _rq_hadamard_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, stride_xm, stride_qm, K, cl
     flat = ra[:, None] * P + rj[None, :]
     valid = flat < K
     y = tl.load(x_ptr + row * stride_xm + flat, mask=valid, other=0.0).to(tl.float32)
-    if FWHT_DOT:
-        y = _fwht_dot(y, HM_P2, P, PRECISION)
-    elif LOG_P > 0:
+    if LOG_P > 0:
         y = _fwht_rows(y, HM_P2, P, LOG_P)
     if HM > 1:
         ht = tl.load(ht_ptr + ra[:, None] * HM_P2 + ra[None, :])
@@ -234,13 +202,6 @@ def _rq_blockdiag_kernel(x_ptr, q_ptr, s_ptr, blk_ptr, M, stride_xm, stride_qm, 
                     bc = tl.arange(0, BC // 2)
                     tl.store(q_ptr + rows64[:, None] * stride_qm + (kb * B + c0) // 2 + bc[None, :],
                              byte, mask=rmask[:, None] & ((c0 // 2 + bc) < B // 2)[None, :])
-
-
-def _fwht_as_products(m: int, p: int) -> bool:
-    """Kronecker rotations (m > 1) with p >= 256 run the power-of-two part as two tensor-core
-    products (``_fwht_dot``); pure powers of two keep the butterflies, bit-identical to the
-    reference. ``RUQUANT_FWHT=butterfly`` keeps them everywhere (A/B timing)."""
-    return m > 1 and p >= 256 and os.environ.get("RUQUANT_FWHT", "dot") != "butterfly"
 
 
 def _warps_for(numel: int) -> int:
@@ -320,7 +281,7 @@ def rotate_quant(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
         _rq_hadamard_kernel[(M,)](x, q, s, ht, x.stride(0), q.stride(0), K, clip,
                                   float(math.sqrt(K)), QMAX=qmax, MODE=mode, HM=m, HM_P2=m_p2, P=p,
                                   LOG_P=int(math.log2(p)), PRECISION=_DOT_PRECISION,
-                                  FWHT_DOT=_fwht_as_products(m, p), num_warps=_warps_for(m_p2 * p))
+                                  num_warps=_warps_for(m_p2 * p))
     elif rotation.kind == "block_diagonal":
         blk = blocks if blocks is not None else rotation.blocks
         assert blk is not None
