@@ -9,7 +9,8 @@ replays its graph with the weights in device memory):
 
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
 * ``rq``: our rotate+quantize alone; ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
-  chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs);
+  chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs: at decode sizes an
+  un-rotated layer quantizes inside the GEMM); ``linear_unfused``: rotate_quant, then the GEMM;
 * ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
   activations with per-token scales (``is_a_8bit``), the candidate to feed our 4-bit integers.
 
@@ -35,13 +36,14 @@ from kernels import _timed  # the sibling script's CUDA-graph timer (benchmarks/
 
 from vllm_ruquant import reference as ref
 from vllm_ruquant.kernels import TritonBackend, layout
+from vllm_ruquant.kernels import backend as backend_mod
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import rotate_quant
 from vllm_ruquant.ops import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["bf16", "vllm_fp8", "rq", "gemm", "linear", "marlin_w4a16", "marlin_w4a8"]
+METHODS = ["bf16", "vllm_fp8", "rq", "gemm", "linear", "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
 
 
 def _call(fn, **candidates):
@@ -117,6 +119,17 @@ def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
     spec = LinearSpec(k, n, 4, -1, 4, rotation=rot)
     prepared = [backend.prepare(spec, ref.pack_int4(w_q).cuda(), ws) for _ in range(copies)]
     put("linear", lambda i: (lambda: backend.apply(spec, prepared[i], x, None)))
+
+    def unfused(i: int):
+        def f() -> None:  # the pre-2026-12-04 path: rotate_quant launch, then the GEMM
+            backend_mod.FUSED_QUANT_MAX_M, saved = 0, backend_mod.FUSED_QUANT_MAX_M
+            try:
+                backend.apply(spec, prepared[i], x, None)
+            finally:
+                backend_mod.FUSED_QUANT_MAX_M = saved
+        return f
+
+    put("linear_unfused", unfused)
     prepared.clear()
     for method, a_8bit in (("marlin_w4a16", False), ("marlin_w4a8", True)):
         try:

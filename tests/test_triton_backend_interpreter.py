@@ -28,6 +28,8 @@ CASES = [
     (8, 8, -1, None, 576, 32),
     (4, 4, 128, "hadamard", 1536, 32),  # H_12 (x) H_128, tiles already
     (4, 4, -1, "hadamard", 256, 32),  # exact power-of-two Hadamard
+    (4, 4, -1, None, 512, 48),  # no rotation: decode sizes quantize inside the GEMM (a_mode 2)
+    (4, 8, 128, None, 384, 32),
 ]
 
 
@@ -85,3 +87,45 @@ def test_small_weight_groups_keep_the_reference_path(triton_interpreter: None) -
     got = backend.apply(spec, backend.prepare(spec, qweight, w_s), x, None)
     expected = ReferenceBackend().apply(spec, ReferenceBackend().prepare(spec, qweight, w_s), x, None)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 6, 16, 17])
+@pytest.mark.parametrize("bits,group", [(4, -1), (8, 128)])
+def test_decode_sizes_quantize_inside_the_gemm(triton_interpreter: None, monkeypatch, m: int, bits: int,
+                                               group: int) -> None:
+    """Up to FUSED_QUANT_MAX_M tokens an un-rotated layer is one launch (qgemm a_mode 2), above it
+    rotate_quant + qgemm; both give the reference's result exactly (same integers and scales)."""
+    from vllm_ruquant.kernels import TritonBackend
+    from vllm_ruquant.kernels import backend as backend_mod
+
+    calls: list[int] = []
+    real_qgemm = backend_mod.qgemm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["a_mode"])
+        return real_qgemm(*args, **kwargs)
+
+    monkeypatch.setattr(backend_mod, "qgemm", spy)
+    k, n = 384, 32
+    spec = LinearSpec(k, n, 4, group, bits, clip_ratio=0.9, rotation=None)
+    gen = torch.Generator().manual_seed(m * 10 + bits)
+    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), 4, group)
+    qweight = ref.pack_weight(w_q, 4)
+    x = (torch.randn(m, k, generator=gen) * (1 + 3 * torch.rand(m, 1, generator=gen))).to(torch.float16)
+    bias = torch.randn(n, generator=gen).to(torch.float16)
+    backend = TritonBackend()
+    got = backend.apply(spec, backend.prepare(spec, qweight, w_s), x, bias)
+    expected = ReferenceBackend().apply(spec, ReferenceBackend().prepare(spec, qweight, w_s), x, bias)
+    assert calls == [2 if m <= backend_mod.FUSED_QUANT_MAX_M else 0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_decode_sizes_never_autotune(monkeypatch) -> None:
+    """M <= 16 takes its bucket's first config: the autotuner's timing of ~10 us kernels is noise."""
+    from vllm_ruquant.kernels import gemm
+
+    monkeypatch.setattr(gemm, "_INTERPRET", False)
+    monkeypatch.setenv("RUQUANT_AUTOTUNE", "1")
+    assert [gemm._autotune_enabled(gemm.m_bucket(m)) for m in (1, 16, 17, 4096)] == [False, False, True, True]
+    monkeypatch.setenv("RUQUANT_AUTOTUNE", "0")
+    assert not gemm._autotune_enabled(gemm.m_bucket(4096))

@@ -36,12 +36,23 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_ruquant.kernels.rotate_quant import _rint
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 logger = logging.getLogger(__name__)
 
 
-def _autotune_enabled() -> bool:
-    """``RUQUANT_AUTOTUNE=0`` uses the first (heuristic) config of each M bucket: tests."""
+def _autotune_enabled(m_bucket: int | None = None) -> bool:
+    """Whether to autotune this call; else the first (heuristic) config of its M bucket.
+
+    ``RUQUANT_AUTOTUNE=0`` turns it off (tests). Decode sizes (M <= 16) never autotune: their
+    kernels run ~10 us, where the autotuner's timing is noise, and on the H200 it picked a
+    config 2x slower than the bucket's first for Llama-3-8B's gate_up at M = 1 (50.1 vs 24.7 us;
+    the first config was within 3% of the best of 72 in a graph-replay sweep on all four decode
+    shapes, benchmarks/results/2026-12-04-lease2/lin/gemm_decode_sweep.json).
+    """
+    if m_bucket is not None and m_bucket <= 16:
+        return False
     return os.environ.get("RUQUANT_AUTOTUNE", "1") != "0" and not _INTERPRET
 
 
@@ -104,10 +115,10 @@ def _acc_f32(acc, SHIFT: tl.constexpr, IS_FLOAT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, pid_m, pid_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_bsn, stride_cm,
+def _epilogue(acc, xs, pid_m, pid_n, bs_ptr, bias_ptr, c_ptr, M, N, stride_bsn, stride_cm,
               SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FLOAT: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr):
-    """Per-channel epilogue: ``((acc >> SHIFT) * w_scale) * x_scale + bias`` -> out dtype."""
+    """Per-channel epilogue: ``((acc >> SHIFT) * w_scale) * x_scale + bias`` -> out dtype (xs: (BM,))."""
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mmask = offs_m < M
@@ -115,7 +126,6 @@ def _epilogue(acc, pid_m, pid_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_b
     accf = _acc_f32(acc, SHIFT, IS_FLOAT)
     ws = tl.load(bs_ptr + offs_n * stride_bsn, mask=nmask, other=0.0)
     y = accf * ws[None, :]
-    xs = tl.load(as_ptr + offs_m, mask=mmask, other=0.0)
     y = y * xs[:, None]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -123,11 +133,31 @@ def _epilogue(acc, pid_m, pid_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_b
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _row_scales(a_row, K, clip, QMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Per-token activation scale of ``BM`` rows over all of K, as ``reference.quantize_activation``:
+    ``max(absmax * clip / qmax, FLT_MIN)`` with an IEEE division (bit-identical to rotate_quant's)."""
+    amax = tl.zeros((BM,), tl.float32)
+    cols = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        amax = tl.maximum(amax, tl.max(tl.abs(tl.load(a_row + (k0 + cols)[None, :]).to(tl.float32)), axis=1))
+    return tl.maximum(tl.div_rn(amax * clip, QMAX * 1.0), 1.1754943508222875e-38)
+
+
+@triton.jit
+def _quantize(x, scale, QMAX: tl.constexpr):
+    """``clamp(rint(x / scale))`` as int8 (x: (BM, n) any float, scale: (BM,)): rotate_quant's rounding."""
+    q = _rint(tl.div_rn(x.to(tl.float32), scale[:, None]))
+    return tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _qgemm_kernel(
     a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_am, stride_bn, stride_bsn, stride_cm, M_BUCKET,
-    A_MODE: tl.constexpr,  # 0: int8 per element; 1: int4 packed (element 2i low nibble)
+    M, N, K, stride_am, stride_bn, stride_bsn, stride_cm, M_BUCKET, clip,
+    A_MODE: tl.constexpr,  # 0: int8 per element; 1: int4 packed (element 2i low nibble);
+    #                        2: float activations, quantized here per token (QMAX) with B_MODE 2
+    QMAX: tl.constexpr,
     B_MODE: tl.constexpr,  # 0: int8 per element; 1: int4 packed like A; 2: int4 chunked
     CHUNK: tl.constexpr,  # chunk of the chunked layout (B_MODE 2)
     GROUP: tl.constexpr,  # weight group size along K; 0: one scale per output channel
@@ -176,6 +206,11 @@ def _qgemm_kernel(
     else:
         a_ptrs = a_row + (k_start + j)[None, :]
 
+    if A_MODE == 2:
+        xscale = _row_scales(a_row, K, clip, QMAX, BM, BK)
+    else:
+        offs_m0 = pid_m * BM + tl.arange(0, BM)
+        xscale = tl.load(as_ptr + offs_m0, mask=offs_m0 < M, other=0.0)
     if GROUP == 0:
         KSTEP: tl.constexpr = BK
     else:
@@ -207,6 +242,9 @@ def _qgemm_kernel(
                     a = tl.load(a_ptrs)
                     a_lo = _nib_lo(a, ASM)
                     a_hi = _nib_hi(a, ASM)
+                elif A_MODE == 2:
+                    a_lo = _quantize(tl.load(a_ptrs), xscale, QMAX)
+                    a_hi = _quantize(tl.load(a_ptrs + H), xscale, QMAX)
                 else:
                     a_lo = tl.load(a_ptrs)
                     a_hi = tl.load(a_ptrs + H)
@@ -245,14 +283,13 @@ def _qgemm_kernel(
         offs_n = pid_n * BN + tl.arange(0, BN)
         mmask = offs_m < M
         nmask = offs_n < N
-        xs = tl.load(as_ptr + offs_m, mask=mmask, other=0.0)
-        y = yacc * xs[:, None]
+        y = yacc * xscale[:, None]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
     elif SPLIT_K == 1:
-        _epilogue(acc, pid_m, pid_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_bsn, stride_cm,
+        _epilogue(acc, xscale, pid_m, pid_n, bs_ptr, bias_ptr, c_ptr, M, N, stride_bsn, stride_cm,
                   SHIFT, HAS_BIAS, USE_FP8, BM, BN)
     else:
         # exact int32 reduction across K splits in a self-cleaning workspace (see module doc)
@@ -271,7 +308,7 @@ def _qgemm_kernel(
         if done == SPLIT_K - 1:
             tl.debug_barrier()
             total = tl.atomic_xchg(w_ptrs, tl.zeros((BM, BN), tl.int32), mask=wmask, sem="acquire")
-            _epilogue(total, pid_m, pid_n, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, stride_bsn,
+            _epilogue(total, xscale, pid_m, pid_n, bs_ptr, bias_ptr, c_ptr, M, N, stride_bsn,
                       stride_cm, SHIFT, HAS_BIAS, False, BM, BN)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
@@ -357,7 +394,7 @@ def _all_configs() -> list[triton.Config]:
     return out
 
 
-_KEY = ["M_BUCKET", "N", "K", "A_MODE", "B_MODE", "GROUP", "HAS_BIAS", "USE_FP8", "FP8_ACC"]
+_KEY = ["M_BUCKET", "N", "K", "A_MODE", "QMAX", "B_MODE", "GROUP", "HAS_BIAS", "USE_FP8", "FP8_ACC"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -399,10 +436,14 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
           a_mode: int, b_mode: int, K: int, group_size: int = -1, chunk: int = 128,
           bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
           use_fp8: bool = False, fp8_acc: int = 32, config: triton.Config | None = None,
-          out: torch.Tensor | None = None) -> torch.Tensor:
+          out: torch.Tensor | None = None, act_bits: int = 8, clip_ratio: float = 1.0) -> torch.Tensor:
     """``y = (A_int @ B_int^T) * b_scale * a_scale + bias`` for quantized A and B.
 
     ``a``: int8 (M, K) (a_mode 0) or packed uint8 (M, K/2) (a_mode 1); ``a_scale`` fp32 (M,).
+    a_mode 2: ``a`` is the float activation (M, K) itself, quantized per token inside the kernel to
+    ``act_bits`` with ``clip_ratio`` (the integers and scales of ``rotate_quant``, no rotation);
+    ``a_scale`` is unused (None), and ``b`` must be chunked (b_mode 2). For decode sizes: one
+    launch instead of two, at the price of each program reading its rows whole for the scale.
     ``b``: int8 (N, K) (b_mode 0), packed uint8 (N, K/2) in A's layout (1) or chunked (2);
     ``b_scale`` fp32 (N, G). ``config`` pins a kernel config (tests), else autotuned.
     ``out`` (M, N) receives the result (tests poison it first).
@@ -415,6 +456,10 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         raise ValueError("packed int4 activations need b_mode 1 weights")
     if use_fp8 and not (a_mode == 1 and b_mode == 1):
         raise ValueError("the FP8 path is exact only for int4 x int4")
+    if a_mode == 2 and b_mode != 2:
+        raise ValueError("in-kernel activation quantization (a_mode 2) needs chunked weights (b_mode 2)")
+    if a_mode == 2 and (a.stride(-1) != 1 or K % 128):
+        raise ValueError("a_mode 2 needs contiguous rows and K a multiple of 128")
     group = 0 if group_size in (-1, K) else group_size
     c = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0:
@@ -425,7 +470,10 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     mb = m_bucket(M)
     a = a.view(torch.uint8) if a_mode == 1 else a
     b = b.view(torch.uint8) if b_mode != 0 else b
-    args = dict(A_MODE=a_mode, B_MODE=b_mode, CHUNK=chunk if b_mode == 2 else 128,
+    if a_mode == 2:
+        a_scale = b_scale  # a valid pointer; the kernel computes the activation scales
+    args = dict(A_MODE=a_mode, QMAX=(1 << (act_bits - 1)) - 1 if a_mode == 2 else 127,
+                B_MODE=b_mode, CHUNK=chunk if b_mode == 2 else 128,
                 GROUP=group, HAS_BIAS=bias is not None, USE_FP8=use_fp8,
                 FP8_ACC=fp8_acc if use_fp8 else 0)
     if not _INTERPRET:
@@ -440,7 +488,8 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
 
     common = (a, b, a_scale, b_scale, bias_arg, c, ws, cnt, M, N, K, a.stride(0), b.stride(0),
               bs_stride, c.stride(0))
-    if config is None and not _autotune_enabled():
+    clip = float(clip_ratio)
+    if config is None and not _autotune_enabled(mb):
         config = _prune(_CONFIGS[_bucket_name(mb)], {"M_BUCKET": mb, "K": K, "GROUP": group,
                                                     "CHUNK": args["CHUNK"], "B_MODE": b_mode})[0]
     if config is not None and config.kwargs["SPLIT_K"] > 1 and mb > 128:
@@ -449,10 +498,10 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
         asm = _ASM["ok"] if config is None or "ASM" not in config.kwargs else bool(config.kwargs["ASM"])
         try:
             if config is None:
-                _tuned_kernel(asm)[grid](*common, mb, **args)
+                _tuned_kernel(asm)[grid](*common, mb, clip, **args)
             else:
                 kw = dict(config.kwargs, ASM=int(asm))
-                _qgemm_kernel[grid](*common, mb, **args, **kw, num_warps=config.num_warps,
+                _qgemm_kernel[grid](*common, mb, clip, **args, **kw, num_warps=config.num_warps,
                                     num_stages=config.num_stages)
             return c
         except Exception as e:  # noqa: BLE001 - only the asm build may fail this way
