@@ -49,7 +49,7 @@ def _autotune_enabled(m_bucket: int | None = None) -> bool:
     kernels run ~10 us, where the autotuner's timing is noise, and on the H200 it picked a
     config 2x slower than the bucket's first for Llama-3-8B's gate_up at M = 1 (50.1 vs 24.7 us;
     the first config was within 3% of the best of 72 in a graph-replay sweep on all four decode
-    shapes, benchmarks/results/2026-12-04-lease2/lin/gemm_decode_sweep.json).
+    shapes, benchmarks/results/gpu-2026-12-04b/lin/gemm_decode_sweep.json).
     """
     if m_bucket is not None and m_bucket <= 16:
         return False
