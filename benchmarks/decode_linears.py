@@ -8,7 +8,8 @@ CUDA graph over weight copies larger than L2 (``kernels._timed``, as a served de
 replays its graph with the weights in device memory):
 
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
-* ``rq``: our rotate+quantize alone; ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
+* ``rq``: our rotate+quantize alone (``rq_single``: down_proj's Kronecker rotation one program per
+  token instead of spread over programs); ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
   chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs: at decode sizes an
   un-rotated layer quantizes inside the GEMM); ``linear_unfused``: rotate_quant, then the GEMM;
 * ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
@@ -37,13 +38,14 @@ from kernels import _timed  # the sibling script's CUDA-graph timer (benchmarks/
 from vllm_ruquant import reference as ref
 from vllm_ruquant.kernels import TritonBackend, layout
 from vllm_ruquant.kernels import backend as backend_mod
+from vllm_ruquant.kernels import rotate_quant as rq_mod
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import rotate_quant
 from vllm_ruquant.ops import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["bf16", "vllm_fp8", "rq", "gemm", "linear", "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
+METHODS = ["bf16", "vllm_fp8", "rq", "rq_single", "gemm", "linear", "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
 
 
 def _call(fn, **candidates):
@@ -107,6 +109,15 @@ def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
     w.clear()
     rot = ref.OnlineRotation("hadamard", k) if rotated else None
     put("rq", lambda i: (lambda: rotate_quant(x, 4, 1.0, rot, pack=False)))
+    if rotated:
+        def rq_single() -> None:  # one program per token (before 2026-12-04), for the A/B
+            rq_mod.SPLIT_ROWS_MAX_M, saved = 0, rq_mod.SPLIT_ROWS_MAX_M
+            try:
+                rotate_quant(x, 4, 1.0, rot, pack=False)
+            finally:
+                rq_mod.SPLIT_ROWS_MAX_M = saved
+
+        put("rq_single", lambda i: rq_single)
     w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     w_s = torch.rand(n, 1) * 0.01 + 1e-3
     w_c = [layout.pack_chunked(w_q, 128).cuda() for _ in range(copies)]

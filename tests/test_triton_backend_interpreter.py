@@ -129,3 +129,29 @@ def test_decode_sizes_never_autotune(monkeypatch) -> None:
     assert [gemm._autotune_enabled(gemm.m_bucket(m)) for m in (1, 16, 17, 4096)] == [False, False, True, True]
     monkeypatch.setenv("RUQUANT_AUTOTUNE", "0")
     assert not gemm._autotune_enabled(gemm.m_bucket(4096))
+
+
+@pytest.mark.parametrize("k", [28 * 512, 36 * 16, 12 * 128, 20 * 64])
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("bits,pack", [(4, True), (8, False), (16, False)])
+def test_decode_kronecker_rotation_split_over_programs(triton_interpreter: None, monkeypatch, k: int, m: int,
+                                                       bits: int, pack: bool) -> None:
+    """Decode sizes spread H_m (x) H_p over programs (rows of the (m, p) view, then the last program of
+    each token mixes and quantizes): bit-identical to one program per token, run twice (the counters
+    must come back zeroed)."""
+    from vllm_ruquant.kernels import rotate_quant as rq
+
+    gen = torch.Generator().manual_seed(k + m + bits)
+    x = (torch.randn(m, k, generator=gen) * (1 + 3 * torch.rand(m, 1, generator=gen))).to(torch.bfloat16)
+    rot = ref.OnlineRotation("hadamard", k)
+    monkeypatch.setattr(rq, "SPLIT_ROWS_MAX_M", 0)
+    q_one, s_one = rq.rotate_quant(x, bits, 0.9, rot, pack=pack)
+    monkeypatch.setattr(rq, "SPLIT_ROWS_MAX_M", 16)
+    for _ in range(2):
+        q_split, s_split = rq.rotate_quant(x, bits, 0.9, rot, pack=pack)
+        assert torch.equal(q_split, q_one)
+        assert (s_split is None and s_one is None) or torch.equal(s_split, s_one)
+    if bits < 16:  # and both are the reference's integers up to a rare one-step rounding difference
+        q_ref, _ = ref.quantize_activation(rot.apply(x), bits, 0.9)
+        q_int = ref.unpack_int4(q_split) if pack else q_split
+        assert (q_int.int() - q_ref.int()).abs().max() <= 1

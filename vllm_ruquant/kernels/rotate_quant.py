@@ -148,6 +148,42 @@ def _rq_hadamard_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, stride_xm, stride_qm, K, cl
 
 
 @triton.jit
+def _rq_hadamard_split_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, scratch_ptr, cnt_ptr, stride_xm, stride_qm, K, clip,
+                              sqrt_n, QMAX: tl.constexpr, MODE: tl.constexpr, HM: tl.constexpr,
+                              HM_P2: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, RB: tl.constexpr,
+                              NB: tl.constexpr, PRECISION: tl.constexpr):
+    """``_rq_hadamard_kernel`` for decode sizes: each token's row spread over ``NB`` programs.
+
+    One program per token leaves a decode step's GPU nearly idle while it runs the log2(p)
+    butterfly stages over the whole (m, p) row. Here program (token, b) transforms rows
+    ``[b*RB, b*RB + RB)`` of X over p (the same butterflies, so the same fp32 values) into a
+    scratch row; the token's last program to finish (a counter, as the split-K GEMM's) applies
+    ``H_m^T`` to the whole scratch row, divides by sqrt(n), quantizes, and zeroes the counter.
+    Same operations in the same order as ``_rq_hadamard_kernel``: bit-identical results.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    rj = tl.arange(0, P)
+    ra = blk * RB + tl.arange(0, RB)
+    part = ra[:, None] * P + rj[None, :]
+    rows_ok = (ra < HM)[:, None]
+    y = tl.load(x_ptr + row * stride_xm + part, mask=rows_ok, other=0.0).to(tl.float32)
+    y = _fwht_rows(y, RB, P, LOG_P)
+    tl.store(scratch_ptr + row * (HM_P2 * P) + part, y, mask=rows_ok)
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel") == NB - 1:
+        ra2 = tl.arange(0, HM_P2)
+        flat = ra2[:, None] * P + rj[None, :]
+        # .cg: read the other programs' rows from L2, never from this SM's (incoherent) L1
+        z = tl.load(scratch_ptr + row * (HM_P2 * P) + flat, mask=(ra2 < HM)[:, None], other=0.0,
+                    cache_modifier=".cg")
+        ht = tl.load(ht_ptr + ra2[:, None] * HM_P2 + ra2[None, :])
+        z = tl.div_rn(tl.dot(ht, z, input_precision=PRECISION), sqrt_n)
+        _quantize_store(z, flat < K, flat, row, q_ptr, s_ptr, stride_qm, K, clip, QMAX, MODE, HM_P2 * P)
+        tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed")
+
+
+@triton.jit
 def _rq_blockdiag_kernel(x_ptr, q_ptr, s_ptr, blk_ptr, M, stride_xm, stride_qm, K, clip,
                          NB, QMAX: tl.constexpr, MODE: tl.constexpr, B: tl.constexpr,
                          B_P2: tl.constexpr, BC: tl.constexpr, ROWS: tl.constexpr,
@@ -207,6 +243,24 @@ def _rq_blockdiag_kernel(x_ptr, q_ptr, s_ptr, blk_ptr, M, stride_xm, stride_qm, 
 def _warps_for(numel: int) -> int:
     """Enough threads that a row of up to 32K fp32 stays in registers (about 32 per thread)."""
     return max(4, min(32, triton.next_power_of_2(max(numel // 1024, 1))))
+
+
+# Decode sizes (at most this many tokens) spread a Kronecker rotation's rows over programs
+# (``_rq_hadamard_split_kernel``); more tokens fill the GPU with one program each.
+SPLIT_ROWS_MAX_M = int(os.environ.get("RUQUANT_RQ_SPLIT_MAX_M", "16"))
+
+_SPLIT_WS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, numel: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scratch rows and zeroed per-token counters for the split kernel (it re-zeroes them)."""
+    key = (device.type, device.index or 0)
+    ws, cnt = _SPLIT_WS.get(key, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < tokens:
+        ws = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tokens, 64), dtype=torch.int32, device=device)
+        _SPLIT_WS[key] = (ws, cnt)
+    return ws, cnt
 
 
 _HT_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -278,6 +332,15 @@ def rotate_quant(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
                                 out=out, out_scale=out_scale)
         m_p2 = 1 if m == 1 else max(16, triton.next_power_of_2(m))
         ht = hadamard_factor_t(m, dev) if m > 1 else s  # dummy pointer when unused
+        if m > 1 and M <= SPLIT_ROWS_MAX_M:
+            rb = max(1, min(triton.next_power_of_2(m), 4096 // p))  # rows of X per program
+            nb = triton.cdiv(m, rb)
+            scratch, cnt = _split_workspace(dev, M * m_p2 * p, M)
+            _rq_hadamard_split_kernel[(M, nb)](
+                x, q, s, ht, scratch, cnt, x.stride(0), q.stride(0), K, clip, float(math.sqrt(K)), QMAX=qmax,
+                MODE=mode, HM=m, HM_P2=m_p2, P=p, LOG_P=int(math.log2(p)), RB=rb, NB=nb,
+                PRECISION=_DOT_PRECISION, num_warps=_warps_for(m_p2 * p))
+            return q, (None if mode == 2 else s)
         _rq_hadamard_kernel[(M,)](x, q, s, ht, x.stride(0), q.stride(0), K, clip,
                                   float(math.sqrt(K)), QMAX=qmax, MODE=mode, HM=m, HM_P2=m_p2, P=p,
                                   LOG_P=int(math.log2(p)), PRECISION=_DOT_PRECISION,
