@@ -21,6 +21,7 @@ engine (e.g. ``-- --enforce-eager``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_ruquant.format import KVCacheSpec, RotationSpec, scheme_format  # noqa: E402
+from vllm_ruquant.checkpoint.format import RotationSpec, scheme_format  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -90,9 +91,9 @@ def _ruquant(scheme: str, intermediate_size: int) -> dict[str, Any]:
     base = scheme_format(scheme)
     rot = {} if base.weight_only else {"down_proj": RotationSpec("hadamard", intermediate_size)}
     # as ruquant-convert writes it: the default rotations fold R2 into V/O ("offline" V)
-    kv = KVCacheSpec(bits=base.kv_cache.bits, value_rotation="offline")
-    return scheme_format(scheme, online_rotations=rot, kv_cache=kv,
-                         converter={"tool": "benchmarks/serving.py", "weights": "dummy"}).to_dict()
+    return dataclasses.replace(base, online_rotations=rot,
+                               kv_cache=dataclasses.replace(base.kv_cache, value_rotation="offline"),
+                               converter={"tool": "benchmarks/serving.py", "weights": "dummy"}).to_dict()
 
 
 INT4_KV = ("--kv-cache-dtype", "int4_per_token_head")

@@ -118,7 +118,7 @@ def plan_diagnostics(ctx: RotationContext, plan: RotationPlan, max_tokens: int =
     """Per site, per stage (``none``, the plan's intermediate stages, ``final``), per layer metrics."""
     if ctx.layer_states is None or ctx.layer_tensors is None:
         return {}
-    bits = ctx.act_bits if ctx.act_bits <= 8 else 4
+    bits = ctx.fmt.activation.bits if ctx.fmt.activation.bits <= 8 else 4
     stages = {"none": RotationPlan(), **plan.stages, "final": plan}
     inputs = site_inputs(ctx, max_tokens)
     per: dict[str, dict[str, dict[str, list[float]]]] = {s: {} for s in SITES}

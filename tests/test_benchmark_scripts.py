@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import serving  # noqa: E402
 
-from vllm_ruquant.format import RUQuantFormat  # noqa: E402
+from vllm_ruquant.checkpoint.format import RUQuantFormat  # noqa: E402
 
 
 def test_every_config_writes_a_loadable_model_dir(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from convert import cli
 from plugin_helpers import in_process_llm
 from tiny_models import make_tiny_llama
 from vllm_ruquant import reference as ref
-from vllm_ruquant.format import KVCacheSpec, RUQuantFormat
+from vllm_ruquant.checkpoint.format import KVCacheSpec, RUQuantFormat
 
 # ------------------------------------------------------------------ reference arithmetic
 

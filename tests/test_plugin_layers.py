@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_ruquant import format as fmt_mod
 from vllm_ruquant import reference as ref
-from vllm_ruquant.format import ActivationSpec, KVCacheSpec, RotationSpec, RUQuantFormat, WeightSpec
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.format import ActivationSpec, KVCacheSpec, RotationSpec, RUQuantFormat, WeightSpec
 
 H, I_SIZE, NH, NKV, HD = 128, 256, 4, 2, 32
 

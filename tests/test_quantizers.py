@@ -13,8 +13,8 @@ from convert import cli
 from convert.clip import gradual_binary_search, search_kv_clip, search_weight_clip
 from convert.quantizers.base import get_quantizer
 from tiny_models import make_tiny_llama
-from vllm_ruquant import format as fmt_mod
 from vllm_ruquant import reference as ref
+from vllm_ruquant.checkpoint import format as fmt_mod
 
 SMALL_CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
 # (name, options): every quantizer this file owns, plus the GBS-clipped baselines

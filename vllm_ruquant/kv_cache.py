@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vllm_ruquant import compat
-from vllm_ruquant.format import QUANT_METHOD, FormatError, KVCacheSpec, RUQuantFormat
+from vllm_ruquant.checkpoint.format import QUANT_METHOD, FormatError, KVCacheSpec, RUQuantFormat, parse_format
 
 logger = compat.plugin_logger(__name__)
 
@@ -45,7 +45,7 @@ def checkpoint_kv_spec(hf_config: Any) -> KVCacheSpec | None:
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         return None
     try:
-        return RUQuantFormat.from_dict(qcfg).kv_cache
+        return parse_format(qcfg).kv_cache
     except FormatError:
         return None  # RUQuantConfig.from_config reports it with the full message
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ruquant import compat, format, ops
+from vllm_ruquant import compat, ops
 from vllm_ruquant import reference as ref
+from vllm_ruquant.checkpoint import format
+from vllm_ruquant.checkpoint.models import ROW_PARALLEL, short_name
 
 logger = compat.plugin_logger(__name__)
 
@@ -82,8 +84,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         if self.fmt.weight.bits == 4 and k % 2:
             raise ValueError(f"ruquant: {self.prefix}: int4 packing needs an even input size, got {k}")
         tp = compat.tensor_parallel_world_size()
-        if tp != self.fmt.tp_size and not self.fmt.weight_only and self.prefix.rsplit(".", 1)[-1] in \
-                format.ROW_PARALLEL:
+        if tp != self.fmt.tp_size and not self.fmt.weight_only and short_name(self.prefix) in ROW_PARALLEL:
             raise ValueError(
                 f"ruquant: this checkpoint was converted for --tensor-parallel-size {self.fmt.tp_size} "
                 f"(row-parallel activations are quantized per shard), but vLLM runs with {tp}; serve it "
@@ -165,8 +166,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
                              layer.ruquant_kind_id)
 
     def fmt_summary(self) -> str:
-        f = self.fmt
-        return f"w{f.weight.bits}a{f.activation.bits}, group_size {f.weight.group_size}"
+        return f"{self.fmt.scheme}, group_size {self.fmt.weight.group_size}"
 
 
 compat.register_weight_loader_v2_supported_method(RUQuantLinearMethod)

@@ -14,8 +14,9 @@ from typing import Protocol
 
 import torch
 
-from convert.architectures import ModelDims
 from convert.errors import ConvertError, ExitCode
+from vllm_ruquant.checkpoint.format import RUQuantFormat
+from vllm_ruquant.checkpoint.models import ModelDims
 from vllm_ruquant.reference import OnlineRotation
 
 
@@ -52,9 +53,9 @@ class RotationContext:
     layer_tensors: Callable[[int], dict[str, torch.Tensor]] | None = None
     # the fp model's final norm (folded) and lm_head as (vocab, d), for logit-level losses
     head: Callable[[], torch.Tensor] | None = None
-    weight_bits: int = 4
-    act_bits: int = 4
-    kv_bits: int = 16  # the scheme's KV-cache bits, for methods that simulate the served cache
+    # the scheme being converted to (weight / activation / KV-cache bits), for methods that
+    # simulate the served quantization
+    fmt: RUQuantFormat = field(default_factory=RUQuantFormat)
     finetune: bool = False  # the method's slower, fine-tuned variant (``--finetune``)
 
 

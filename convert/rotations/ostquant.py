@@ -86,7 +86,7 @@ class _ModelSim:
 
     def q_logits(self, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
         """Quantized forward in the R1 basis; ``log_s (L, 2, d)`` the norm-site scalings."""
-        wb, ab = self.ctx.weight_bits, self.ctx.act_bits
+        wb, ab = self.ctx.fmt.weight.bits, self.ctx.fmt.activation.bits
         h = self.h0[seqs] @ r
         for i, sd in enumerate(self.layers):
             p = self.dims.layer_prefix(i)
