@@ -17,8 +17,8 @@ from pathlib import Path
 from convert.errors import ConvertError, ExitCode
 from convert.model_io import read_source
 from convert.pipeline import ConvertOptions, convert
-from convert.quantizers.base import available_quantizers
-from convert.rotations.base import available_rotations
+from convert.quantizers import available_quantizers
+from convert.rotations import available_rotations
 from vllm_ruquant.checkpoint.errors import RUQuantError
 from vllm_ruquant.checkpoint.format import SCHEMES, FormatError
 from vllm_ruquant.checkpoint.models import LINEARS, short_name

@@ -66,7 +66,7 @@ def test_simulation_equals_the_rotated_attention_the_kernels_compute(offline: bo
     k[..., 5] *= 20  # an outlier channel, as real keys have
     k_sim, v_sim = ref.simulate_kv_cache(k, v, 4, value_rotated_offline=offline)
     simulated = _attention(q, k_sim, v_sim, scale)
-    if offline:  # kernels/kv4_attention.py: Q, K times H_d / sqrt(d); V as it comes
+    if offline:  # attention.py: Q, K times H_d / sqrt(d); V as it comes
         h = ref.hadamard_transform(torch.eye(d))
         served = _attention(q @ h, ref.fake_quantize_kv_int4(k @ h), ref.fake_quantize_kv_int4(v), scale)
     else:  # vLLM's built-in path: R = H D on Q, K, V; scale / d; output un-rotated

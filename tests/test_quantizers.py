@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from convert import cli
 from convert.clip import gradual_binary_search, search_kv_clip, search_weight_clip
-from convert.quantizers.base import get_quantizer
+from convert.quantizers import get_quantizer
 from tiny_models import make_tiny_llama
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod

@@ -19,12 +19,13 @@ from vllm_ruquant import compat, ops
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format
 from vllm_ruquant.checkpoint.models import ROW_PARALLEL, short_name
+from vllm_ruquant.linear_backend import LinearSpec
+from vllm_ruquant.logs import log_once
 
 logger = compat.plugin_logger(__name__)
 
 # Prepared tensors live on the layer under this prefix so they cannot clash with vLLM's.
 PREPARED_PREFIX = "ruquant_"
-_logged_backends: set[str] = set()
 
 
 class RUQuantLinearMethod(compat.LinearMethodBase):
@@ -118,7 +119,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Hand the loaded tensors to the backend once; keep what it prepares on the layer."""
         qweight = getattr(layer, format.QWEIGHT)
-        spec = ops.LinearSpec(
+        spec = LinearSpec(
             in_features=layer.ruquant_in_features,
             out_features=layer.ruquant_out_features,
             weight_bits=self.fmt.weight.bits,
@@ -145,9 +146,8 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         layer.ruquant_backend = backend
         layer.ruquant_kind_id = ops.register_layer(
             backend, spec, {k: getattr(layer, PREPARED_PREFIX + k) for k in prepared})
-        if backend.name not in _logged_backends:
-            _logged_backends.add(backend.name)
-            logger.info("ruquant: linear layers run on the %r backend (%s)", backend.name, self.fmt_summary())
+        log_once(logger, f"backend:{backend.name}",
+                 f"ruquant: linear layers run on the {backend.name!r} backend ({self.fmt_summary()})")
 
     def _online_rotation(self, layer: torch.nn.Module) -> ref.OnlineRotation | None:
         rot = self.rotation_spec

@@ -90,12 +90,13 @@ from typing import Any
 
 import torch
 
-from convert.diagnostics import site_inputs
 from convert.modeling import decoder_layer, rope_tables
-from convert.rotations.base import RotationContext, RotationPlan, register_rotation
+from convert.rotations.base import RotationContext, RotationPlan, site_inputs
+from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
 from convert.simulate import kv_cache_quantizer
 from vllm_ruquant.checkpoint.format import KVCacheSpec
+from vllm_ruquant.checkpoint.models import READERS, WRITERS
 from vllm_ruquant.hadamard import hadamard_matrix, is_hadamard_size
 from vllm_ruquant.reference import OnlineRotation
 
@@ -356,29 +357,6 @@ def choose_composition(x: torch.Tensor, candidates: dict[str, torch.Tensor], bit
 
 
 # -------------------------------------------------------------------------- stage 2
-
-
-class _STERound(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return g
-
-
-def fake_quant(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Symmetric absmax fake quantization along ``dim`` with straight-through rounding."""
-    if bits >= 16:
-        return x
-    qmax = (1 << (bits - 1)) - 1
-    s = (x.abs().amax(dim, keepdim=True) / qmax).clamp_min(1e-12)
-    return torch.clamp(_STERound.apply(x / s), -qmax - 1, qmax) * s
-
-
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -646,13 +624,11 @@ def _bd_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nka,kab->nkb", x.reshape(-1, nb, b), blocks).reshape(x.shape)
 
 
-@register_rotation("ruquant")
 class RUQuantStage12(RUQuantRotation):
     name = "ruquant"
     stage2 = True
 
 
-@register_rotation("ruquant-stage1")
 class RUQuantStage1(RUQuantRotation):
     name = "ruquant-stage1"
     stage2 = False
