@@ -32,17 +32,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_ruquant import compat  # noqa: E402
-from vllm_ruquant import reference as ref  # noqa: E402
-from vllm_ruquant.kernels import int4_kv_attention as ours  # noqa: E402
+from vllm_ruquant import compat
+from vllm_ruquant import reference as ref
+from vllm_ruquant.kernels import int4_kv_attention as ours
 
 HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 16
 SCENARIOS = {  # name -> [(cached context, new queries)] per sequence

@@ -19,14 +19,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.serving import SHAPES, llama_config  # noqa: E402
-from convert.rotations.base import RotationContext  # noqa: E402
-from convert.rotations.ruquant import RUQuantStage1  # noqa: E402
-from vllm_ruquant.checkpoint.format import scheme_format  # noqa: E402
-from vllm_ruquant.checkpoint.models import model_dims  # noqa: E402
+from convert.rotations.base import RotationContext
+from convert.rotations.ruquant import RUQuantStage1
+from convert.tiny_models import SHAPES, llama_config
+from vllm_ruquant.checkpoint.format import scheme_format
+from vllm_ruquant.checkpoint.models import model_dims
 
 
 def random_context(shape: str, layers: int | None, tokens: int, seq_len: int, device: torch.device,

@@ -16,7 +16,7 @@ from convert.model_io import read_config
 from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.simulate import checkpoint_linear
-from tiny_models import make_tiny_llama
+from convert.tiny_models import make_tiny_llama
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.models import model_dims
 from vllm_ruquant.checkpoint.shards import sha256_file

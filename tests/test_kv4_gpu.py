@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama, train_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm
-from tiny_models import make_tiny_llama, train_tiny_llama
 from vllm_ruquant import reference as ref
 
 pytestmark = [

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import in_process_llm
-from tiny_models import make_tiny_llama
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint.format import KVCacheSpec, RUQuantFormat
 
@@ -205,8 +205,8 @@ def test_trained_tiny_model_keeps_its_greedy_tokens_under_float_noise(tmp_path: 
     from safetensors.torch import load_file, save_file
     from test_kv4_gpu import PROMPTS
 
+    from convert.tiny_models import train_tiny_llama
     from plugin_helpers import SimulatedQuantizedModel
-    from tiny_models import train_tiny_llama
 
     def converted(src: Path) -> Path:
         out = src.parent / f"{src.name}-w4a4kv4"

@@ -27,7 +27,7 @@ from convert.rotations.ruquant import (
     uniform_target,
 )
 from convert.simulate import checkpoint_linear
-from tiny_models import make_tiny_llama
+from convert.tiny_models import make_tiny_llama
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.models import model_dims
 

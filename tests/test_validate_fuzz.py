@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from convert import cli
-from tiny_models import make_tiny_llama
+from convert.tiny_models import make_tiny_llama
 from vllm_ruquant.checkpoint import validate as val
 from vllm_ruquant.checkpoint.errors import CheckpointError, ExitCode
 from vllm_ruquant.checkpoint.shards import INDEX_FILE, sha256_file
