@@ -41,7 +41,7 @@ from vllm_ruquant.kernels import layout
 from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import hadamard_factor_t, rotate_quant
-from vllm_ruquant.ops import LinearSpec, ReferenceBackend
+from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
 logger = logging.getLogger(__name__)
 
