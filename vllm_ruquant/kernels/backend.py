@@ -1,4 +1,4 @@
-"""``TritonBackend``: the ruquant linear layer on NVIDIA GPUs (see ``ops.LinearBackend``).
+"""``TritonBackend``: the ruquant linear layer on NVIDIA GPUs (see ``linear_backend.LinearBackend``).
 
 ``prepare`` picks a kernel path from the layer's spec once and repacks the weights for
 it; ``apply`` runs the fused rotate+quantize kernel and then the GEMM:
