@@ -16,6 +16,7 @@ import torch
 
 from vllm_ruquant import reference as ref
 from vllm_ruquant.kernels import int4_kv_attention as kernel
+from vllm_ruquant.kernels import kv4_attention
 
 PAGE, KV_HEADS, D = 16, 2, 64
 
@@ -266,7 +267,6 @@ def test_dequantized_sequences_are_the_reference_values(triton_interpreter, dtyp
 def test_served_prefill_path_matches_reference_on_llama_heads() -> None:
     """What the engine runs for a mixed step on a GPU: the prefill sequences through vLLM's
     FlashAttention on their dequantized K/V, then the decode launch; bf16, Llama-3-8B heads."""
-    kv4_attention = pytest.importorskip("vllm_ruquant.kernels.kv4_attention")
     if kv4_attention._FLASH_ATTN is None:
         pytest.fail("vLLM on this GPU offers no FlashAttention: the served prefill path is off")
     g = torch.Generator().manual_seed(0)
