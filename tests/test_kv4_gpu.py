@@ -6,6 +6,8 @@
   model's greedy tokens for 32 tokens and its logprobs up to float noise.
 * The same model on vLLM's built-in online-rotation path (``value_rotation: online``)
   gives the same greedy tokens; its logprobs carry bf16 noise (see that test).
+* Our path in a bfloat16 engine (issue 20, item 5: the dtype users serve) gives the same
+  greedy tokens, logprobs within the bf16 bound.
 
 The model is ``train_tiny_llama``'s, not a random one. On the H100 (2026-11-23) the random
 tiny model's greedy tokens diverged from the simulation on both paths, at w4a4kv4 and at
@@ -18,7 +20,6 @@ divergence here means the served path computes something else.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 
 from convert import cli
 from convert.tiny_models import make_tiny_llama, train_tiny_llama
-from plugin_helpers import check_against_simulation, in_process_llm
+from plugin_helpers import BF16_W4A4, Tolerance, check_against_simulation, in_process_llm
 from vllm_ruquant import reference as ref
 
 pytestmark = [
@@ -85,36 +86,46 @@ def _with_value_rotation(ckpt: Path, where: str, dst: Path) -> Path:
     return dst
 
 
+# (value_rotation, engine dtype) -> served-vs-simulated bound; see the test's docstring
+KV4_TOLERANCE = {
+    ("offline", "float32"): Tolerance(noise_atol=0.1, flip_atol=2.0, max_flip_fraction=0.5),
+    ("online", "float32"): BF16_W4A4,  # vLLM's online Hadamard rounds to bf16 on CUDA
+    ("offline", "bfloat16"): BF16_W4A4,
+}
+
+
 @pytest.mark.vllm
-@pytest.mark.parametrize("value_rotation", ["offline", "online"])
-def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rotation: str, monkeypatch) -> None:
-    """Both paths: greedy identity (the trained model's margins make it a real check).
+@pytest.mark.parametrize(("value_rotation", "dtype"), list(KV4_TOLERANCE), ids=lambda v: v)
+def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rotation: str, dtype: str,
+                                       monkeypatch) -> None:
+    """Every case: greedy identity (the trained model's margins make it a real check).
 
     Teacher-forced top-3 logprobs, measured on the CPU with this model's simulation
     (171 positions): 1e-5 relative noise on the norm weights moves 13% of them by more
     than 0.1 (median 1e-4, worst 1.5); a KV path without the Q/K rotation moves 97%
-    (median 1.3) and a 16-bit KV cache 98%. Offline V (ours) is held to at most half the
-    positions above 0.1. vLLM's online path rotates Q, K, V and the output with
+    (median 1.3) and a 16-bit KV cache 98%. Offline V (ours) in float32 is held to at most
+    half the positions above 0.1. vLLM's online path rotates Q, K, V and the output with
     ``fast_hadamard_transform``, which on CUDA rounds fp32 input to bf16
     (``int4_per_token_head.py``: "precision loss is irrelevant before INT4 quantization"):
-    ~4e-3 relative noise, and 4e-3 on the norms already moves logprobs as much as a wrong
-    path (median 1.3) while changing no greedy token in 12 of 12 draws -- so there greedy
-    identity is the check and the logprob profile is printed, not asserted.
+    ~4e-3 relative noise, which moves logprobs as much as a bf16 engine does -- so that path
+    and our offline path in a bfloat16 engine are held to ``plugin_helpers.BF16_W4A4``
+    (benchmarks/results/cpu-2026-12-04-served-noise/: 4e-3 norm noise on the online-V
+    checkpoint median 1.33-1.53, 22-32% of positions above 2, worst <= 5.5; broken attention
+    -- uniform, V zeroed or halved, V's heads swapped -- 57-98% above 2). At that noise a
+    missing Q/K rotation (median 1.42-1.60) is not visible; the float32 offline case sees it.
     """
     from vllm_ruquant import kv_cache
     from vllm_ruquant.logs import LOGGED
 
     ckpt = _with_value_rotation(kv4_ckpt, value_rotation, tmp_path / value_rotation)
     monkeypatch.setenv("RUQUANT_AUTOTUNE", "0")  # kernel configs are test_kernels_gpu's job (see test_gpu_vllm)
-    with in_process_llm(ckpt, quantization="ruquant", dtype="float32", gpu_memory_utilization=0.3) as llm:
+    LOGGED.clear()  # the paths this engine logs, not an earlier one's
+    with in_process_llm(ckpt, quantization="ruquant", dtype=dtype, gpu_memory_utilization=0.3) as llm:
         assert llm.llm_engine.vllm_config.cache_config.cache_dtype == kv_cache.INT4_CACHE_DTYPE
         assert value_rotation in LOGGED  # which attention path served it
         if value_rotation == "offline":
             from vllm_ruquant.attention import ATTENTION_OURS
 
             assert ATTENTION_OURS in LOGGED  # our int4 attention kernel, not vLLM's
-            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=2.0,
-                                     max_flip_fraction=0.5)
-        else:
-            check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=math.inf,
-                                     max_flip_fraction=1.0)
+        print(f"\nkv4 {value_rotation} V, {dtype} engine:", end=" ")
+        check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, tol=KV4_TOLERANCE[value_rotation, dtype])

@@ -14,7 +14,7 @@ import pytest
 
 from convert import cli
 from convert.tiny_models import make_tiny_llama
-from plugin_helpers import check_against_simulation, in_process_llm
+from plugin_helpers import Tolerance, check_against_simulation, in_process_llm
 from vllm_ruquant.checkpoint.format import RotationSpec, RUQuantFormat
 
 pytestmark = pytest.mark.vllm
@@ -57,4 +57,4 @@ def test_converted_w4a4_served_matches_simulation(ckpt):
         assert rot.online_rotations["down_proj"] == RotationSpec("hadamard", 176, padded_from=172)
     with in_process_llm(ckpt, quantization="ruquant") as llm:
         assert llm.llm_engine.model_config.quantization == "ruquant"
-        check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, flip_atol=0.8)
+        check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, tol=Tolerance(flip_atol=0.8))

