@@ -41,7 +41,7 @@ from vllm_ruquant.kernels import backend as backend_mod
 from vllm_ruquant.kernels import rotate_quant as rq_mod
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import rotate_quant
-from vllm_ruquant.ops import LinearSpec
+from vllm_ruquant.linear_backend import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}

@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_ruquant import reference as ref  # noqa: E402
-from vllm_ruquant.kernels import dequant_gemm, gemm, layout  # noqa: E402
+from vllm_ruquant import reference as ref
+from vllm_ruquant.kernels import dequant_gemm, gemm, layout
 
 
 def main() -> int:

@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_ruquant import reference as ref  # noqa: E402
-from vllm_ruquant.kernels import layout  # noqa: E402
-from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm  # noqa: E402
-from vllm_ruquant.kernels.gemm import qgemm  # noqa: E402
-from vllm_ruquant.kernels.rotate_quant import rotate_quant  # noqa: E402
+from vllm_ruquant import reference as ref
+from vllm_ruquant.kernels import layout
+from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm
+from vllm_ruquant.kernels.gemm import qgemm
+from vllm_ruquant.kernels.rotate_quant import rotate_quant
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 10240), (8192, 57344),
           (28672, 8192)]

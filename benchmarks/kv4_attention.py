@@ -7,7 +7,7 @@ nibbles, K scale, V nibbles, V scale). For each scenario of a serving step, in t
 
 * ``ours``: ``kernels.int4_kv_attention.paged_int4_attention`` with its default plan;
 * ``ours_served`` (steps with prefill chunks): what the engine runs, the prefill sequences
-  dequantized and attended by FlashAttention (``kv4_attention.attend_int4_cache``),
+  dequantized and attended by FlashAttention (``attention.attend_int4_cache``),
   the decodes by our kernel; the step's one host copy of the lengths is outside the timing
   (the engine pays it once per step, not per layer);
 * ``vllm_int4``: vLLM 0.26's ``_launch_packed_attn`` on the same cache (3D split for small
@@ -32,17 +32,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_ruquant import compat  # noqa: E402
-from vllm_ruquant import reference as ref  # noqa: E402
-from vllm_ruquant.kernels import int4_kv_attention as ours  # noqa: E402
+from vllm_ruquant import compat
+from vllm_ruquant import reference as ref
+from vllm_ruquant.kernels import int4_kv_attention as ours
 
 HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 16
 SCENARIOS = {  # name -> [(cached context, new queries)] per sequence
@@ -130,12 +127,12 @@ def fa_bf16(q, md: dict):  # noqa: ANN001, ANN201
 
 
 def served(q, cache: Int4Cache, out, md: dict, plan: ours.AttentionPlan):  # noqa: ANN001, ANN201
-    from vllm_ruquant.kernels import kv4_attention
+    from vllm_ruquant import attention
 
     flash = compat.flash_attn_varlen()
-    split = kv4_attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode_queries(HEADS // KV_HEADS))
+    split = attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode_queries(HEADS // KV_HEADS))
     args = {k: md[k] for k in ("cu_seqlens_q", "seq_lens", "block_table", "max_query_len")}
-    return lambda: kv4_attention.attend_int4_cache(flash, q, cache.k, cache.v, cache.k_scales, cache.v_scales, out,
+    return lambda: attention.attend_int4_cache(flash, q, cache.k, cache.v, cache.k_scales, cache.v_scales, out,
                                                    plan=plan, split=split, **args, softmax_scale=D ** -0.5)
 
 

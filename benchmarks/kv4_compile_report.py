@@ -17,7 +17,6 @@ import itertools
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,9 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_ruquant.kernels import int4_kv_attention as kv4  # noqa: E402
+from vllm_ruquant.kernels import int4_kv_attention as kv4
 
 HEADS, KV_HEADS, D, PAGE = 32, 8, 128, 16
 POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": "*i32", "v_cache_ptr": "*i32",

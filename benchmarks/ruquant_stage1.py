@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.serving import SHAPES, llama_config  # noqa: E402
-from convert.architectures import model_dims  # noqa: E402
-from convert.rotations.base import RotationContext  # noqa: E402
-from convert.rotations.ruquant import RUQuantStage1  # noqa: E402
+from convert.rotations.base import RotationContext
+from convert.rotations.ruquant import RUQuantStage1
+from convert.tiny_models import SHAPES, llama_config
+from vllm_ruquant.checkpoint.format import scheme_format
+from vllm_ruquant.checkpoint.models import model_dims
 
 
 def random_context(shape: str, layers: int | None, tokens: int, seq_len: int, device: torch.device,
@@ -56,7 +54,7 @@ def random_context(shape: str, layers: int | None, tokens: int, seq_len: int, de
         return states
 
     return RotationContext(dims=dims, generator=torch.Generator().manual_seed(seed), device=device,
-                           layer_states=layer_states, layer_tensors=layer_tensors, weight_bits=4, act_bits=4)
+                           layer_states=layer_states, layer_tensors=layer_tensors, fmt=scheme_format("w4a4"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ engine (e.g. ``-- --enforce-eager``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,22 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.tiny_models import SHAPES, llama_config
+from vllm_ruquant.checkpoint.format import RotationSpec, scheme_format
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vllm_ruquant.format import KVCacheSpec, RotationSpec, scheme_format  # noqa: E402
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    # a smoke-test shape that starts in seconds (CPU tests, quick GPU checks); the vocabulary covers
-    # the token ids `vllm bench latency` draws (below 10000)
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=10240, rope_theta=10000.0, max_position_embeddings=4096),
-}
-
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -103,9 +92,9 @@ def _ruquant(scheme: str, intermediate_size: int) -> dict[str, Any]:
     base = scheme_format(scheme)
     rot = {} if base.weight_only else {"down_proj": RotationSpec("hadamard", intermediate_size)}
     # as ruquant-convert writes it: the default rotations fold R2 into V/O ("offline" V)
-    kv = KVCacheSpec(bits=base.kv_cache.bits, value_rotation="offline")
-    return scheme_format(scheme, online_rotations=rot, kv_cache=kv,
-                         converter={"tool": "benchmarks/serving.py", "weights": "dummy"}).to_dict()
+    return dataclasses.replace(base, online_rotations=rot,
+                               kv_cache=dataclasses.replace(base.kv_cache, value_rotation="offline"),
+                               converter={"tool": "benchmarks/serving.py", "weights": "dummy"}).to_dict()
 
 
 INT4_KV = ("--kv-cache-dtype", "int4_per_token_head")
@@ -240,15 +229,6 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "model_max_length": 1 << 20}))
-
-
-def llama_config(shape: dict[str, Any]) -> dict[str, Any]:
-    """The HF config.json of a Llama model of ``shape`` (no quantization)."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2, **shape,
-    }
 
 
 def write_model_dir(root: Path, name: str, shape: dict[str, Any], qc: QuantConfig) -> Path:

@@ -2,8 +2,9 @@
 
     ruquant-convert MODEL_DIR OUT_DIR [--scheme w4a4] [--rotation hadamard] [--weight-quantizer gptq]
 
-Every error a user can cause ends in one line on stderr and a distinct exit code
-(``convert.errors.ExitCode``); the output directory appears only when conversion succeeds.
+Every error a user can cause ends in one line on stderr and a distinct exit code (the one
+table of ``vllm_ruquant.checkpoint.errors.ExitCode``); the output directory appears only
+when conversion succeeds. The scheme flags are parsed once, into ``ConvertOptions.fmt``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import time
 from pathlib import Path
 
 from convert.errors import ConvertError, ExitCode
+from convert.model_io import read_source
 from convert.pipeline import ConvertOptions, convert
-from convert.quantizers.base import available_quantizers
-from convert.rotations.base import available_rotations
-from vllm_ruquant.format import SCHEMES, FormatError
+from convert.quantizers import available_quantizers
+from convert.rotations import available_rotations
+from vllm_ruquant.checkpoint.errors import RUQuantError
+from vllm_ruquant.checkpoint.format import SCHEMES, FormatError
+from vllm_ruquant.checkpoint.models import LINEARS, short_name
+from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +81,8 @@ def _quantizer_options(args: argparse.Namespace) -> dict:
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
-    if args.scheme not in SCHEMES:
-        raise ConvertError(f"unknown scheme {args.scheme!r}; choose one of {', '.join(SCHEMES)}",
-                           ExitCode.UNSUPPORTED)
+    """The recipe the flags ask for; ``FormatError`` for a scheme / group size / clip ratio that
+    makes no format (parsed here, once: the conversion carries ``opts.fmt``)."""
     if args.rotation not in available_rotations():
         raise ConvertError(f"unknown rotation {args.rotation!r}; choose one of "
                            f"{', '.join(available_rotations())}", ExitCode.UNSUPPORTED)
@@ -94,26 +98,23 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
 
         if not torch.cuda.is_available():
             raise ConvertError("--device cuda given but no CUDA GPU is available", ExitCode.UNSUPPORTED)
-    return ConvertOptions(
+    opts = ConvertOptions(
         scheme=args.scheme, rotation=args.rotation, weight_quantizer=args.weight_quantizer,
         group_size=args.group_size, act_clip_ratio=args.act_clip_ratio, calib_text=args.calib_text,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, resume=args.resume, tp_size=args.tp_size, finetune=args.finetune, clip=args.clip,
         dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
     )
+    opts.fmt  # noqa: B018 (parse and validate the scheme flags now, before any model is read)
+    return opts
 
 
 def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
     """What a conversion would do, from config.json alone: no weights read, nothing written."""
-    from convert.architectures import model_dims, read_config
-    from vllm_ruquant.format import scheme_format
-    from vllm_ruquant.hadamard import factor_size, is_hadamard_size
-
-    dims = model_dims(read_config(model_dir))
-    fmt = scheme_format(opts.scheme)
+    _, dims = read_source(model_dir)
+    fmt = opts.fmt
     d, f = dims.hidden_size, dims.intermediate_size
-    per_layer = sum(n * k for n, k in (dims.linear_shape(s) for s in
-                                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    per_layer = sum(n * k for n, k in (dims.linear_shape(short_name(s)) for s in LINEARS))
     calib = opts.calib_samples * opts.calib_seq_len
     mem = (per_layer * (8 + 4) + 2 * calib * d * 4 + max(d, f) ** 2 * 8) / 2**30
     if is_hadamard_size(f):
@@ -128,13 +129,14 @@ def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
     lines = [
         f"model      {dims.architecture}: {dims.num_layers} layers, hidden {d}, intermediate {f}, "
         f"heads {dims.num_heads}/{dims.num_kv_heads} x {dims.head_dim}, vocab {dims.vocab_size}",
-        f"scheme     {opts.scheme}: weights {fmt.weight.bits}-bit (group {opts.group_size}), activations "
+        f"scheme     {fmt.scheme}: weights {fmt.weight.bits}-bit (group {fmt.weight.group_size}), activations "
         f"{fmt.activation.bits}-bit, kv {fmt.kv_cache.bits}-bit",
         f"rotation   {opts.rotation}: R1 {d}x{d} (offline), R2 {dims.head_dim}x{dims.head_dim} per head (offline), "
         f"R4 down_proj online: {r4}",
         f"quantizer  {opts.weight_quantizer} on {calib} calibration tokens "
         f"({opts.calib_samples} x {opts.calib_seq_len})",
-        f"sites      7 linears x {dims.num_layers} layers = {7 * dims.num_layers} quantized linears, "
+        f"sites      {len(LINEARS)} linears x {dims.num_layers} layers = {len(LINEARS) * dims.num_layers} "
+        "quantized linears, "
         f"{per_layer * dims.num_layers / 1e9:.2f} B weights",
         f"memory     ~{mem:.2f} GiB peak working set (one layer in fp64+fp32, calibration states, one Hessian)",
     ]
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run_plan(args.model_dir.resolve(), opts))
             return 0
         report = convert(args.model_dir.resolve(), args.out_dir.resolve(), opts, overwrite=args.overwrite)
-    except ConvertError as e:
+    except RUQuantError as e:  # ConvertError, or a CheckpointError about the source model
         print(f"ruquant-convert: error: {e}", file=sys.stderr)
         return int(e.code)
     except FormatError as e:
@@ -168,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.IO_ERROR)
     errs = [layer["output_rel_error"] for layer in report["layers"]]
     worst = max(range(len(errs)), key=errs.__getitem__) if errs else None
-    print(f"wrote {args.out_dir} ({report['format']['weight']['bits']}-bit weights, "
-          f"{report['format']['activation']['bits']}-bit activations) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out_dir} ({opts.fmt.weight.bits}-bit weights, {opts.fmt.activation.bits}-bit activations) "
+          f"in {time.perf_counter() - t0:.1f} s")
     if worst is not None:
         print(f"layer output error: mean {sum(errs) / len(errs):.4f}, worst {errs[worst]:.4f} (layer {worst}); "
               f"details in {args.out_dir / 'ruquant_report.json'}")

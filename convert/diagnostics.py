@@ -34,10 +34,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from convert.modeling import attention_block, dense_linear, rms_norm, rope_tables
-from convert.rotations.base import RotationContext, RotationPlan
+from convert.rotations.base import RotationContext, RotationPlan, site_inputs
 
 PLOT_NAME = "ruquant_lloyd_max.png"
 SITES = ("qkv", "gate_up", "down")
@@ -72,33 +70,6 @@ def qsur(x: torch.Tensor) -> dict[str, float]:
     return {"qsur_per_dim": math.exp(half_log_det / k - half_log_max), "qsur_log10": log_ratio / math.log(10)}
 
 
-@torch.no_grad()
-def site_inputs(ctx: RotationContext, max_tokens: int = 1024) -> list[dict[str, torch.Tensor]]:
-    """Unrotated fp inputs of every site, per layer: {"qkv": (N, d), "gate_up": (N, d), "down": (N, I)}.
-
-    Computed once from the fp model's layer input states (attention is run to get the MLP
-    input); rotations are applied afterwards, so every stage sees the same tokens.
-    """
-    assert ctx.layer_states is not None and ctx.layer_tensors is not None
-    dims = ctx.dims
-    out = []
-    for i, h in enumerate(ctx.layer_states()):
-        n = max(1, min(h.shape[0], max_tokens // h.shape[1]))
-        h = h[:n].to(ctx.device).float()
-        sd = ctx.layer_tensors(i)
-        lin = dense_linear(sd.__getitem__)
-        p = dims.layer_prefix(i)
-        rope = rope_tables(dims, h.shape[1], ctx.device)
-        x_attn = rms_norm(h, None, dims.rms_norm_eps)
-        h_mid = h + attention_block(h, p, dims, lin, sd.__getitem__, rope)
-        x_mlp = rms_norm(h_mid, None, dims.rms_norm_eps)
-        x_down = F.silu(lin(f"{p}.mlp.gate_proj", x_mlp)) * lin(f"{p}.mlp.up_proj", x_mlp)
-        out.append({"qkv": x_attn.reshape(-1, dims.hidden_size).cpu(),
-                    "gate_up": x_mlp.reshape(-1, dims.hidden_size).cpu(),
-                    "down": x_down.reshape(-1, dims.intermediate_size).cpu()})
-    return out
-
-
 def transformed(x: dict[str, torch.Tensor], plan: RotationPlan, i: int) -> dict[str, torch.Tensor]:
     """The site inputs of layer ``i`` as the served model quantizes them under ``plan``."""
     r1 = plan.residual
@@ -118,7 +89,7 @@ def plan_diagnostics(ctx: RotationContext, plan: RotationPlan, max_tokens: int =
     """Per site, per stage (``none``, the plan's intermediate stages, ``final``), per layer metrics."""
     if ctx.layer_states is None or ctx.layer_tensors is None:
         return {}
-    bits = ctx.act_bits if ctx.act_bits <= 8 else 4
+    bits = ctx.fmt.activation.bits if ctx.fmt.activation.bits <= 8 else 4
     stages = {"none": RotationPlan(), **plan.stages, "final": plan}
     inputs = site_inputs(ctx, max_tokens)
     per: dict[str, dict[str, dict[str, list[float]]]] = {s: {} for s in SITES}

@@ -1,23 +1,17 @@
-"""User-facing converter errors: one message, one distinct exit code, never a traceback."""
+"""User-facing converter errors: one message, one exit code from the shared table, never a traceback.
+
+The codes are ``vllm_ruquant.checkpoint.errors.ExitCode`` (one table for every ruquant command).
+"""
 
 from __future__ import annotations
 
-import enum
+from vllm_ruquant.checkpoint.errors import ExitCode, RUQuantError
+
+__all__ = ["ConvertError", "ExitCode"]
 
 
-class ExitCode(enum.IntEnum):
-    OK = 0
-    BAD_INPUT = 2  # missing/invalid paths, malformed config, corrupt shard
-    UNSUPPORTED = 3  # architecture, dtype, scheme or flag combination we do not handle
-    OUTPUT_EXISTS = 4  # refusing to overwrite
-    NUMERICS = 5  # NaN/Inf in weights or activations
-    IO_ERROR = 6  # permissions, disk full
-    INTERRUPTED = 130  # Ctrl-C
-
-
-class ConvertError(Exception):
+class ConvertError(RUQuantError):
     """An error the user caused or can fix; the CLI prints ``message`` and exits ``code``."""
 
     def __init__(self, message: str, code: ExitCode = ExitCode.BAD_INPUT) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)

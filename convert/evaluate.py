@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from convert import calibration
-from convert.architectures import ModelDims, read_config
-from convert.errors import ConvertError
-from convert.model_io import CheckpointReader
+from convert.errors import ConvertError, ExitCode
+from convert.model_io import CheckpointReader, read_config
 from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.simulate import checkpoint_linear, kv_cache_quantizer
-from vllm_ruquant import format as fmt_mod
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.errors import RUQuantError
+from vllm_ruquant.checkpoint.models import ModelDims, model_dims
 
 
 @dataclass
@@ -44,11 +45,9 @@ class LoadedModel:
     @classmethod
     def open(cls, model_dir: Path) -> LoadedModel:
         cfg = read_config(model_dir)
-        qcfg = cfg.pop("quantization_config", None)
-        from convert.architectures import model_dims  # noqa: PLC0415
-
+        qcfg = cfg.get("quantization_config")
         dims = model_dims(cfg)
-        fmt = fmt_mod.RUQuantFormat.from_dict(qcfg) if qcfg else None
+        fmt = fmt_mod.parse_format(qcfg) if qcfg else None
         return cls(dims, CheckpointReader(model_dir), fmt)
 
 
@@ -143,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConvertError("--stride must be in (0, --seq-len]")
         res = evaluate_dir(args.model_dir, args.text, args.seq_len, args.stride, args.max_tokens,
                            args.device, kv_bits=args.kv_bits, kv_online_rotation=not args.kv_no_rotation)
-    except (ConvertError, fmt_mod.FormatError) as e:
+    except (RUQuantError, fmt_mod.FormatError) as e:
         print(f"ruquant-eval: error: {e}", file=sys.stderr)
-        return int(getattr(e, "code", 2))
+        return int(getattr(e, "code", ExitCode.BAD_INPUT))
     print(json.dumps(res) if args.json else
           f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens "
           f"({res['tokens_per_second']:.0f} tokens/s)")

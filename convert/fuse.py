@@ -17,18 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from convert.architectures import ModelDims
-
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-NORM_TO_READERS = {
-    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-}
+from vllm_ruquant.checkpoint.models import NORM_READERS, READERS, WRITERS, ModelDims
 
 
 def fold_layer_norms(sd: dict[str, torch.Tensor], prefix: str) -> None:
-    for norm, readers in NORM_TO_READERS.items():
+    for norm, readers in NORM_READERS.items():
         gamma = sd[f"{prefix}.{norm}.weight"]
         for r in readers:
             sd[f"{prefix}.{r}.weight"] = sd[f"{prefix}.{r}.weight"] * gamma.unsqueeze(0)
@@ -62,7 +55,7 @@ def scale_norm_readers(sd: dict[str, torch.Tensor], prefix: str, norm: str, s: t
     The readers then quantize ``norm(h R1) / s`` -- flatter channels -- with the same output.
     """
     sd[f"{prefix}.{norm}.weight"] = sd[f"{prefix}.{norm}.weight"] / s
-    for r in NORM_TO_READERS[norm]:
+    for r in NORM_READERS[norm]:
         sd[f"{prefix}.{r}.weight"] = sd[f"{prefix}.{r}.weight"] * s.unsqueeze(0)
 
 

@@ -1,5 +1,7 @@
-"""Streaming Hugging Face safetensors in, ruquant shards out.
+"""Streaming Hugging Face safetensors in, ruquant shards out (and the source's config.json).
 
+``read_source`` reads the model to convert: its config.json and dimensions, refusing a
+checkpoint that is quantized already.
 ``CheckpointReader`` memory-maps the source shards and hands out one tensor at a time,
 so the converter holds one decoder layer, never the whole model. ``CheckpointWriter``
 writes one shard per decoder layer into a temporary folder beside the destination and
@@ -21,12 +23,42 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from convert.errors import ConvertError, ExitCode
-from vllm_ruquant.validate import sha256_file  # the checksum the loader verifies, computed by the same code
+from vllm_ruquant.checkpoint.models import CONFIG_FILE, ModelDims, model_dims
+from vllm_ruquant.checkpoint.shards import INDEX_FILE, sha256_file  # the checksum the loader verifies
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """A model directory's config.json as a dict (BAD_INPUT errors that name the file)."""
+    path = model_dir / CONFIG_FILE
+    if not model_dir.is_dir():
+        raise ConvertError(f"model directory {model_dir} does not exist", ExitCode.BAD_INPUT)
+    if not path.is_file():
+        raise ConvertError(f"{model_dir} has no config.json: not a Hugging Face model directory",
+                           ExitCode.BAD_INPUT)
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path} is not valid JSON: {e}", ExitCode.BAD_INPUT) from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path} must hold a JSON object, got {type(cfg).__name__}", ExitCode.BAD_INPUT)
+    return cfg
+
+
+def read_source(model_dir: Path) -> tuple[dict[str, Any], ModelDims]:
+    """config.json and dimensions of a model to convert: a supported 16/32-bit checkpoint."""
+    cfg = read_config(model_dir)
+    dims = model_dims(cfg)
+    qc = cfg.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise ConvertError(f"the model is already quantized ({method}); convert a 16/32-bit checkpoint",
+                           ExitCode.UNSUPPORTED)
+    return cfg, dims
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -44,7 +76,7 @@ class CheckpointReader:
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         self._handles: dict[str, Any] = {}
-        index = model_dir / "model.safetensors.index.json"
+        index = model_dir / INDEX_FILE
         if index.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -186,8 +218,8 @@ class CheckpointWriter:
                          "sha256": self.shard_sha256},
             "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())},
         }
-        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (self.tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         for fname in TOKENIZER_FILES:
             if (source_dir / fname).is_file():
                 shutil.copy2(source_dir / fname, self.tmp / fname)

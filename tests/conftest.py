@@ -1,15 +1,17 @@
-"""Shared pytest setup: tests import the tiny-model builders as a top-level module."""
+"""Shared pytest setup: the Triton interpreter on machines without a GPU, shared fixtures.
+
+``plugin_helpers`` (in this folder) imports as a top-level module because pytest's default
+"prepend" import mode puts the test folder (it has no ``__init__.py``) on ``sys.path``;
+the tiny-model builders are ``convert.tiny_models``.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 # Without a GPU, Triton kernels can still run in Triton's CPU interpreter -- but only if it is
 # on before triton is first imported (its own standard library is @jit code), so here.

@@ -25,11 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_ruquant import format as fmt_mod
 from vllm_ruquant import reference as ref
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.models import LINEARS
 
 
 def random_block_rotation(size: int, block: int, seed: int = 0) -> torch.Tensor:

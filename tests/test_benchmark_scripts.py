@@ -1,17 +1,36 @@
-"""The serving benchmark's config writer, argument parsing and table (no GPU), so it cannot rot."""
+"""The serving benchmark's config writer, argument parsing and table (no GPU), so it cannot rot.
+
+The benchmark scripts are files, not a package (they run as ``python benchmarks/x.py``):
+they are loaded here from their paths.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import serving  # noqa: E402
+from vllm_ruquant.checkpoint.format import RUQuantFormat
 
-from vllm_ruquant.format import RUQuantFormat  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as module ``<name>`` (registered, as dataclasses need)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+serving = benchmark_script("serving")
 
 
 def test_every_config_writes_a_loadable_model_dir(tmp_path: Path) -> None:
@@ -82,7 +101,7 @@ def test_one_engine_serves_every_workload_of_a_config(tmp_path: Path) -> None:
 def test_shared_engine_refuses_a_different_engine() -> None:
     import dataclasses
 
-    import one_engine
+    one_engine = benchmark_script("one_engine")
 
     @dataclasses.dataclass
     class Args:
@@ -155,7 +174,7 @@ def test_engine_runs_without_the_flashinfer_sampler_unless_asked(tmp_path: Path,
 
 def test_ruquant_stage1_timing_script_runs_the_converters_stage1(tmp_path: Path) -> None:
     """benchmarks/ruquant_stage1.py (the 8B stage-1 timing of issue 8) on the tiny shape, CPU."""
-    import ruquant_stage1
+    ruquant_stage1 = benchmark_script("ruquant_stage1")
     import torch
 
     out = tmp_path / "stage1.json"
@@ -175,7 +194,7 @@ def test_ruquant_stage1_timing_script_runs_the_converters_stage1(tmp_path: Path)
 def test_serve_openai_splits_its_flags_from_vllm_serves(tmp_path: Path) -> None:
     """Its own flags after CKPT stay its own (an argparse REMAINDER once passed them to vllm serve,
     which exited 2 on the GPU machine); what follows a lone -- goes to vllm serve unchanged."""
-    import serve_openai
+    serve_openai = benchmark_script("serve_openai")
 
     args, extra = serve_openai.parse_args(["ck", "--rates", "inf", "--num-prompts", "8", "--results",
                                            str(tmp_path / "r.json"), "--", "--load-format", "dummy", "--rates"])
@@ -193,7 +212,7 @@ def test_serve_openai_stop_ends_the_whole_process_group() -> None:
     import subprocess
     import time
 
-    import serve_openai
+    serve_openai = benchmark_script("serve_openai")
 
     proc = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60; wait"], start_new_session=True)
     time.sleep(0.3)

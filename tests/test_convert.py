@@ -10,15 +10,16 @@ import torch
 from safetensors import safe_open
 
 from convert import cli
-from convert.architectures import model_dims, read_config
 from convert.errors import ExitCode
 from convert.evaluate import Evaluator, LoadedModel
+from convert.model_io import read_config
 from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.simulate import checkpoint_linear
-from tiny_models import make_tiny_llama
-from vllm_ruquant import format as fmt_mod
-from vllm_ruquant.validate import sha256_file
+from convert.tiny_models import make_tiny_llama
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.models import model_dims
+from vllm_ruquant.checkpoint.shards import sha256_file
 
 SMALL_CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from vllm_ruquant.format import FormatError, RotationSpec, RUQuantFormat, linear_tensor_shapes, scheme_format
+from vllm_ruquant.checkpoint.format import FormatError, RotationSpec, RUQuantFormat, linear_tensor_shapes, scheme_format
 
 
 def good() -> dict:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm
-from tiny_models import make_tiny_llama
 
 pytestmark = [
     pytest.mark.gpu,

@@ -266,8 +266,8 @@ def test_dequantized_sequences_are_the_reference_values(triton_interpreter, dtyp
 def test_served_prefill_path_matches_reference_on_llama_heads() -> None:
     """What the engine runs for a mixed step on a GPU: the prefill sequences through vLLM's
     FlashAttention on their dequantized K/V, then the decode launch; bf16, Llama-3-8B heads."""
-    kv4_attention = pytest.importorskip("vllm_ruquant.kernels.kv4_attention")
-    if kv4_attention._FLASH_ATTN is None:
+    from vllm_ruquant import attention
+    if attention._FLASH_ATTN is None:
         pytest.fail("vLLM on this GPU offers no FlashAttention: the served prefill path is off")
     g = torch.Generator().manual_seed(0)
     num_blocks = sum(-(-(c + n) // PAGE) for c, n in GPU_MIXED)
@@ -277,8 +277,8 @@ def test_served_prefill_path_matches_reference_on_llama_heads() -> None:
     q = torch.randn(tokens, 32, 128, generator=g).to(torch.bfloat16).cuda()
     out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
     plan = kernel.plan_launch(max_q, len(GPU_MIXED), 8, 4)
-    split = kv4_attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode_queries(4))
-    kv4_attention.attend_int4_cache(kv4_attention._FLASH_ATTN, q, *caches, out, plan=plan, split=split, **md,
+    split = attention.PrefillSplit.of(md["cu_seqlens_q"], md["seq_lens"], plan.decode_queries(4))
+    attention.attend_int4_cache(attention._FLASH_ATTN, q, *caches, out, plan=plan, split=split, **md,
                                     max_query_len=max_q, softmax_scale=128 ** -0.5)
     want = ref.paged_int4_attention(q.cpu(), *(c.cpu() for c in caches), **{k: v.cpu() for k, v in md.items()},
                                     softmax_scale=128 ** -0.5)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vllm_ruquant import reference as ref
-from vllm_ruquant.ops import LinearSpec, ReferenceBackend
+from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
 pytestmark = [
     pytest.mark.gpu,

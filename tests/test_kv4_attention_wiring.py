@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
+from vllm_ruquant import attention
 from vllm_ruquant import reference as ref
-
-kv4_attention = pytest.importorskip("vllm_ruquant.kernels.kv4_attention")
 
 PAGE = 16
 
@@ -38,8 +36,8 @@ class ReferenceCacheWriter:
         self.v[blocks, slots], self.v_scales[blocks, slots] = ref.quantize_kv_int4(value)
 
 
-def _impl(head_size: int, writer: ReferenceCacheWriter) -> kv4_attention.OfflineValueInt4Impl:
-    impl = kv4_attention.OfflineValueInt4Impl.__new__(kv4_attention.OfflineValueInt4Impl)
+def _impl(head_size: int, writer: ReferenceCacheWriter) -> attention.OfflineValueInt4Impl:
+    impl = attention.OfflineValueInt4Impl.__new__(attention.OfflineValueInt4Impl)
     impl.head_size, impl.scale = head_size, head_size ** -0.5
     impl.sliding_window, impl.logits_soft_cap, impl.sinks = (-1, -1), 0.0, None
     impl.alibi_slopes, impl.use_alibi_sqrt = None, False
@@ -60,8 +58,8 @@ def test_offline_value_impl_equals_the_simulation(monkeypatch, triton_interprete
     g = torch.Generator().manual_seed(0)
     t, heads, kv_heads, d = 21, 4, 2, 64
     writer = ReferenceCacheWriter(4, kv_heads, d)
-    monkeypatch.setattr(kv4_attention.int4_ops, "_run_reshape_kernel", writer.run_reshape_kernel)
-    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", None)  # must not be used
+    monkeypatch.setattr(attention.int4_ops, "_run_reshape_kernel", writer.run_reshape_kernel)
+    monkeypatch.setattr(attention.int4_ops, "_launch_packed_attn", None)  # must not be used
     q = torch.randn(t, heads, d, generator=g)
     k = torch.randn(t, kv_heads, d, generator=g)
     k[..., 7] *= 25  # an outlier key channel
@@ -82,8 +80,8 @@ def test_offline_value_impl_equals_the_simulation(monkeypatch, triton_interprete
 
 def test_features_our_kernel_lacks_go_to_vllms_kernel(monkeypatch) -> None:
     calls: list[dict] = []
-    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(kv4_attention.int4_kv_attention, "paged_int4_attention", None)  # must not be used
+    monkeypatch.setattr(attention.int4_ops, "_launch_packed_attn", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(attention.int4_kv_attention, "paged_int4_attention", None)  # must not be used
     t, d = 4, 64
     writer = ReferenceCacheWriter(1, 2, d)
     q = torch.randn(t, 4, d)
@@ -120,12 +118,12 @@ def test_prefill_sequences_go_to_flash_attention_on_dequantized_kv(monkeypatch, 
     heads, kv_heads, d = 4, 2, 64
     specs = [(0, 20), (30, 10), (40, 1)]  # (cached context, new queries)
     writer = ReferenceCacheWriter(12, kv_heads, d)
-    monkeypatch.setattr(kv4_attention.int4_ops, "_run_reshape_kernel", writer.run_reshape_kernel)
-    monkeypatch.setattr(kv4_attention.int4_ops, "_launch_packed_attn", None)  # must not be used
+    monkeypatch.setattr(attention.int4_ops, "_run_reshape_kernel", writer.run_reshape_kernel)
+    monkeypatch.setattr(attention.int4_ops, "_launch_packed_attn", None)  # must not be used
     calls: list[dict] = []
-    monkeypatch.setattr(kv4_attention, "_FLASH_ATTN", _torch_flash_attention(calls))
-    splits, split_of = [], kv4_attention.PrefillSplit.of
-    monkeypatch.setattr(kv4_attention.PrefillSplit, "of", lambda *a: splits.append(a) or split_of(*a))
+    monkeypatch.setattr(attention, "_FLASH_ATTN", _torch_flash_attention(calls))
+    splits, split_of = [], attention.PrefillSplit.of
+    monkeypatch.setattr(attention.PrefillSplit, "of", lambda *a: splits.append(a) or split_of(*a))
     impl = _impl(d, writer)
     table = torch.tensor([[5, 1, 0, 0], [2, 7, 9, 0], [3, 11, 4, 0]], dtype=torch.int32)
     for i, (c, n) in enumerate(specs):  # every key of every sequence, as earlier steps + this one wrote them
@@ -161,21 +159,21 @@ def test_flash_attention_prefill_is_only_taken_where_it_applies(monkeypatch) -> 
     FlashAttention at all (vLLM's CPU wheels), keeps the step on our int4 tiles."""
     writer = ReferenceCacheWriter(4, 2, 64)
     impl = _impl(64, writer)
-    monkeypatch.setattr(kv4_attention, "_FLASH_ATTN", object())
+    monkeypatch.setattr(attention, "_FLASH_ATTN", object())
 
     def split(max_query_len: int, dtype: torch.dtype):  # noqa: ANN202
         md = _metadata(40, torch.tensor([0, 1, 2], dtype=torch.int32))
         md.max_query_len = max_query_len
         q = torch.zeros(40, 4, 64, dtype=dtype)
-        plan = kv4_attention.int4_kv_attention.plan_launch(max_query_len, 1, 2, 2)
+        plan = attention.int4_kv_attention.plan_launch(max_query_len, 1, 2, 2)
         return impl._prefill_split(md, plan, q, kv_heads=2)
 
     got = split(40, torch.bfloat16)
     assert got is not None and got.seq_ids.tolist() == [0] and (got.total_keys, got.max_keys) == (40, 40)
     assert split(40, torch.float32) is None  # fp32 models: FlashAttention has no fp32
     assert split(1, torch.bfloat16) is None  # decode-only step
-    monkeypatch.setattr(kv4_attention, "MAX_PREFILL_SCRATCH_BYTES", 40 * 2 * 64 * 2 * 2 - 1)
+    monkeypatch.setattr(attention, "MAX_PREFILL_SCRATCH_BYTES", 40 * 2 * 64 * 2 * 2 - 1)
     assert split(40, torch.bfloat16) is None  # the bf16 K/V of 40 keys would not fit
-    monkeypatch.setattr(kv4_attention, "_FLASH_ATTN", None)
-    monkeypatch.setattr(kv4_attention, "MAX_PREFILL_SCRATCH_BYTES", 1 << 30)
+    monkeypatch.setattr(attention, "_FLASH_ATTN", None)
+    monkeypatch.setattr(attention, "MAX_PREFILL_SCRATCH_BYTES", 1 << 30)
     assert split(40, torch.bfloat16) is None

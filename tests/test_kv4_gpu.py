@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama, train_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm
-from tiny_models import make_tiny_llama, train_tiny_llama
 from vllm_ruquant import reference as ref
 
 pytestmark = [
@@ -102,16 +102,17 @@ def test_served_kv4_matches_simulation(kv4_ckpt: Path, tmp_path: Path, value_rot
     identity is the check and the logprob profile is printed, not asserted.
     """
     from vllm_ruquant import kv_cache
+    from vllm_ruquant.logs import LOGGED
 
     ckpt = _with_value_rotation(kv4_ckpt, value_rotation, tmp_path / value_rotation)
     monkeypatch.setenv("RUQUANT_AUTOTUNE", "0")  # kernel configs are test_kernels_gpu's job (see test_gpu_vllm)
     with in_process_llm(ckpt, quantization="ruquant", dtype="float32", gpu_memory_utilization=0.3) as llm:
         assert llm.llm_engine.vllm_config.cache_config.cache_dtype == kv_cache.INT4_CACHE_DTYPE
-        assert value_rotation in kv_cache._logged  # which attention path served it
+        assert value_rotation in LOGGED  # which attention path served it
         if value_rotation == "offline":
-            from vllm_ruquant.kernels.kv4_attention import ATTENTION_OURS
+            from vllm_ruquant.attention import ATTENTION_OURS
 
-            assert ATTENTION_OURS in kv_cache._logged  # our int4 attention kernel, not vLLM's
+            assert ATTENTION_OURS in LOGGED  # our int4 attention kernel, not vLLM's
             check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, noise_atol=0.1, flip_atol=2.0,
                                      max_flip_fraction=0.5)
         else:

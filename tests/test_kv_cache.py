@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import in_process_llm
-from tiny_models import make_tiny_llama
 from vllm_ruquant import reference as ref
-from vllm_ruquant.format import KVCacheSpec, RUQuantFormat
+from vllm_ruquant.checkpoint.format import KVCacheSpec, RUQuantFormat
 
 # ------------------------------------------------------------------ reference arithmetic
 
@@ -66,7 +66,7 @@ def test_simulation_equals_the_rotated_attention_the_kernels_compute(offline: bo
     k[..., 5] *= 20  # an outlier channel, as real keys have
     k_sim, v_sim = ref.simulate_kv_cache(k, v, 4, value_rotated_offline=offline)
     simulated = _attention(q, k_sim, v_sim, scale)
-    if offline:  # kernels/kv4_attention.py: Q, K times H_d / sqrt(d); V as it comes
+    if offline:  # attention.py: Q, K times H_d / sqrt(d); V as it comes
         h = ref.hadamard_transform(torch.eye(d))
         served = _attention(q @ h, ref.fake_quantize_kv_int4(k @ h), ref.fake_quantize_kv_int4(v), scale)
     else:  # vLLM's built-in path: R = H D on Q, K, V; scale / d; output un-rotated
@@ -205,8 +205,8 @@ def test_trained_tiny_model_keeps_its_greedy_tokens_under_float_noise(tmp_path: 
     from safetensors.torch import load_file, save_file
     from test_kv4_gpu import PROMPTS
 
+    from convert.tiny_models import train_tiny_llama
     from plugin_helpers import SimulatedQuantizedModel
-    from tiny_models import train_tiny_llama
 
     def converted(src: Path) -> Path:
         out = src.parent / f"{src.name}-w4a4kv4"

@@ -13,9 +13,9 @@ import json
 import pytest
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm
-from tiny_models import make_tiny_llama
-from vllm_ruquant.format import RotationSpec, RUQuantFormat
+from vllm_ruquant.checkpoint.format import RotationSpec, RUQuantFormat
 
 pytestmark = pytest.mark.vllm
 

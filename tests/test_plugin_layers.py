@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_ruquant import format as fmt_mod
 from vllm_ruquant import reference as ref
-from vllm_ruquant.format import ActivationSpec, KVCacheSpec, RotationSpec, RUQuantFormat, WeightSpec
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.format import ActivationSpec, KVCacheSpec, RotationSpec, RUQuantFormat, WeightSpec
 
 H, I_SIZE, NH, NKV, HD = 128, 256, 4, 2, 32
 
@@ -201,15 +201,16 @@ def test_layers_of_one_shape_share_one_op_kind_and_keep_their_own_tensors():
     the decoder layers' isometric graphs once) and with each layer's own tensors, block-diagonal
     rotation blocks included."""
     from vllm_ruquant import ops
+    from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
-    backend = ops.ReferenceBackend()
+    backend = ReferenceBackend()
     n, k, b = 16, 64, 16
 
     def layer(seed: int, out_features: int = n):
         g = torch.Generator().manual_seed(seed)
         blocks = torch.linalg.qr(torch.randn(k // b, b, b, generator=g))[0]
         rot = ref.OnlineRotation("block_diagonal", k, blocks)
-        spec = ops.LinearSpec(k, out_features, 4, -1, 8, rotation=rot)
+        spec = LinearSpec(k, out_features, 4, -1, 8, rotation=rot)
         w_q, w_s = ref.quantize_weight(torch.randn(out_features, k, generator=g), 4)
         prepared = backend.prepare(spec, ref.pack_weight(w_q, 4), w_s)
         return spec, prepared, w_q, w_s, rot

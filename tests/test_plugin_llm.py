@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm, write_ruquant_checkpoint
-from tiny_models import make_tiny_llama
-from vllm_ruquant.format import ActivationSpec, RotationSpec, RUQuantFormat, WeightSpec
+from vllm_ruquant.checkpoint.format import ActivationSpec, RotationSpec, RUQuantFormat, WeightSpec
 
 pytestmark = pytest.mark.vllm
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import ENGINE_ENV, write_ruquant_checkpoint
-from tiny_models import make_tiny_llama
+from vllm_ruquant.checkpoint.format import ActivationSpec, RotationSpec, RUQuantFormat, WeightSpec
 from vllm_ruquant.compat import vllm_cli_works
-from vllm_ruquant.format import ActivationSpec, RotationSpec, RUQuantFormat, WeightSpec
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

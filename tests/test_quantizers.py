@@ -11,10 +11,10 @@ from safetensors import safe_open
 
 from convert import cli
 from convert.clip import gradual_binary_search, search_kv_clip, search_weight_clip
-from convert.quantizers.base import get_quantizer
-from tiny_models import make_tiny_llama
-from vllm_ruquant import format as fmt_mod
+from convert.quantizers import get_quantizer
+from convert.tiny_models import make_tiny_llama
 from vllm_ruquant import reference as ref
+from vllm_ruquant.checkpoint import format as fmt_mod
 
 SMALL_CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
 # (name, options): every quantizer this file owns, plus the GBS-clipped baselines
@@ -183,7 +183,7 @@ def test_padded_online_rotation_is_the_expansion_the_plugin_serves() -> None:
 
 def test_dimension_expansion_refuses_tensor_parallel(tmp_path, capsys) -> None:
     from convert import cli
-    from tiny_models import make_tiny_llama
+    from convert.tiny_models import make_tiny_llama
 
     make_tiny_llama(tmp_path / "src", intermediate_size=170)
     rc = cli.main([str(tmp_path / "src"), str(tmp_path / "out"), "--dimension-expansion", "--tp-size", "2",

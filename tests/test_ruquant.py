@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from convert import cli
-from convert.architectures import model_dims
 from convert.diagnostics import PLOT_NAME, lloyd_max_stats, qsur
 from convert.evaluate import Evaluator, LoadedModel
 from convert.modeling import decoder_layer, lm_logits, rope_tables
@@ -28,8 +27,9 @@ from convert.rotations.ruquant import (
     uniform_target,
 )
 from convert.simulate import checkpoint_linear
-from tiny_models import make_tiny_llama
-from vllm_ruquant import format as fmt_mod
+from convert.tiny_models import make_tiny_llama
+from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.models import model_dims
 
 FAST = dict(calib_samples=2, calib_seq_len=32)
 

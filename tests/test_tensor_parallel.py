@@ -22,9 +22,9 @@ from safetensors import safe_open
 
 from convert import cli
 from convert.simulate import checkpoint_linear
-from tiny_models import make_tiny_llama
+from convert.tiny_models import make_tiny_llama
 from vllm_ruquant import compat
-from vllm_ruquant import format as fmt_mod
+from vllm_ruquant.checkpoint import format as fmt_mod
 
 TP = 2
 LAYER = "model.layers.1"

@@ -14,7 +14,7 @@ import torch
 
 from vllm_ruquant import reference as ref
 from vllm_ruquant.hadamard import factor_size
-from vllm_ruquant.ops import LinearSpec, ReferenceBackend
+from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
 # (weight bits, act bits, group, rotation, K, N): odd K first, then ones that tile already
 CASES = [

@@ -1,4 +1,4 @@
-"""Fuzzing ``vllm_ruquant.validate`` with mutated copies of one real converted checkpoint.
+"""Fuzzing ``vllm_ruquant.checkpoint.validate`` with mutated copies of one real converted checkpoint.
 
 Why: the validator runs on whatever a user points vLLM at -- half-copied directories,
 hand-edited configs, shards from another conversion. Its contract is that every such
@@ -34,16 +34,18 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from convert import cli
-from tiny_models import make_tiny_llama
-from vllm_ruquant import validate as val
-from vllm_ruquant.validate import CheckpointError, ExitCode, validate
+from convert.tiny_models import make_tiny_llama
+from vllm_ruquant.checkpoint import validate as val
+from vllm_ruquant.checkpoint.errors import CheckpointError, ExitCode
+from vllm_ruquant.checkpoint.shards import INDEX_FILE, sha256_file
+from vllm_ruquant.checkpoint.validate import validate
 
 CASE_TIMEOUT_S = 10
 # RUQUANT_FUZZ_EXAMPLES=500 for a longer local run; CI keeps the suite under a minute
 FUZZ = settings(max_examples=int(os.environ.get("RUQUANT_FUZZ_EXAMPLES", "25")), deadline=None,
                 derandomize=not os.environ.get("RUQUANT_FUZZ_EXAMPLES"), database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-INDEX = val.INDEX_FILE
+INDEX = INDEX_FILE
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def rewrite_shard(path: Path, shard: Path, fn: Callable[[dict], None], *, fix_in
             wm = {k: v for k, v in index["weight_map"].items() if v != shard.name}
             wm.update({k: shard.name for k in tensors})
             index["weight_map"] = wm
-            index["metadata"]["sha256"][shard.name] = val.sha256_file(shard)
+            index["metadata"]["sha256"][shard.name] = sha256_file(shard)
         edit_json(path / INDEX, fix)
 
 

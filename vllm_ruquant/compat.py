@@ -35,6 +35,7 @@ Differences between 0.26.0 and 0.32.0 that matter to us (checked in both sources
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 from typing import Any
 
 import vllm
@@ -142,6 +143,21 @@ def int4_kv_cache_supported() -> bool:
     return bool(current_platform.is_cuda())
 
 
+def triton_attention_impl() -> type:
+    """vLLM's ``TritonAttentionImpl``: the attention that serves the ``int4_per_token_head`` cache
+    (importable in both releases, also on the CPU wheels; used on CUDA)."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    return TritonAttentionImpl
+
+
+def int4_kv_cache_ops() -> ModuleType:
+    """vLLM's ``int4_per_token_head`` cache module (its cache-write kernel and packed attention)."""
+    from vllm.v1.attention.ops import int4_per_token_head
+
+    return int4_per_token_head
+
+
 def flash_attn_varlen() -> Any | None:
     """vLLM's FlashAttention ``flash_attn_varlen_func`` with the version vLLM picks for this GPU
     bound in (FA3 on Hopper); None where vLLM ships none (the CPU wheels) or offers no version."""
@@ -174,6 +190,7 @@ __all__ = [
     "flash_attn_varlen",
     "init_logger",
     "install_kv_cache_dtype_resolver",
+    "int4_kv_cache_ops",
     "int4_kv_cache_supported",
     "plugin_logger",
     "registered_config",
@@ -183,6 +200,7 @@ __all__ = [
     "set_weight_attrs",
     "tensor_parallel_world_size",
     "text_config",
+    "triton_attention_impl",
     "vllm_cli_works",
     "vllm_version_tuple",
 ]

@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from vllm_ruquant import compat
-from vllm_ruquant.format import QUANT_METHOD, FormatError, RUQuantFormat
+from vllm_ruquant.checkpoint.format import QUANT_METHOD, FormatError, RUQuantFormat, parse_format
+from vllm_ruquant.checkpoint.validate import validate_for_serving
 from vllm_ruquant.kv_cache import check_attention_layer, engine_cache_dtype_resolver
+from vllm_ruquant.linear import RUQuantLinearMethod
 
 logger = compat.plugin_logger(__name__)
 
@@ -38,8 +40,7 @@ class RUQuantConfig(compat.QuantizationConfig):
 
     def __repr__(self) -> str:
         f = self.fmt
-        return (f"RUQuantConfig(w{f.weight.bits}a{f.activation.bits}kv{f.kv_cache.bits}, "
-                f"group_size={f.weight.group_size}, rotations={sorted(f.online_rotations)})")
+        return f"RUQuantConfig({f.scheme}, group_size={f.weight.group_size}, rotations={sorted(f.online_rotations)})"
 
     # ------------------------------------------------------------ vLLM interface
 
@@ -62,15 +63,10 @@ class RUQuantConfig(compat.QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RUQuantConfig:
-        from vllm_ruquant.validate import CheckpointError, prescreen_rotation_sizes
-
         try:
-            # before from_dict: an adversarial Hadamard size would make it hang (validate.py)
-            prescreen_rotation_sizes(config)
-            fmt = RUQuantFormat.from_dict(config)
-        except (FormatError, CheckpointError) as e:
+            return cls(parse_format(config))
+        except FormatError as e:
             raise RUQuantConfigError(f"cannot serve this ruquant checkpoint: {e}") from None
-        return cls(fmt)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> compat.QuantizeMethodBase | None:
         """Linear layers get the ruquant method unless ignored (lm_head); others are left as is.
@@ -85,8 +81,6 @@ class RUQuantConfig(compat.QuantizationConfig):
             return None  # embeddings, lm_head (ParallelLMHead), attention: unquantized
         if self.fmt.is_ignored(prefix):
             return compat.UnquantizedLinearMethod()
-        from vllm_ruquant.linear import RUQuantLinearMethod  # noqa: PLC0415 (import cycle)
-
         return RUQuantLinearMethod(self, prefix)
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, **kwargs: Any) -> None:
@@ -105,8 +99,6 @@ class RUQuantConfig(compat.QuantizationConfig):
                 self.fmt.check_model(hidden, inter)
             except FormatError as e:
                 raise RUQuantConfigError(f"ruquant checkpoint {model_name} does not match its model: {e}") from None
-        from vllm_ruquant.validate import validate_for_serving
-
         validate_for_serving(str(model_name), log=logger.info)
 
 

@@ -13,7 +13,7 @@ its ``int4_per_token_head`` cache (TRITON_ATTN, CUDA). The user needs no flag:
 
 When the checkpoint's V/O projections carry the converter's per-head rotation
 (``value_rotation == "offline"``), each attention layer's ``TritonAttentionImpl`` is switched
-to ``kernels.kv4_attention.OfflineValueInt4Impl``, which skips vLLM's online V rotation
+to ``attention.OfflineValueInt4Impl``, which skips vLLM's online V rotation
 and its inverse on the output, and rotates Q/K with one small GEMM each.
 """
 
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from vllm_ruquant import compat
-from vllm_ruquant.format import QUANT_METHOD, FormatError, KVCacheSpec, RUQuantFormat
+from vllm_ruquant.checkpoint.format import QUANT_METHOD, FormatError, KVCacheSpec, RUQuantFormat, parse_format
+from vllm_ruquant.logs import log_once
 
 logger = compat.plugin_logger(__name__)
 
 INT4_CACHE_DTYPE = "int4_per_token_head"
-_logged: set[str] = set()
 
 
 class KVCacheConfigError(ValueError):
@@ -45,7 +45,7 @@ def checkpoint_kv_spec(hf_config: Any) -> KVCacheSpec | None:
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         return None
     try:
-        return RUQuantFormat.from_dict(qcfg).kv_cache
+        return parse_format(qcfg).kv_cache
     except FormatError:
         return None  # RUQuantConfig.from_config reports it with the full message
 
@@ -86,7 +86,7 @@ def check_attention_layer(fmt: RUQuantFormat, layer: torch.nn.Module, prefix: st
         if fmt.kv_cache.value_rotation == "offline" and getattr(layer, "attn_type", "decoder") == "decoder":
             _use_offline_value_impl(layer, prefix)
         else:
-            log_once("online", "ruquant: KV cache int4_per_token_head with vLLM's online Q/K/V rotation")
+            log_once(logger, "online", "ruquant: KV cache int4_per_token_head with vLLM's online Q/K/V rotation")
         return
     if dtype == "auto":
         where = ("this platform has no int4_per_token_head cache (vLLM serves it with TRITON_ATTN "
@@ -95,16 +95,13 @@ def check_attention_layer(fmt: RUQuantFormat, layer: torch.nn.Module, prefix: st
             f"this checkpoint was calibrated for a {bits}-bit KV cache, but {where}. Pass "
             "--kv-cache-dtype bfloat16 (or float16) to serve it with a 16-bit cache -- at least as "
             "accurate as the converter's KV simulation -- or convert with a scheme without 'kv'.")
-    log_once(f"override:{dtype}",
-              f"ruquant: the checkpoint was calibrated for a {bits}-bit KV cache; serving with the "
-              f"requested --kv-cache-dtype {dtype} instead")
+    log_once(logger, f"override:{dtype}",
+             f"ruquant: the checkpoint was calibrated for a {bits}-bit KV cache; serving with the "
+             f"requested --kv-cache-dtype {dtype} instead")
 
 
 def _use_offline_value_impl(layer: torch.nn.Module, prefix: str) -> None:
-    from vllm_ruquant.kernels.kv4_attention import (  # noqa: PLC0415 (GPU only)
-        OfflineValueInt4Impl,
-        TritonAttentionImpl,
-    )
+    from vllm_ruquant.attention import OfflineValueInt4Impl, TritonAttentionImpl  # noqa: PLC0415 (GPU only)
 
     impl = getattr(layer, "impl", None)
     if isinstance(impl, OfflineValueInt4Impl):
@@ -114,14 +111,7 @@ def _use_offline_value_impl(layer: torch.nn.Module, prefix: str) -> None:
             f"{prefix}: the int4 KV cache needs vLLM's TritonAttentionImpl, got "
             f"{type(impl).__name__}; do not force another --attention-backend for a kv4 checkpoint")
     # Same state, same cache layout, same kernels: only the rotation around them differs
-    # (see kernels/kv4_attention.py), so the instance is re-classed rather than rebuilt.
+    # (see attention.py), so the instance is re-classed rather than rebuilt.
     impl.__class__ = OfflineValueInt4Impl
-    log_once("offline", "ruquant: KV cache int4_per_token_head; Q/K rotated online by the head_dim "
-                         "Hadamard, V rotated offline (R2): OfflineValueInt4Impl")
-
-
-def log_once(key: str, msg: str) -> None:
-    """Log ``msg`` once per process; ``_logged`` keeps the keys (tests read which path served)."""
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(msg)
+    log_once(logger, "offline", "ruquant: KV cache int4_per_token_head; Q/K rotated online by the head_dim "
+                                "Hadamard, V rotated offline (R2): OfflineValueInt4Impl")

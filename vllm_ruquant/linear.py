@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ruquant import compat, format, ops
+from vllm_ruquant import compat, ops
 from vllm_ruquant import reference as ref
+from vllm_ruquant.checkpoint import format
+from vllm_ruquant.checkpoint.models import ROW_PARALLEL, short_name
+from vllm_ruquant.linear_backend import LinearSpec
+from vllm_ruquant.logs import log_once
 
 logger = compat.plugin_logger(__name__)
 
 # Prepared tensors live on the layer under this prefix so they cannot clash with vLLM's.
 PREPARED_PREFIX = "ruquant_"
-_logged_backends: set[str] = set()
 
 
 class RUQuantLinearMethod(compat.LinearMethodBase):
@@ -82,8 +85,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         if self.fmt.weight.bits == 4 and k % 2:
             raise ValueError(f"ruquant: {self.prefix}: int4 packing needs an even input size, got {k}")
         tp = compat.tensor_parallel_world_size()
-        if tp != self.fmt.tp_size and not self.fmt.weight_only and self.prefix.rsplit(".", 1)[-1] in \
-                format.ROW_PARALLEL:
+        if tp != self.fmt.tp_size and not self.fmt.weight_only and short_name(self.prefix) in ROW_PARALLEL:
             raise ValueError(
                 f"ruquant: this checkpoint was converted for --tensor-parallel-size {self.fmt.tp_size} "
                 f"(row-parallel activations are quantized per shard), but vLLM runs with {tp}; serve it "
@@ -117,7 +119,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Hand the loaded tensors to the backend once; keep what it prepares on the layer."""
         qweight = getattr(layer, format.QWEIGHT)
-        spec = ops.LinearSpec(
+        spec = LinearSpec(
             in_features=layer.ruquant_in_features,
             out_features=layer.ruquant_out_features,
             weight_bits=self.fmt.weight.bits,
@@ -144,9 +146,8 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         layer.ruquant_backend = backend
         layer.ruquant_kind_id = ops.register_layer(
             backend, spec, {k: getattr(layer, PREPARED_PREFIX + k) for k in prepared})
-        if backend.name not in _logged_backends:
-            _logged_backends.add(backend.name)
-            logger.info("ruquant: linear layers run on the %r backend (%s)", backend.name, self.fmt_summary())
+        log_once(logger, f"backend:{backend.name}",
+                 f"ruquant: linear layers run on the {backend.name!r} backend ({self.fmt_summary()})")
 
     def _online_rotation(self, layer: torch.nn.Module) -> ref.OnlineRotation | None:
         rot = self.rotation_spec
@@ -165,8 +166,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
                              layer.ruquant_kind_id)
 
     def fmt_summary(self) -> str:
-        f = self.fmt
-        return f"w{f.weight.bits}a{f.activation.bits}, group_size {f.weight.group_size}"
+        return f"{self.fmt.scheme}, group_size {self.fmt.weight.group_size}"
 
 
 compat.register_weight_loader_v2_supported_method(RUQuantLinearMethod)

@@ -1,9 +1,9 @@
-"""Dispatch for the ruquant linear layer: GPU kernels on CUDA, the torch reference otherwise.
+"""Dispatch for the ruquant linear layer: which backend runs it, behind one graph-opaque op.
 
-A *backend* turns a layer's stored tensors into whatever layout its kernels want, once,
-at ``process_weights_after_loading`` (``prepare``), and then runs the layer (``apply``).
-The reference backend is the CPU serving path and the oracle; GPU backends live in
-``vllm_ruquant.kernels`` and must produce the same integers (see ``reference.py``).
+``select_backend`` is the one place a backend is chosen: the Triton kernels
+(``kernels.backend.TritonBackend``) on CUDA, the torch reference
+(``linear_backend.ReferenceBackend``) otherwise. The interface both implement is
+``linear_backend.LinearBackend``.
 """
 
 from __future__ import annotations
@@ -12,62 +12,12 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from vllm_ruquant import reference as ref
+from vllm_ruquant.linear_backend import LinearBackend, LinearSpec, ReferenceBackend
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """Everything a backend needs to know about one quantized linear layer."""
-
-    in_features: int
-    out_features: int
-    weight_bits: int
-    group_size: int  # -1: per output channel
-    act_bits: int  # >= 16: weight-only
-    clip_ratio: float = 1.0
-    rotation: ref.OnlineRotation | None = None
-
-
-class LinearBackend(Protocol):
-    name: str
-
-    def prepare(self, spec: LinearSpec, qweight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Repack the checkpoint's tensors (format.py layout) into this backend's layout."""
-        ...
-
-    def apply(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], x: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-        ...
-
-
-class ReferenceBackend:
-    """Plain torch: unpacks the weights to int8 once and runs ``reference.quantized_linear``."""
-
-    name = "reference"
-
-    def prepare(self, spec: LinearSpec, qweight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"w_q": ref.unpack_weight(qweight, spec.weight_bits), "w_scale": weight_scale.float()}
-        if spec.rotation is not None and spec.rotation.blocks is not None:
-            # a plain tensor (the layer's loaded parameter is a vLLM parameter subclass)
-            out["rot_blocks"] = spec.rotation.blocks.data.to(qweight.device, torch.float32).clone()
-        return out
-
-    def apply(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], x: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-        rotation = spec.rotation
-        if "rot_blocks" in prepared:  # this layer's blocks (the shared spec has none)
-            rotation = dataclasses.replace(rotation, blocks=prepared["rot_blocks"])
-        return ref.quantized_linear(
-            x, prepared["w_q"], prepared["w_scale"], act_bits=spec.act_bits,
-            group_size=spec.group_size, clip_ratio=spec.clip_ratio, rotation=rotation,
-            bias=bias, out_dtype=x.dtype,
-        )
 
 
 def select_backend(device: torch.device) -> LinearBackend:
@@ -75,7 +25,7 @@ def select_backend(device: torch.device) -> LinearBackend:
     forced = os.environ.get("RUQUANT_BACKEND", "").lower()
     if device.type == "cuda" and forced != "reference":
         try:
-            from vllm_ruquant.kernels import TritonBackend  # noqa: PLC0415 (GPU only)
+            from vllm_ruquant.kernels.backend import TritonBackend  # noqa: PLC0415 (GPU only)
 
             return TritonBackend()
         except ImportError as e:  # kernels not built for this install

@@ -326,7 +326,7 @@ def quantized_linear(
 #   to [0, max - min] (or [min - max, 0]); rotated rows straddle zero in practice.
 # * Rotations over head_dim, applied online to keys on cache write and to queries before
 #   attention, leave ``q k^T`` unchanged and spread the keys' outlier channels:
-#   - ``value_rotation == "offline"`` (ruquant's path, ``kernels/kv4_attention.py``): V/O
+#   - ``value_rotation == "offline"`` (ruquant's path, ``attention.py``): V/O
 #     already carry a per-head R2 from the converter, so V is quantized as it comes; Q and
 #     K are rotated by the orthonormal Hadamard ``H_d / sqrt(d)``.
 #   - ``"online"`` (vLLM's built-in path): the randomized Hadamard ``R = H_d D``

@@ -13,7 +13,6 @@ import torch
 
 from convert.clip import static_scale
 from convert.errors import ConvertError, ExitCode
-from convert.quantizers.base import register_quantizer
 from vllm_ruquant.reference import qmax_for
 
 
@@ -63,7 +62,6 @@ def gptq_sweep(wq: torch.Tensor, u: torch.Tensor, scale_full: torch.Tensor, qmax
     return q
 
 
-@register_quantizer("gptq")
 class GPTQQuantizer:
     name = "gptq"
     needs_hessian = True

@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 
 from convert.clip import hessian_row_errors, static_scale
-from convert.quantizers.base import register_quantizer
 from vllm_ruquant.reference import FLT_MIN, qmax_for
 
 
@@ -59,7 +58,6 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-@register_quantizer("lrq")
 class LRQQuantizer:
     name = "lrq"
     needs_hessian = True

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 
 from convert.clip import search_weight_clip
-from convert.quantizers.base import register_quantizer
 from vllm_ruquant.reference import quantize_weight
 
 
-@register_quantizer("rtn")
 class RTNQuantizer:
     name = "rtn"
     needs_hessian = False

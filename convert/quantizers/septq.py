@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 
 from convert.clip import static_scale
-from convert.quantizers.base import register_quantizer
 from convert.quantizers.gptq import gptq_sweep, inverse_hessian_cholesky
 from vllm_ruquant.reference import qmax_for
 
@@ -102,7 +101,6 @@ def _quantize_important_first(wq: torch.Tensor, mask: torch.Tensor, scale_full: 
     return q_out
 
 
-@register_quantizer("septq")
 class SEPTQQuantizer:
     name = "septq"
     needs_hessian = True

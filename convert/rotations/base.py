@@ -1,4 +1,4 @@
-"""The interface every rotation method implements, and the registry the CLI picks from.
+"""The interface every rotation method implements (``convert.rotations`` registers them).
 
 A method returns a ``RotationPlan``: the residual rotation R1 (absorbed offline into
 embeddings, every linear and lm_head), the per-head V/O rotation R2 (absorbed offline),
@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
-from convert.architectures import ModelDims
-from convert.errors import ConvertError, ExitCode
+from convert.modeling import attention_block, dense_linear, rms_norm, rope_tables
+from vllm_ruquant.checkpoint.format import RUQuantFormat
+from vllm_ruquant.checkpoint.models import ModelDims
 from vllm_ruquant.reference import OnlineRotation
 
 
@@ -52,9 +54,9 @@ class RotationContext:
     layer_tensors: Callable[[int], dict[str, torch.Tensor]] | None = None
     # the fp model's final norm (folded) and lm_head as (vocab, d), for logit-level losses
     head: Callable[[], torch.Tensor] | None = None
-    weight_bits: int = 4
-    act_bits: int = 4
-    kv_bits: int = 16  # the scheme's KV-cache bits, for methods that simulate the served cache
+    # the scheme being converted to (weight / activation / KV-cache bits), for methods that
+    # simulate the served quantization
+    fmt: RUQuantFormat = field(default_factory=RUQuantFormat)
     finetune: bool = False  # the method's slower, fine-tuned variant (``--finetune``)
 
 
@@ -62,32 +64,6 @@ class RotationMethod(Protocol):
     name: str
 
     def plan(self, ctx: RotationContext) -> RotationPlan: ...
-
-
-_REGISTRY: dict[str, Callable[[], RotationMethod]] = {}
-
-
-def register_rotation(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def get_rotation_method(name: str) -> RotationMethod:
-    import convert.rotations.hadamard  # noqa: F401  (registers methods)
-    import convert.rotations.ostquant  # noqa: F401
-    import convert.rotations.ruquant  # noqa: F401
-    if name not in _REGISTRY:
-        raise ConvertError(f"unknown rotation {name!r}; choose one of {', '.join(sorted(_REGISTRY))}",
-                           ExitCode.UNSUPPORTED)
-    return _REGISTRY[name]()
-
-
-def available_rotations() -> list[str]:
-    get_rotation_method("none")
-    return sorted(_REGISTRY)
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -99,3 +75,30 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
+
+
+@torch.no_grad()
+def site_inputs(ctx: RotationContext, max_tokens: int = 1024) -> list[dict[str, torch.Tensor]]:
+    """Unrotated fp inputs of every site, per layer: {"qkv": (N, d), "gate_up": (N, d), "down": (N, I)}.
+
+    Computed once from the fp model's layer input states (attention is run to get the MLP
+    input); rotations are applied afterwards, so every stage sees the same tokens.
+    """
+    assert ctx.layer_states is not None and ctx.layer_tensors is not None
+    dims = ctx.dims
+    out = []
+    for i, h in enumerate(ctx.layer_states()):
+        n = max(1, min(h.shape[0], max_tokens // h.shape[1]))
+        h = h[:n].to(ctx.device).float()
+        sd = ctx.layer_tensors(i)
+        lin = dense_linear(sd.__getitem__)
+        p = dims.layer_prefix(i)
+        rope = rope_tables(dims, h.shape[1], ctx.device)
+        x_attn = rms_norm(h, None, dims.rms_norm_eps)
+        h_mid = h + attention_block(h, p, dims, lin, sd.__getitem__, rope)
+        x_mlp = rms_norm(h_mid, None, dims.rms_norm_eps)
+        x_down = F.silu(lin(f"{p}.mlp.gate_proj", x_mlp)) * lin(f"{p}.mlp.up_proj", x_mlp)
+        out.append({"qkv": x_attn.reshape(-1, dims.hidden_size).cpu(),
+                    "gate_up": x_mlp.reshape(-1, dims.hidden_size).cpu(),
+                    "down": x_down.reshape(-1, dims.intermediate_size).cpu()})
+    return out

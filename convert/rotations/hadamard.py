@@ -13,13 +13,7 @@ import math
 
 import torch
 
-from convert.rotations.base import (
-    RotationContext,
-    RotationPlan,
-    random_orthogonal,
-    random_signs,
-    register_rotation,
-)
+from convert.rotations.base import RotationContext, RotationPlan, random_orthogonal, random_signs
 from vllm_ruquant.hadamard import hadamard_matrix, is_hadamard_size
 from vllm_ruquant.reference import OnlineRotation
 
@@ -30,7 +24,6 @@ def randomized_hadamard(n: int, generator: torch.Generator) -> torch.Tensor:
     return random_signs(n, generator).unsqueeze(1) * hadamard_matrix(n).double() / math.sqrt(n)
 
 
-@register_rotation("hadamard")
 class HadamardRotation:
     name = "hadamard"
 
@@ -46,7 +39,6 @@ class HadamardRotation:
         )
 
 
-@register_rotation("none")
 class NoRotation:
     """Quantize the model as it is (RTN/GPTQ baselines)."""
 

@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from convert.modeling import decoder_layer, lm_logits, rope_tables
-from convert.rotations.base import RotationContext, RotationPlan, register_rotation
+from convert.rotations.base import RotationContext, RotationPlan
+from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
-from convert.rotations.ruquant import READERS, WRITERS, fake_quant
+from vllm_ruquant.checkpoint.models import NORM_READERS, WRITERS
 from vllm_ruquant.hadamard import is_hadamard_size
 from vllm_ruquant.reference import OnlineRotation
 
-NORMS = {"input_layernorm": READERS[:3], "post_attention_layernorm": READERS[3:]}
 TOP_K = 64
 STEPS, FINETUNE_STEPS = 12, 60  # Adam steps (one calibration sequence each)
 
@@ -86,13 +86,13 @@ class _ModelSim:
 
     def q_logits(self, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
         """Quantized forward in the R1 basis; ``log_s (L, 2, d)`` the norm-site scalings."""
-        wb, ab = self.ctx.weight_bits, self.ctx.act_bits
+        wb, ab = self.ctx.fmt.weight.bits, self.ctx.fmt.activation.bits
         h = self.h0[seqs] @ r
         for i, sd in enumerate(self.layers):
             p = self.dims.layer_prefix(i)
             w: dict[str, torch.Tensor] = {}
             norms: dict[str, torch.Tensor] = {}
-            for j, (norm, readers) in enumerate(NORMS.items()):
+            for j, (norm, readers) in enumerate(NORM_READERS.items()):
                 s = log_s[i, j].exp()
                 norms[f"{p}.{norm}.weight"] = 1.0 / s
                 for name in readers:
@@ -131,7 +131,6 @@ def _tied(dims: Any) -> Any:
     return replace(dims, tie_word_embeddings=False)
 
 
-@register_rotation("ostquant")
 class OSTQuantRotation:
     name = "ostquant"
 
@@ -174,8 +173,8 @@ class OSTQuantRotation:
         a_f = a.detach().double().cpu() if keep else torch.zeros(d, d, dtype=torch.float64)
         s_f = log_s.detach().double().cpu().exp() if keep else torch.ones(n_layers, 2, d, dtype=torch.float64)
         r1 = hd @ cayley(a_f)
-        scales = {i: {norm: s_f[i, j].clone() for j, norm in enumerate(NORMS)} for i in range(n_layers)} if keep \
-            else {}
+        scales = ({i: {norm: s_f[i, j].clone() for j, norm in enumerate(NORM_READERS)} for i in range(n_layers)}
+                  if keep else {})
         report = {"method": "ostquant", "loss": "kl_top", "top_k": TOP_K, "steps": steps,
                   "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
                   "train_loss_first_last": [history[0], history[-1]] if history else None,

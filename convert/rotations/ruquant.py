@@ -74,6 +74,7 @@ of RUQuant against Hadamard on a real model: ``docs/methods.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -81,12 +82,13 @@ from typing import Any
 
 import torch
 
-from convert.diagnostics import site_inputs
 from convert.modeling import decoder_layer, rope_tables
-from convert.rotations.base import RotationContext, RotationPlan, register_rotation
+from convert.rotations.base import RotationContext, RotationPlan, site_inputs
+from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
 from convert.simulate import kv_cache_quantizer
-from vllm_ruquant.format import KVCacheSpec
+from vllm_ruquant.checkpoint.format import KVCacheSpec
+from vllm_ruquant.checkpoint.models import READERS, WRITERS
 from vllm_ruquant.hadamard import hadamard_matrix, is_hadamard_size
 from vllm_ruquant.reference import OnlineRotation
 
@@ -349,29 +351,6 @@ def choose_composition(x: torch.Tensor, candidates: dict[str, torch.Tensor], bit
 # -------------------------------------------------------------------------- stage 2
 
 
-class _STERound(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return g
-
-
-def fake_quant(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Symmetric absmax fake quantization along ``dim`` with straight-through rounding."""
-    if bits >= 16:
-        return x
-    qmax = (1 << (bits - 1)) - 1
-    s = (x.abs().amax(dim, keepdim=True) / qmax).clamp_min(1e-12)
-    return torch.clamp(_STERound.apply(x / s), -qmax - 1, qmax) * s
-
-
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-
-
 @dataclass
 class Stage2Config:
     reflections: int = 1
@@ -395,7 +374,7 @@ class _LayerSim:
 
     def __init__(self, ctx: RotationContext, i: int, r1: torch.Tensor, r4: OnlineRotation | None,
                  h_in: torch.Tensor, h_out: torch.Tensor, r2: torch.Tensor | None = None,
-                 kv_bits: int = 16) -> None:
+                 kv: KVCacheSpec | None = None) -> None:
         dims, dev = ctx.dims, ctx.device
         assert ctx.layer_tensors is not None
         sd = ctx.layer_tensors(i)
@@ -420,10 +399,7 @@ class _LayerSim:
             o = self.w[f"{p}.self_attn.o_proj"]
             hd = self.r2.shape[0]
             self.w[f"{p}.self_attn.o_proj"] = (o.view(o.shape[0], -1, hd) @ self.r2).reshape(o.shape)
-        # V is unrotated in this simulation (R2 acts on o_proj's input above): let the KV
-        # quantizer rotate it by the online RHT ("online"), a random Hadamard like the served R2
-        self.kv_quant = kv_cache_quantizer(KVCacheSpec(bits=kv_bits, value_rotation="online"),
-                                           straight_through=True)
+        self.kv_quant = kv_cache_quantizer(kv or KVCacheSpec(), straight_through=True)
         self.norms = {k: v for k, v in sd.items() if "norm" in k}
         self.h_in = (h_in.to(dev).float() @ r)
         self.h_out = (h_out.to(dev).float() @ r)
@@ -487,12 +463,14 @@ def _stage2(ctx: RotationContext, r1: torch.Tensor, r4s: dict[int, OnlineRotatio
             with torch.no_grad():
                 h_out = decoder_layer(h, i, dims, dense_linear(sd.__getitem__), sd.__getitem__,
                                       rope_tables(dims, h.shape[1], ctx.device)).cpu()
-        kv_bits = ctx.kv_bits if cfg.simulate_kv else 16
+        # V is unrotated in this simulation (R2 acts on o_proj's input): the KV quantizer rotates it
+        # by the online RHT ("online"), a random Hadamard like the served R2
+        kv = dataclasses.replace(ctx.fmt.kv_cache, value_rotation="online") if cfg.simulate_kv else KVCacheSpec()
         sims.append(_LayerSim(ctx, i, r1, r4s.get(i), states[i], h_out,
-                              r2 if cfg.simulate_r2 else None, kv_bits))
+                              r2 if cfg.simulate_r2 else None, kv))
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
     n_seq = states[0].shape[0]
-    abits = ctx.act_bits
+    abits = ctx.fmt.activation.bits
     # a seeded split: training minibatches come from ``train``, the keep/drop decision from ``held``
     order = torch.randperm(n_seq, generator=gen)
     n_held = min(n_seq - 1, max(1, round(cfg.holdout * n_seq))) if n_seq > 1 else 0
@@ -500,7 +478,7 @@ def _stage2(ctx: RotationContext, r1: torch.Tensor, r4s: dict[int, OnlineRotatio
 
     def total_loss(vs: list[torch.Tensor], seqs: torch.Tensor | None = None) -> torch.Tensor:
         seqs = held if seqs is None else seqs
-        wbits = ctx.weight_bits if cfg.simulate_weights else 16
+        wbits = ctx.fmt.weight.bits if cfg.simulate_weights else 16
         return sum(s.loss(vs, seqs, wbits, abits) for s in sims) / len(sims)
 
     # extra reflections start as small perturbations of v0's direction family (seeded)
@@ -559,7 +537,7 @@ class RUQuantRotation:
         t0 = time.perf_counter()
         dims = ctx.dims
         d, inter = dims.hidden_size, dims.intermediate_size
-        bits = ctx.act_bits if ctx.act_bits <= 8 else 4
+        bits = ctx.fmt.activation.bits if ctx.fmt.activation.bits <= 8 else 4
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
         hd = randomized_hadamard(d, ctx.generator)
         r2 = randomized_hadamard(dims.head_dim, ctx.generator)
@@ -638,13 +616,11 @@ def _bd_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nka,kab->nkb", x.reshape(-1, nb, b), blocks).reshape(x.shape)
 
 
-@register_rotation("ruquant")
 class RUQuantStage12(RUQuantRotation):
     name = "ruquant"
     stage2 = True
 
 
-@register_rotation("ruquant-stage1")
 class RUQuantStage1(RUQuantRotation):
     name = "ruquant-stage1"
     stage2 = False

@@ -1,4 +1,4 @@
-"""``TritonBackend``: the ruquant linear layer on NVIDIA GPUs (see ``ops.LinearBackend``).
+"""``TritonBackend``: the ruquant linear layer on NVIDIA GPUs (see ``linear_backend.LinearBackend``).
 
 ``prepare`` picks a kernel path from the layer's spec once and repacks the weights for
 it; ``apply`` runs the fused rotate+quantize kernel and then the GEMM:
@@ -41,7 +41,7 @@ from vllm_ruquant.kernels import layout
 from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import hadamard_factor_t, rotate_quant
-from vllm_ruquant.ops import LinearSpec, ReferenceBackend
+from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ same linears with a bf16 cache (issue 3). Here:
 * The packed cache is read as int32 words (vLLM's slots are 4- but not 16-byte aligned).
 * Nibbles become floats by bit operations, not int-to-float conversions (``_unpack``).
 * ``dequantize_sequences``: whole sequences' K/V to bf16, for prefill chunks attended by
-  FlashAttention in the engine (``kernels/kv4_attention.py``).
+  FlashAttention in the engine (``vllm_ruquant/attention.py``).
 
 Cache layout (vLLM's): keys and values ``(blocks, page, kv_heads, >= head_dim / 2)`` uint8,
 element ``2j`` in the low nibble; scales ``(blocks, page, kv_heads)`` fp32 whose low 4
@@ -580,7 +580,7 @@ def dequantize_sequences(key_cache: torch.Tensor, value_cache: torch.Tensor, k_s
     Sequence ``s`` takes rows ``cu_seqlens_k[s] : cu_seqlens_k[s + 1]`` (its first keys, in
     order); rows of other sequences are left unwritten. Why: a prefill chunk attends to
     whole sequences, and FlashAttention on their dequantized K/V outruns any int4 prefill tile
-    (``kernels/kv4_attention.py``); the values are ``reference.dequantize_kv_int4``'s.
+    (``vllm_ruquant/attention.py``); the values are ``reference.dequantize_kv_int4``'s.
     """
     d, kv_heads = head_dim, key_cache.shape[2]
     k = torch.empty(total_keys, kv_heads, d, dtype=dtype, device=key_cache.device)

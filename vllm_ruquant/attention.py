@@ -19,7 +19,8 @@ for the features ours lacks (ALiBi, soft-capping, sinks, sliding window, multimo
 ranges, fp8 output). Arithmetic oracle:
 ``reference.simulate_kv_cache(..., value_rotated_offline=True)``; kernel oracle
 ``reference.paged_int4_attention``. This module touches vLLM 0.26 internals (GPU only) and
-is imported only on that path.
+is imported only on that path (``kv_cache``), and reaches vLLM through ``compat`` like every
+plugin module.
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
-from vllm.v1.attention.ops import int4_per_token_head as int4_ops
 
 from vllm_ruquant import compat
 from vllm_ruquant.kernels import int4_kv_attention
-from vllm_ruquant.kv_cache import log_once
+from vllm_ruquant.logs import log_once
 from vllm_ruquant.reference import hadamard_transform
 
+logger = compat.plugin_logger(__name__)
+TritonAttentionImpl = compat.triton_attention_impl()
+int4_ops = compat.int4_kv_cache_ops()
 _INT4_PACKING = 2
 _FLASH_ATTN = compat.flash_attn_varlen()  # None on the CPU: int4 prefill tiles there
-ATTENTION_OURS, ATTENTION_VLLM = "attention:ruquant", "attention:vllm"  # kv_cache._logged keys
+ATTENTION_OURS, ATTENTION_VLLM = "attention:ruquant", "attention:vllm"  # logs.LOGGED keys
 _HADAMARD: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 # dequantized prefill K/V above this many bytes: our int4 prefill tiles instead (no big scratch)
 MAX_PREFILL_SCRATCH_BYTES = 2 << 30
@@ -115,9 +117,9 @@ class OfflineValueInt4Impl(TritonAttentionImpl):
         # fill the cache now: a host-to-device copy is not allowed later, inside CUDA-graph capture
         head_hadamard(self.head_size, act_dtype, torch.device("cuda", torch.cuda.current_device()))
         if self._layer_fits_our_kernel():
-            log_once(ATTENTION_OURS, "ruquant: int4 KV attention by kernels/int4_kv_attention.py")
+            log_once(logger, ATTENTION_OURS, "ruquant: int4 KV attention by kernels/int4_kv_attention.py")
         else:
-            log_once(ATTENTION_VLLM, "ruquant: int4 KV attention by vLLM's _attn_packed (the layer uses "
+            log_once(logger, ATTENTION_VLLM, "ruquant: int4 KV attention by vLLM's _attn_packed (the layer uses "
                                      "ALiBi, sinks, soft-capping or a sliding window)")
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:

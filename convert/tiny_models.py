@@ -1,4 +1,5 @@
-"""Tiny Hugging Face model directories with random weights, built locally for tests.
+"""Tiny Hugging Face model directories with random weights, built locally (tests, examples,
+benchmarks), and the configs of the model shapes benchmarks synthesise.
 
 No model hub is reachable, so every test that needs a model builds one here: a small
 byte-level BPE tokenizer trained on a few sentences (so any text, including chat
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -234,3 +236,28 @@ def train_tiny_llama(model_dir: str | Path, *, steps: int = 100, seed: int = 0) 
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+# ------------------------------------------------------- benchmark shapes (no weights)
+
+# config.json dimensions of the models benchmarks synthesise (weights: vLLM --load-format dummy,
+# or seeded random tensors in benchmarks/ruquant_stage1.py)
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # a smoke-test shape that starts in seconds (CPU tests, quick GPU checks); the vocabulary covers
+    # the token ids `vllm bench latency` draws (below 10000)
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=10240, rope_theta=10000.0, max_position_embeddings=4096),
+}
+
+
+def llama_config(shape: dict[str, Any]) -> dict[str, Any]:
+    """The HF config.json of a Llama model of ``shape`` (no quantization)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2, **shape,
+    }

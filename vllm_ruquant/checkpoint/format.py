@@ -1,7 +1,9 @@
 """THE ruquant checkpoint format (version 1): the one place that defines it.
 
 The converter writes through this module and the vLLM plugin reads through it; nothing
-else knows tensor names, dtypes or the config schema.
+else knows tensor names, dtypes or the config schema. A scheme is parsed once into a
+``RUQuantFormat`` on each side -- ``scheme_format`` from the converter's flags,
+``parse_format`` from a checkpoint's config -- and that object travels whole.
 
 A ruquant checkpoint is a Hugging Face model directory whose ``config.json`` carries::
 
@@ -32,10 +34,12 @@ RMSNorm weights are folded into the following linears and written as ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_ruquant.hadamard import is_hadamard_size
+from vllm_ruquant.checkpoint.models import ROW_PARALLEL, short_name
+from vllm_ruquant.hadamard import SUPPORTED_FACTORS, is_hadamard_size
 
 QUANT_METHOD = "ruquant"
 FORMAT_VERSION = 1
@@ -52,8 +56,6 @@ KV_VALUE_ROTATIONS = ("online", "offline")
 ROTATION_KINDS = ("hadamard", "block_diagonal")
 # linear layers (by their last name) that may carry an online input rotation
 ROTATABLE_SITES = ("down_proj",)
-# linear layers vLLM splits along their input under tensor parallelism
-ROW_PARALLEL = ("o_proj", "down_proj")
 
 # The named recipes a user picks on the command line: weight bits, activation bits, kv bits.
 SCHEMES: dict[str, tuple[int, int, int]] = {
@@ -252,15 +254,21 @@ class RUQuantFormat:
     def weight_only(self) -> bool:
         return self.activation.bits >= 16
 
+    @property
+    def scheme(self) -> str:
+        """The scheme's name as ``SCHEMES`` spells it (``w4a4kv4``; ``a16`` for weight-only)."""
+        kv = f"kv{self.kv_cache.bits}" if self.kv_cache.bits < 16 else ""
+        return f"w{self.weight.bits}a{self.activation.bits}{kv}"
+
     def act_shards(self, prefix: str) -> int:
         """Activation-quantization shards of a layer: ``tp_size`` for row-parallel layers."""
-        return self.tp_size if prefix.rsplit(".", 1)[-1] in ROW_PARALLEL else 1
+        return self.tp_size if short_name(prefix) in ROW_PARALLEL else 1
 
     def is_ignored(self, prefix: str) -> bool:
         return any(prefix == i or prefix.endswith("." + i) for i in self.ignore)
 
     def rotation_for(self, prefix: str) -> RotationSpec | None:
-        return self.online_rotations.get(prefix.rsplit(".", 1)[-1])
+        return self.online_rotations.get(short_name(prefix))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -293,14 +301,72 @@ def _section(cfg: dict, key: str, spec_cls: type, path: str = "") -> Any:
         raise FormatError(f"quantization_config.{path}{key}: {e}") from None
 
 
-def scheme_format(scheme: str, **overrides: Any) -> RUQuantFormat:
-    """The format a named scheme (``w4a4kv4`` ...) produces, before rotations are added."""
+def scheme_format(scheme: str, *, group_size: int = -1, clip_ratio: float = 1.0,
+                  **overrides: Any) -> RUQuantFormat:
+    """The validated format a named scheme (``w4a4kv4`` ...) produces, before rotations are added:
+    what the converter's ``--scheme``, ``--group-size`` and ``--act-clip-ratio`` mean."""
     if scheme not in SCHEMES:
         raise FormatError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     wb, ab, kvb = SCHEMES[scheme]
-    fields = {"weight": WeightSpec(bits=wb), "activation": ActivationSpec(bits=ab),
-              "kv_cache": KVCacheSpec(bits=kvb)}
-    return RUQuantFormat(**{**fields, **overrides})
+    fields = {"weight": WeightSpec(bits=wb, group_size=group_size),
+              "activation": ActivationSpec(bits=ab, clip_ratio=clip_ratio), "kv_cache": KVCacheSpec(bits=kvb)}
+    fmt = RUQuantFormat(**{**fields, **overrides})
+    fmt.validate()
+    return fmt
+
+
+def _prescreen_rotation_sizes(qc: Any) -> None:
+    """Refuse Hadamard sizes whose dense factor is not one of ``hadamard.SUPPORTED_FACTORS``
+    *before* ``RUQuantFormat.from_dict`` tries to construct them.
+
+    Why: ``from_dict`` checks a size by building its Hadamard factor (``factor_size``), which
+    for an adversarial size (say 4 * a large prime + 4) runs a trial-division loop linear in
+    the size and may build and self-check a dense matrix of that order: a hang or an OOM
+    from one edited number in config.json. Real models' sizes (11008, 14336, 18944, ...) are
+    ``m * 2^k`` with ``m`` a supported factor, which the factor search reaches quickly.
+    Anything malformed is left for ``from_dict`` to report.
+    """
+    rots = qc.get("online_rotations") if isinstance(qc, dict) else None
+    if not isinstance(rots, dict):
+        return
+    for site, r in rots.items():
+        if not isinstance(r, dict) or r.get("kind") != "hadamard":
+            continue
+        # a per-shard Hadamard (``--tp-size``) builds its block_size, not its size
+        block = r.get("block_size")
+        n = block if block is not None else r.get("size")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            continue
+        p = n & -n
+        if n == p or any(n % m == 0 and (n // m) & (n // m - 1) == 0 for m in SUPPORTED_FACTORS):
+            continue
+        _check(False, f"online_rotations.{site}: no Hadamard rotation of size {n} (sizes are 2^k or m*2^k "
+                      f"with m in {', '.join(map(str, SUPPORTED_FACTORS))})")
+
+
+_PARSED: dict[str, RUQuantFormat] = {}
+
+
+def parse_format(qc: Any) -> RUQuantFormat:
+    """A checkpoint's ``quantization_config`` parsed and validated (``FormatError`` otherwise).
+
+    In a serving process vLLM hands the same config to ``RUQuantConfig``, to the KV-cache
+    dtype resolver and (from config.json) to the validator: it is parsed once, the first
+    time, and the same object is returned after that (keyed by its canonical JSON).
+    """
+    try:
+        key = json.dumps(qc, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON data: from_dict says what is wrong with it
+        key = None
+    if key is not None and key in _PARSED:
+        return _PARSED[key]
+    _prescreen_rotation_sizes(qc)
+    fmt = RUQuantFormat.from_dict(qc)
+    if key is not None:
+        if len(_PARSED) >= 16:
+            _PARSED.clear()
+        _PARSED[key] = fmt
+    return fmt
 
 
 # ---------------------------------------------------------------------- tensor names
