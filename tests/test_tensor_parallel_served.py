@@ -17,9 +17,9 @@ import multiprocessing
 import pytest
 
 from convert import cli
+from convert.tiny_models import make_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm
-from tiny_models import make_tiny_llama
-from vllm_ruquant.format import RUQuantFormat
+from vllm_ruquant.checkpoint.format import RUQuantFormat
 
 pytestmark = pytest.mark.vllm
 
