@@ -142,16 +142,19 @@ ENGINE_ENV = {
 
 
 @contextlib.contextmanager
-def in_process_llm(model: str | Path, **kwargs):
+def in_process_llm(model: str | Path, env: dict[str, str] | None = None, **kwargs):
     """A ``vllm.LLM`` in this process, torn down fully afterwards (so a next one can start).
 
     vLLM caches its env variables once an engine starts and keeps the distributed group
-    alive; both are undone on exit so later tests see a clean process.
+    alive; both are undone on exit so later tests see a clean process. ``env`` adds to (or
+    overrides) ``ENGINE_ENV`` for this engine only. With ``tensor_parallel_size > 1`` the
+    engine core still runs here, its workers in processes of their own (vLLM's
+    multiprocessing executor), which the teardown stops.
     """
     import vllm_ruquant
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in ENGINE_ENV.items():
+        for k, v in {**ENGINE_ENV, **(env or {})}.items():
             mp.setenv(k, v)
         vllm_ruquant.register()
         from vllm import LLM
@@ -163,6 +166,10 @@ def in_process_llm(model: str | Path, **kwargs):
             llm = LLM(model=str(model), **{**defaults, **kwargs})
             yield llm
         finally:
+            if llm is not None:
+                # vLLM gc.freeze()s the engine at start-up, so dropping the last reference
+                # never runs its finalizer: shut it down explicitly (TP > 1: stops the workers)
+                llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory

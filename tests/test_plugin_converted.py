@@ -32,8 +32,8 @@ OPTIONS = {
     "gbs-clip": ["--clip", "gbs"],
     "dimension-expansion": ["--dimension-expansion"],
 }
-# 172 has no Hadamard construction: --dimension-expansion serves down_proj padded to 176
-INTERMEDIATE = {"dimension-expansion": 172}
+# 170 is no Hadamard order: --dimension-expansion serves down_proj padded to 172 (Williamson H_172)
+INTERMEDIATE = {"dimension-expansion": 170}
 
 
 @pytest.fixture(scope="module", params=list(OPTIONS), ids=list(OPTIONS))
@@ -54,7 +54,7 @@ def test_converted_w4a4_served_matches_simulation(ckpt):
     # may move at all; a wrong packing/scale/rotation moves nearly every position by O(1).
     if ckpt.parent.name.startswith("converted-dimension-expansion"):
         rot = RUQuantFormat.from_dict(json.loads((ckpt / "config.json").read_text())["quantization_config"])
-        assert rot.online_rotations["down_proj"] == RotationSpec("hadamard", 176, padded_from=172)
+        assert rot.online_rotations["down_proj"] == RotationSpec("hadamard", 172, padded_from=170)
     with in_process_llm(ckpt, quantization="ruquant") as llm:
         assert llm.llm_engine.model_config.quantization == "ruquant"
         check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, tol=Tolerance(flip_atol=0.8))

@@ -144,7 +144,7 @@ def test_lrq_checkpoint_is_reproducible(tiny: Path, tmp_path: Path) -> None:
     assert digests[0] == digests[1]
 
 
-@pytest.mark.parametrize("n", [50, 156])  # 156 = 4 * 39: no construction recorded; pads to 160
+@pytest.mark.parametrize("n", [50, 170])  # 170 = 2 * 85: no Hadamard order; pads to 172 (Williamson)
 def test_dimension_expansion_is_exact_and_helps_outliers(n: int) -> None:
     from convert.dimension_expansion import expand_activation, expand_weight, expanded_linear_error, expanded_size
     from vllm_ruquant.hadamard import is_hadamard_size
@@ -167,7 +167,7 @@ def test_padded_online_rotation_is_the_expansion_the_plugin_serves() -> None:
     from convert.dimension_expansion import expand_activation, expanded_size
     from vllm_ruquant import reference as ref
 
-    n = 172
+    n = 170
     m = expanded_size(n)
     rot = ref.OnlineRotation("hadamard", m, padded_from=n)
     x = torch.randn(5, n, generator=torch.Generator().manual_seed(1))
@@ -177,7 +177,7 @@ def test_padded_online_rotation_is_the_expansion_the_plugin_serves() -> None:
     torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
     w = torch.randn(8, n, dtype=torch.float64)
     torch.testing.assert_close(rot.apply(x).double() @ (w @ q).T, x.double() @ w.T, atol=1e-4, rtol=1e-5)
-    with pytest.raises(ValueError, match="padded from 172 applied to a dim of 176"):
+    with pytest.raises(ValueError, match="padded from 170 applied to a dim of 172"):
         rot.apply(torch.randn(2, m))
 
 
@@ -185,7 +185,7 @@ def test_dimension_expansion_refuses_tensor_parallel(tmp_path, capsys) -> None:
     from convert import cli
     from convert.tiny_models import make_tiny_llama
 
-    make_tiny_llama(tmp_path / "src", intermediate_size=172)
+    make_tiny_llama(tmp_path / "src", intermediate_size=170)
     rc = cli.main([str(tmp_path / "src"), str(tmp_path / "out"), "--dimension-expansion", "--tp-size", "2",
                    *SMALL_CALIB])
     assert rc == 3 and not (tmp_path / "out").exists()

@@ -62,10 +62,21 @@ def test_rotations_ignore_the_default_dtype(default_dtype: torch.dtype) -> None:
     torch.testing.assert_close(ref.hadamard_transform(x.bfloat16()), y, rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("n", [11008, 13824, 14336, 18944, 4096, 896, 3584, 28672])
+# 5504 and 172: 11008 and 344 split over two tensor-parallel ranks (issue 25)
+@pytest.mark.parametrize("n", [11008, 13824, 14336, 18944, 4096, 896, 3584, 28672, 5504, 172, 156])
 def test_llm_sizes_factor(n: int) -> None:
     m, p = factor_size(n)
     assert m * p == n and p & (p - 1) == 0 and m in (1, *SUPPORTED_FACTORS)
+
+
+# The factor a size uses is absorbed into every checkpoint converted for it (the format stores
+# only the size): checkpoints of 344 / 11008 converted before H_172 existed hold H_344 (Paley I),
+# and serving them with H_172 (x) H_2 would be another rotation. Adding the Williamson orders
+# may only make new sizes work (172, 156), never change an existing answer.
+@pytest.mark.parametrize("n,want", [(344, (344, 1)), (11008, (344, 32)), (5504, (344, 16)), (688, (344, 2)),
+                                    (312, (312, 1)), (172, (172, 1)), (156, (156, 1))])
+def test_factor_choice_is_stable_for_converted_checkpoints(n: int, want: tuple[int, int]) -> None:
+    assert factor_size(n) == want
 
 
 def test_unsupported_size_is_a_clear_error() -> None:
@@ -73,7 +84,7 @@ def test_unsupported_size_is_a_clear_error() -> None:
         factor_size(13696)
 
 
-@pytest.mark.parametrize("n", [2, 64, 12 * 4, 20 * 8, 28 * 2, 40, 108, 344 * 2, 148 * 2])
+@pytest.mark.parametrize("n", [2, 64, 12 * 4, 20 * 8, 28 * 2, 40, 108, 344 * 2, 148 * 2, 156, 172])
 def test_hadamard_transform_matches_matrix_and_is_orthogonal(n: int) -> None:
     x = torch.randn(5, n, dtype=torch.float64)
     h = hadamard_matrix(n).double()

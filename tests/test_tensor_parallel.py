@@ -2,6 +2,13 @@
 2-way shard split (each rank's parameters filled by vLLM's own weight loaders, as vLLM
 would) and the ranks' outputs, concatenated (column-parallel) or summed (row-parallel),
 equal the converter's simulated forward of the same layer.
+
+Real TP=2 engines are in ``test_tensor_parallel_served.py`` (issue 25). This split stays
+because it checks each site on its own and exactly (1e-5, no rounding flips allowed), where
+the served test compares whole-model logprobs with the flip tolerance of a 4-bit model: a
+wrong shard here names the layer and loader, and it needs no engine or worker processes.
+The model's intermediate size 344 splits into shards of 172: each rank's down_proj input
+is rotated by the Williamson H_172 (issue 25).
 """
 
 from __future__ import annotations
@@ -26,11 +33,18 @@ LAYER = "model.layers.1"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tp")
-    make_tiny_llama(root / "src", arch="qwen2", intermediate_size=512, seed=4)
+    make_tiny_llama(root / "src", arch="qwen2", intermediate_size=344, seed=4)
     out = root / "w4a4-tp2"
     assert cli.main([str(root / "src"), str(out), "--scheme", "w4a4", "--tp-size", str(TP),
                      "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
     return out
+
+
+def test_344_converts_with_one_172_hadamard_per_shard(ckpt) -> None:
+    """``--tp-size 2`` of the quickstart's intermediate 344 (was: "no Hadamard rotation of the
+    shard size 172"). (11008 splits into 5504 = 344 * 16: test_reference checks that factor.)"""
+    fmt = fmt_mod.RUQuantFormat.from_dict(json.loads((ckpt / "config.json").read_text())["quantization_config"])
+    assert fmt.online_rotations["down_proj"] == fmt_mod.RotationSpec("hadamard", 344, block_size=172)
 
 
 def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:

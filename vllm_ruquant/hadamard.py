@@ -9,11 +9,17 @@ builds the small ``H_m`` factors:
 * Paley construction I  (order ``q + 1``,   ``q`` a prime power, ``q = 3 mod 4``);
 * Paley construction II (order ``2(q + 1)``, ``q`` a prime power, ``q = 1 mod 4``);
 * Kronecker doubling ``H_2 (x) H_{m/2}`` (e.g. 40 = 2*20);
-* Williamson construction (order ``4n``) from four symmetric circulant +-1 blocks, for
-  orders no Paley construction reaches, once their first rows are recorded in
-  ``_WILLIAMSON_NEGATIVES``. None are recorded yet, so 156 (= 4*39) and 172 (= 4*43)
-  are not built; sizes like 11008 = 64*172 still work through another factor
-  (11008 = 32*344, Paley I with q = 343 = 7^3).
+* Williamson construction (order ``4n``) from four symmetric circulant +-1 blocks whose
+  first rows are recorded in ``_WILLIAMSON_NEGATIVES``: 156 (= 4*39) and 172 (= 4*43),
+  which no Paley construction reaches. 172 is the quickstart's intermediate size 344
+  split over two tensor-parallel ranks (``--tp-size 2`` rotates each shard on its own).
+
+Which factor a size uses is part of every converted checkpoint (the converter absorbs
+``H_m (x) H_p`` into the weights, the server applies it online; the format records only
+the size). So ``factor_size`` never changes its answer for a size it could factor before
+the Williamson orders existed: they are used only where no other factor works (344 stays
+Paley I's H_344, 11008 stays 344*32 and its shard 5504 is 344*16; only 156 and 172 use
+the Williamson matrices).
 
 Every matrix is checked (``H H^T = n I``) before it is returned, so a wrong
 construction can never silently produce a non-orthogonal "rotation".
@@ -27,7 +33,7 @@ import itertools
 import torch
 
 # The non-power-of-two factors we promise to support (DESIGN.md, issue 2), smallest first.
-SUPPORTED_FACTORS: tuple[int, ...] = (12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148, 344)
+SUPPORTED_FACTORS: tuple[int, ...] = (12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148, 156, 172, 344)
 
 
 def _is_prime(p: int) -> bool:
@@ -160,7 +166,17 @@ def _circulant(row: list[int]) -> torch.Tensor:
 # First rows of symmetric circulant Williamson matrices A, B, C, D (A^2+B^2+C^2+D^2 = 4n I),
 # written as the positions j in 1..n//2 whose entry is -1 (entry 0 is +1; symmetry gives the
 # rest). Every use is verified by ``_check``.
-_WILLIAMSON_NEGATIVES: dict[int, tuple[tuple[int, ...], ...]] = {}
+# Source: the table of SageMath's ``williamson_type_quadruples_smallcases``
+# (src/sage/combinat/matrices/hadamard_matrix.py), which credits n = 43 to M. Hall,
+# "Combinatorial Theory", 2nd ed. (1983) and n = 39 to S. London, "Constructing new Turyn
+# type sequences, T-sequences and Hadamard matrices", PhD thesis, UIC (2013); its +/- rows,
+# rewritten here as the positions of their minus signs.
+_WILLIAMSON_NEGATIVES: dict[int, tuple[tuple[int, ...], ...]] = {
+    39: ((3, 4, 6, 8, 9, 10, 11, 12, 14, 15, 18, 19), (3, 4, 7, 9, 10, 11, 13, 15, 16, 18, 19),
+         (4, 5, 6, 8, 9, 12, 13, 14, 15, 17, 19), (1, 2, 3, 6, 8, 10, 11, 12, 13, 14, 18)),
+    43: ((2, 3, 4, 9, 11, 12, 14, 15, 18, 19, 20, 21), (3, 5, 8, 9, 11, 13, 18, 20, 21),
+         (2, 9, 10, 11, 12, 14, 16, 17, 20), (1, 2, 3, 6, 7, 12, 14, 18, 21)),
+}
 
 
 def _williamson_from_negatives(n: int, negs: tuple[tuple[int, ...], ...]) -> torch.Tensor:
@@ -180,16 +196,33 @@ def _williamson_from_negatives(n: int, negs: tuple[tuple[int, ...], ...]) -> tor
     ], 0)
 
 
-def _paley_order(m: int) -> torch.Tensor | None:
+def _paley_q(m: int) -> tuple[int, int] | None:
+    """(1, q) when Paley I reaches order m, (2, q) when Paley II does, else None."""
     q = m - 1
-    pk = _prime_power(q) if q >= 3 else None
-    if pk and q % 4 == 3:
-        return _paley1(q)
-    if m % 2 == 0:
-        q = m // 2 - 1
-        pk = _prime_power(q) if q >= 5 else None
-        if pk and q % 4 == 1:
-            return _paley2(q)
+    if q >= 3 and q % 4 == 3 and _prime_power(q):
+        return 1, q
+    q = m // 2 - 1
+    if m % 2 == 0 and q >= 5 and q % 4 == 1 and _prime_power(q):
+        return 2, q
+    return None
+
+
+def _construction(m: int, williamson: bool) -> str | None:
+    """How H_m is built ("sylvester", "paley", "double" or "williamson"), or None; cheap.
+
+    The order of the tests is the order of preference; ``williamson=False`` answers as this
+    module did before the Williamson table existed (``factor_size`` relies on it).
+    """
+    if m >= 1 and m & (m - 1) == 0:
+        return "sylvester"
+    if m < 1 or m % 4:
+        return None
+    if _paley_q(m):
+        return "paley"
+    if m % 8 == 0 and _construction(m // 2, williamson):  # m = 2 * m', m' constructible
+        return "double"
+    if williamson and m // 4 in _WILLIAMSON_NEGATIVES:
+        return "williamson"
     return None
 
 
@@ -211,22 +244,21 @@ def small_hadamard(m: int) -> torch.Tensor:
     """
     if m < 1:
         raise ValueError(f"Hadamard order must be positive, got {m}")
-    if m & (m - 1) == 0:
+    if m > 2 and m % 4:
+        raise ValueError(f"no Hadamard matrix of order {m} exists (orders are 1, 2 or multiples of 4)")
+    how = _construction(m, williamson=True)
+    if how == "sylvester":
         H = torch.ones(1, 1, dtype=torch.float32)
         while H.shape[0] < m:
             H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-        return _check(H)
-    if m % 4:
-        raise ValueError(f"no Hadamard matrix of order {m} exists (orders are 1, 2 or multiples of 4)")
-    H = _paley_order(m)
-    if H is None and m % 8 == 0:  # m = 2 * m' with m' itself constructible
-        try:
-            H = torch.kron(small_hadamard(2), small_hadamard(m // 2))
-        except ValueError:
-            H = None
-    if H is None and m // 4 in _WILLIAMSON_NEGATIVES:
+    elif how == "paley":
+        kind, q = _paley_q(m)  # type: ignore[misc]
+        H = _paley1(q) if kind == 1 else _paley2(q)
+    elif how == "double":
+        H = torch.kron(small_hadamard(2), small_hadamard(m // 2))
+    elif how == "williamson":
         H = _williamson_from_negatives(m // 4, _WILLIAMSON_NEGATIVES[m // 4])
-    if H is None:
+    else:
         raise ValueError(f"no construction for a Hadamard matrix of order {m} is implemented")
     return _check(H)
 
@@ -239,26 +271,26 @@ MAX_DENSE_FACTOR = 1024
 def factor_size(n: int) -> tuple[int, int]:
     """Split ``n`` into (m, p): ``n = m * p``, p a power of two, H_m constructible.
 
-    Prefers the smallest dense factor m (cheapest online). Raises ValueError naming the
-    supported sizes otherwise.
+    Prefers the smallest dense factor m (cheapest online) among the Sylvester / Paley /
+    doubling orders, and a Williamson order only where none of those works: the choice is
+    baked into converted checkpoints, so the Williamson orders must not change it for a
+    size that was constructible without them (module docstring). Raises ValueError naming
+    the supported sizes otherwise.
     """
     if n >= 1 and n & (n - 1) == 0:
         return 1, n
     p = n & -n  # largest power of two dividing n
     odd = n // p
-    # try m = odd * 2**j for growing j (m must be a multiple of 4)
-    j = 0
-    while (1 << j) <= p:
-        m = odd * (1 << j)
-        if m > MAX_DENSE_FACTOR:
-            break
-        if m % 4 == 0:
-            try:
-                small_hadamard(m)
+    for williamson in (False, True):
+        # try m = odd * 2**j for growing j (m must be a multiple of 4)
+        j = 0
+        while (1 << j) <= p:
+            m = odd * (1 << j)
+            if m > MAX_DENSE_FACTOR:
+                break
+            if m % 4 == 0 and _construction(m, williamson):
                 return m, n // m
-            except ValueError:
-                pass
-        j += 1
+            j += 1
     raise ValueError(
         f"no Hadamard rotation of size {n}: sizes must be 2^k or 2^k*m with a constructible "
         f"factor m (e.g. {', '.join(map(str, SUPPORTED_FACTORS))})"

@@ -40,7 +40,7 @@ Choices (open in the abstract), and why
 ---------------------------------------
 * Block size 128 for R1 (the official default; for d not divisible by 128, the largest
   divisor <= 128). For R4 the largest divisor of the intermediate size <= 256 that has a
-  Hadamard matrix (1536 -> 256, 11008 -> 172, 14336 -> 256), so the block Hadamard can be
+  Hadamard matrix (1536 -> 256, 11008 -> 256, 14336 -> 256, 344 -> 172), so the block Hadamard can be
   folded into each block and the plugin's block op stays small.
 * Targets symmetric U(-1, 1) (the official code draws U[0, 1); a symmetric quantizer wants
   sign-symmetric values; both have E[t^2] = 1/3 so the range after rescaling is equal).
