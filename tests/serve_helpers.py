@@ -89,16 +89,31 @@ class StopResult:
     killed: bool
 
 
+def failure_excerpt(log: str, context: int = 60, tail: int = 3000) -> str:
+    """The first traceback of a server log (the root cause) and the log's tail.
+
+    A failed engine start ends with the API server's own traceback ("Engine core
+    initialization failed. See root cause above"), which hides the engine core's; the tail
+    alone is not enough to say why it failed.
+    """
+    lines = log.splitlines()
+    first = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None)
+    if first is None or len("\n".join(lines[first:])) <= tail:
+        return log[-tail:]
+    cause = "\n".join(lines[max(0, first - 5):first + context])
+    return f"{cause}\n[...]\n{log[-tail:]}"
+
+
 def wait_healthy(server: Server, timeout: float = STARTUP_TIMEOUT_S) -> float:
     """Seconds until ``/health`` answered 200; fails the test (with the log's tail) otherwise."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if server.proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {server.proc.returncode}:\n{server.log_text()[-4000:]}")
+            pytest.fail(f"vllm serve exited with {server.proc.returncode}:\n{failure_excerpt(server.log_text())}")
         if health_status(server.base, timeout=2) == 200:
             return time.monotonic() - t0
         time.sleep(1)
-    pytest.fail(f"vllm serve not healthy after {timeout:.0f} s:\n{server.log_text()[-4000:]}")
+    pytest.fail(f"vllm serve not healthy after {timeout:.0f} s:\n{failure_excerpt(server.log_text())}")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> StopResult:

@@ -55,5 +55,5 @@ def test_tp2_engine_serves_what_the_converter_simulates(ckpt):
     with in_process_llm(ckpt, env=TP_ENV, quantization="ruquant", tensor_parallel_size=TP) as llm:
         assert llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == TP
         assert len(_workers()) == TP  # one process per rank, not a single-process stand-in
-        check_against_simulation(llm, ckpt, PROMPTS, n_tokens=16, flip_atol=0.8)
+        check_against_simulation(llm, ckpt, PROMPTS, n_tokens=16)
     assert not _workers()  # torn down, so the next engine of this CI run starts on idle cores
