@@ -10,17 +10,26 @@ Perplexity is the simulated one of ``convert/evaluate.py`` (the ops the plugin s
 held-out text; calibration uses a separate text. Prints the table and writes JSON, a
 markdown table and a PNG under ``examples/results/<model name>/``. Runs on the CPU for a
 small model (choose fewer schemes / rows / tokens to keep it short).
+
+``--kv-ablation`` also scores each KV4 cell with a 16-bit KV cache and with KV4 without its
+online Q/K rotation (``kv4.md``); ``--json NAME`` writes another file than ``quality.json``
+(the seed runs of ``ruquant_vs_hadamard_seeds.md``). Every cell records its date and commit;
+the markdown pages are rendered from the JSON files by ``examples/render_results.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from render_results import COLUMN, EXTRA_SCHEMES, LABELS, SCHEMES, render_model_dir
 
 from convert.evaluate import evaluate_dir
 from convert.pipeline import ConvertOptions, convert
@@ -39,49 +48,43 @@ ROWS: dict[str, dict] = {
     "lrq": {"rotation": "hadamard", "weight_quantizer": "lrq"},
     "gbs": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs"},
 }
-LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruquant_stage1": "RUQuant stage 1",
-          "ruquant_stage12": "RUQuant stage 1+2", "ruquant_finetune": "RUQuant --finetune",
-          "ostquant": "OSTQuant + GPTQ", "gptq": "GPTQ (no rotation)", "septq": "Hadamard + SEPTQ",
-          "lrq": "Hadamard + LRQ", "gbs": "Hadamard + GPTQ + GBS clipping"}
-SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
-EXTRA_SCHEMES = ["w3a3kv3"]  # issue 5's GBS column; shown only where measured
-COLUMN = {"w4a4": "w4a4kv16", "w6a6": "w6a6kv16", "w4a8": "w4a8kv16"}
+
+
+def provenance() -> dict:
+    """The date and commit a cell was made at (cells of one JSON file may come from several runs)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"date": datetime.date.today().isoformat(), "commit": commit}
 
 
 def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work: Path) -> dict:
     """Convert (unless FP16) and evaluate one cell; returns perplexity and seconds."""
     if row == "fp16":
         res = evaluate_dir(model, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device)
-        return {"perplexity": res["perplexity"], "convert_seconds": 0.0, "eval_seconds": res["seconds"]}
+        return {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": 0.0,
+                "eval_seconds": res["seconds"], **provenance()}
     out = work / f"{row}-{scheme}"
     opts = ConvertOptions(scheme=scheme, calib_text=args.calib_text, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, seed=args.seed, device=args.device, **ROWS[row])
     t0 = time.perf_counter()
     report = convert(model, out, opts, overwrite=True)
     t_conv = time.perf_counter() - t0
-    res = evaluate_dir(out, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device,
-                       tokenizer_dir=model)
-    return {"perplexity": res["perplexity"], "convert_seconds": t_conv, "eval_seconds": res["seconds"],
-            "rotation_seconds": report["seconds"].get("rotation_plan"),
+    def ppl(**kv: object) -> dict:
+        return evaluate_dir(out, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device,
+                            tokenizer_dir=model, **kv)
+
+    res = ppl()
+    cell = {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": t_conv,
+            "eval_seconds": res["seconds"], "rotation_seconds": report["seconds"].get("rotation_plan"),
             "diagnostics_down_final_mse": ((report.get("diagnostics") or {}).get("summary", {})
-                                           .get("down", {}).get("final", {}).get("mse"))}
-
-
-def markdown(results: dict, rows: list[str], schemes: list[str]) -> str:
-    cols = [COLUMN.get(s, s) for s in schemes]
-    lines = ["| method | " + " | ".join(cols) + " | conversion s (per scheme, mean) |",
-             "|---|" + "---|" * (len(cols) + 1)]
-    for r in rows:
-        cells = []
-        secs = []
-        for s in schemes:
-            c = results.get(r, {}).get(s)
-            cells.append(f"{c['perplexity']:.2f}" if c else "-")
-            if c and c.get("convert_seconds"):
-                secs.append(c["convert_seconds"])
-        mean_s = f"{sum(secs) / len(secs):.0f}" if secs else "-"
-        lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + f" | {mean_s} |")
-    return "\n".join(lines)
+                                           .get("down", {}).get("final", {}).get("mse")), **provenance()}
+    if args.kv_ablation and report["format"]["kv_cache"]["bits"] < 16:  # same checkpoint, only the KV cache differs
+        cell["perplexity_kv16"] = ppl(kv_bits=16)["perplexity"]
+        cell["perplexity_kv_no_rotation"] = ppl(kv_online_rotation=False)["perplexity"]
+    return cell
 
 
 def plot(results: dict, rows: list[str], schemes: list[str], path: Path, title: str) -> None:
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--json", default="quality.json", help="results file name under OUT/<model name>/")
+    ap.add_argument("--kv-ablation", action="store_true",
+                    help="KV4 cells: also score the checkpoint with a 16-bit KV cache and without the Q/K rotation")
     args = ap.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     schemes = [s for s in args.schemes.split(",") if s]
@@ -131,8 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_dir.resolve().name
     out_dir = args.out / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "quality.json"
-    results: dict = json.loads(json_path.read_text())["results"] if json_path.is_file() else {}
+    json_path = out_dir / args.json
+    settings = {"max_eval_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "stride": args.stride,
+                "calib": [args.calib_samples, args.calib_seq_len], "seed": args.seed}
+    old = json.loads(json_path.read_text()) if json_path.is_file() else {"results": {}}
+    clash = {k: (old[k], v) for k, v in settings.items() if k in old and old[k] != v}
+    clash.update({k: (Path(old[k]).name, getattr(args, k).name) for k in ("eval_text", "calib_text")
+                  if k in old and Path(old[k]).name != getattr(args, k).name})
+    if clash:  # one file, one set of settings: its table states them once for every cell
+        print(f"quality.py: {json_path} was made with other settings {clash}; use --json NEW.json", file=sys.stderr)
+        return 2
+    results: dict = old["results"]
     with tempfile.TemporaryDirectory(prefix="ruquant-quality-") as tmp:
         for r in rows:
             for s in schemes if r != "fp16" else schemes[:1]:
@@ -144,19 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                     results[r] = {sc: cell for sc in SCHEMES + EXTRA_SCHEMES}
                 json_path.write_text(json.dumps({
                     "model": str(args.model_dir), "eval_text": str(args.eval_text), "calib_text": str(args.calib_text),
-                    "max_eval_tokens": args.max_eval_tokens, "seq_len": args.seq_len, "stride": args.stride,
-                    "calib": [args.calib_samples, args.calib_seq_len], "seed": args.seed, "results": results},
-                    indent=2))
-    all_rows = [r for r in ROWS if r in results]
-    columns = SCHEMES + [s for s in EXTRA_SCHEMES if any(s in cells for cells in results.values())]
-    table = markdown(results, all_rows, columns)
-    (out_dir / "quality.md").write_text(f"# Quality: {name}\n\nPerplexity on {args.eval_text.name} "
-                                        f"(first {args.max_eval_tokens} tokens, windows of {args.seq_len}, "
-                                        f"stride {args.stride}); "
-                                        f"calibration {args.calib_samples} x {args.calib_seq_len} tokens of "
-                                        f"{args.calib_text.name}.\n\n{table}\n")
-    plot(results, all_rows, columns, out_dir / "quality.png", f"{name}: perplexity per method and scheme")
-    print(table)
+                    **settings, "results": results}, indent=2))
+    if args.json == "quality.json":
+        all_rows = [r for r in ROWS if r in results]
+        columns = SCHEMES + [s for s in EXTRA_SCHEMES if any(s in cells for cells in results.values())]
+        plot(results, all_rows, columns, out_dir / "quality.png", f"{name}: perplexity per method and scheme")
+    for page in render_model_dir(out_dir):
+        print(f"rendered {page}")
     return 0
 
 

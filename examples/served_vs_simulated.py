@@ -3,7 +3,9 @@
 Both sides score the same non-overlapping token windows of a held-out text: vLLM through
 ``prompt_logprobs`` (the engine's own forward, our plugin's linear layers), the simulation
 through ``convert.evaluate`` (the reference ops in plain torch). Agreement within 1% says
-what the converter reports is what users get when they serve the checkpoint.
+what the converter reports is what users get when they serve the checkpoint. This is the
+in-process engine; ``served_perplexity_api.py`` does the same through ``vllm serve``'s
+OpenAI endpoint (and splits the two sides across machines).
 
     python examples/served_vs_simulated.py CKPT --text heldout.txt [--tokens 4096] [--seq-len 512]
 """
@@ -18,22 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from convert import calibration
-from convert.evaluate import Evaluator, LoadedModel
-
-
-def simulated_nll(ckpt: Path, windows: torch.Tensor) -> tuple[list[float], float]:
-    """Summed NLL of each window on its own (positions 1..L-1 given the window's prefix, as served)."""
-    ev = Evaluator(LoadedModel.open(ckpt), torch.device("cpu"))
-    t0 = time.perf_counter()
-    nll = []
-    for w in windows:
-        logits = ev.logits(w.unsqueeze(0))[0].float()
-        nll.append(float(F.cross_entropy(logits[:-1], w[1:], reduction="sum")))
-    return nll, time.perf_counter() - t0
+from served_perplexity_api import heldout_windows, simulated_nll
 
 
 def served_nll(ckpt: Path, windows: list[list[int]], dtype: str) -> tuple[list[float], float]:
@@ -63,12 +50,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    ids = calibration.token_stream(args.ckpt, calibration.read_text(args.text))[: args.tokens]
-    n = (ids.numel() // args.seq_len) * args.seq_len
-    windows = ids[:n].view(-1, args.seq_len)
+    windows = heldout_windows(args.ckpt, args.text, args.tokens, args.seq_len)
 
-    sim_nll, sim_s = simulated_nll(args.ckpt, windows)
-    served_nll_, served_s = served_nll(args.ckpt, [w.tolist() for w in windows], args.dtype)
+    t0 = time.perf_counter()
+    sim_nll = simulated_nll(args.ckpt, windows)
+    sim_s = time.perf_counter() - t0
+    served_nll_, served_s = served_nll(args.ckpt, windows, args.dtype)
     count = len(windows) * (args.seq_len - 1)
     sim, served = math.exp(sum(sim_nll) / count), math.exp(sum(served_nll_) / count)
     rel = abs(served - sim) / sim
