@@ -5,6 +5,7 @@
 #   bash scripts/gpu_session.sh bench CONFIGS WORKLOADS [TIMEOUT]  serving benchmark rows (one engine per
 #                                                config, TIMEOUT s each), accumulated in /tmp/bench
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
+#   bash scripts/gpu_session.sh smollm2 SCHEMES      SmolLM2-135M served perplexity through the endpoint (ckpts in /tmp/ckpts)
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
 #   bash scripts/gpu_session.sh profile [ARGS]       decode-step profile per GPU kernel (benchmarks/decode_profile.py:
 #                                                bf16, fp8, ruquant w4a4 / w4a4kv4 at batch 1 and 16, ~5-7 min)
@@ -29,6 +30,20 @@ case "${1:-}" in
     files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests/test_kernels_gpu.py tests/test_gpu_vllm.py tests/test_kv4_gpu.py)
     python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging -rs "${files[@]}" 2>&1 | tee "$OUT/gpu_tests.log" \
       | grep -E "passed|failed|error|backends|differ from|served vs simulation|Error|FAILED|KV cache" | tail -30
+    # the last `vllm serve` log of the run (the e2e test's server), its tail
+    f=$(ls -t /tmp/pytest-of-*/pytest-*/*/serve.log 2>/dev/null | head -1)
+    [ -n "$f" ] && tail -c 200000 "$f" > "$OUT/serve.log"
+    ;;
+  smollm2)
+    # issue 20 item 3: SmolLM2-135M checkpoints (carried in parts, unpacked to /tmp/ckpts) served
+    # with `vllm serve` defaults (bf16, compile, CUDA graphs) and scored through the OpenAI endpoint
+    shift
+    for s in ${1//,/ }; do
+      VLLM_USE_FLASHINFER_SAMPLER=0 python3 examples/served_perplexity_api.py serve /tmp/ckpts/smollm2-$s \
+        --simulated-json examples/results/smollm2-135m/served_api/simulated_$s.json --out "$OUT/served_$s.json" \
+        -- --gpu-memory-utilization 0.3 2>&1 | tail -4
+      [ -f "$OUT/served_$s.json" ] || echo "$s: no result"
+    done
     ;;
   kv4serve)
     python3 benchmarks/kv4_attention.py --out "$OUT/sweep" --only "decode 512" 2>&1 | tail -2
@@ -66,5 +81,5 @@ case "${1:-}" in
       | grep -E "max \||passed|failed|^E " | tail -10
     python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
-  *) echo "usage: $0 tests [FILES] | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
 esac
