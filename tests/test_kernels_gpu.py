@@ -310,3 +310,48 @@ def test_triton_backend_matches_reference(case: tuple, M: int) -> None:
         # one integer step here and there (dense rotation factor) or bf16 products (weight-only)
         rel = ((y.float() - yr.float()).norm() / yr.float().norm()).item()
         assert rel < (2e-3 if ab < 16 else 5e-3), f"relative error {rel:.2e}"
+
+
+_GRAPH_CASES = [  # (weight bits, act bits, rotation, K): the paths a decode step takes
+    (4, 4, "hadamard", 344),     # H_344 > 64: torch rotation with a device-resident factor
+    (4, 4, "hadamard", 11008),   # Llama-2-7B down_proj: H_344 (x) H_32
+    (4, 8, "hadamard", 344),     # the same on the int8-activation path
+    (4, 4, "hadamard", 1536),    # H_12 (x) H_128: the split Kronecker kernel (M <= 16)
+    (4, 8, None, 4096),          # no rotation: quantized inside the GEMM (M <= 16)
+    (4, 16, "hadamard", 344),    # weight-only on a padded K
+]
+
+
+@pytest.mark.parametrize("case", _GRAPH_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("M", [1, 16])
+def test_triton_backend_replays_in_a_cuda_graph(case: tuple, M: int) -> None:
+    """A decode step is a CUDA-graph replay in vLLM: every path must capture (no host copy,
+    sync or allocation that capture forbids) and replay what it computes eagerly, bit for bit.
+
+    vLLM's order: load (``prepare``), a profiling run at a large M, then per decode size a
+    warm-up run and the capture. Issue 20: the H_344 rotation copied its factor from the host
+    on every call, which capture refuses, so ``vllm serve`` died at start on intermediate 344.
+    """
+    from vllm_ruquant.kernels import TritonBackend
+
+    wb, ab, rot_kind, K = case
+    rot = ref.OnlineRotation("hadamard", K) if rot_kind else None
+    spec = LinearSpec(K, 512, wb, -1, ab, clip_ratio=1.0, rotation=rot)
+    w_q, w_s = ref.quantize_weight(torch.randn(512, K), wb, -1)
+    tb = TritonBackend()
+    prepared = tb.prepare(spec, ref.pack_weight(w_q, wb).cuda(), w_s.cuda())
+    bias = torch.randn(512, device="cuda").to(torch.bfloat16)
+    xs = [(torch.randn(M, K, device="cuda") * 2).to(torch.bfloat16) for _ in range(3)]
+    tb.apply(spec, prepared, torch.randn(256, K, device="cuda").to(torch.bfloat16), bias)  # profiling run
+    static_x = xs[0].clone()
+    tb.apply(spec, prepared, static_x, bias)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = tb.apply(spec, prepared, static_x, bias)
+    for x in xs[1:]:
+        static_x.copy_(x)
+        graph.replay()
+        eager = tb.apply(spec, prepared, x, bias)
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, eager), (static_y - eager).abs().max().item()

@@ -233,6 +233,24 @@ def _check(H: torch.Tensor) -> torch.Tensor:
     return H
 
 
+_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def small_hadamard_on(m: int, device: torch.device | str) -> torch.Tensor:
+    """``small_hadamard(m)`` resident on ``device``, copied there once.
+
+    A copy from host memory per call is not only slow but illegal while a CUDA graph is being
+    captured (vLLM captures every decode size at engine start), so the rotation reads the
+    cached device copy; the first call (vLLM's profiling run, or the layer's ``prepare``)
+    makes it, outside any capture.
+    """
+    key = (m, torch.device(device))
+    t = _ON_DEVICE.get(key)
+    if t is None:
+        t = _ON_DEVICE[key] = small_hadamard(m).to(key[1])
+    return t
+
+
 @functools.cache
 def small_hadamard(m: int) -> torch.Tensor:
     """An unnormalised Hadamard matrix of order ``m`` (entries +-1, H H^T = m I), always fp32.

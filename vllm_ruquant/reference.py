@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_ruquant.hadamard import factor_size, small_hadamard
+from vllm_ruquant.hadamard import factor_size, small_hadamard_on
 
 FLT_MIN = torch.finfo(torch.float32).tiny
 
@@ -174,7 +174,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     y = fwht(x.float().reshape(*x.shape[:-1], m, p))
     if m > 1:
         # (H_m^T X)[i, :] = sum_a H_m[a, i] X[a, :]
-        y = torch.einsum("...ap,ai->...ip", y, small_hadamard(m).to(y.device))
+        y = torch.einsum("...ap,ai->...ip", y, small_hadamard_on(m, y.device))
     return y.reshape(x.shape) / math.sqrt(n)
 
 

@@ -147,6 +147,9 @@ class TritonBackend:
             m, _ = factor_size(spec.rotation.size)
             if m > 1:
                 out["rot_ht"] = hadamard_factor_t(m, qweight.device)
+            # the torch rotation (factors above 64, per-shard blocks) reads device-resident
+            # factors copied on first use: make that use now, never inside CUDA-graph capture
+            spec.rotation.apply(torch.zeros(1, spec.rotation.in_features, device=qweight.device))
         return out
 
     def _log_once(self, spec: LinearSpec, reason: str) -> None:
