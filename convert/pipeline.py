@@ -184,11 +184,12 @@ class Converter:
         return self._states_cache
 
     def _layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        """One layer's tensors, fp32 on the device, RMSNorm gammas folded, unrotated."""
-        sd = {n: self.reader.get(n, torch.float64) for n in _layer_tensor_names(self.reader, self.dims, i)}
+        """One layer's tensors, fp32 on the device, RMSNorm gammas folded (in fp64, there), unrotated."""
+        sd = {n: self.reader.get(n, torch.float64).to(self.device)
+              for n in _layer_tensor_names(self.reader, self.dims, i)}
         self._check_shapes(sd, i)
         fuse.fold_layer_norms(sd, self.dims.layer_prefix(i))
-        return {k: v.float().to(self.device) for k, v in sd.items()}
+        return {k: v.float() for k, v in sd.items()}
 
     def _head(self) -> torch.Tensor:
         name = "model.embed_tokens.weight" if self.dims.tie_word_embeddings else "lm_head.weight"
@@ -207,8 +208,9 @@ class Converter:
         self._shard_online_rotations(plan)
         self._expand_dimensions(plan)
         if plan.residual is not None:
-            eye = torch.eye(self.dims.hidden_size, dtype=torch.float64)
-            assert torch.allclose(plan.residual.T @ plan.residual, eye, atol=1e-8), "R1 not orthogonal"
+            r1 = plan.residual.to(self.device)
+            eye = torch.eye(self.dims.hidden_size, dtype=torch.float64, device=self.device)
+            assert torch.allclose(r1.T @ r1, eye, atol=1e-8), "R1 not orthogonal"
         return plan
 
     def _check_tp(self) -> None:
@@ -307,19 +309,21 @@ class Converter:
                                    f"{shape}", ExitCode.BAD_INPUT)
 
     def _rotated_layer(self, i: int, plan: RotationPlan) -> dict[str, torch.Tensor]:
-        dims, p = self.dims, self.dims.layer_prefix(i)
-        sd = {n: self.reader.get(n, torch.float64) for n in _layer_tensor_names(self.reader, dims, i)}
+        """Layer ``i`` with norms folded and the plan's rotations absorbed: fp64, on the device
+        (a 70B layer's R1 and R4 are ~30 TFLOP in fp64: minutes on a CPU, a second on a GPU)."""
+        dims, p, dev = self.dims, self.dims.layer_prefix(i), self.device
+        sd = {n: self.reader.get(n, torch.float64).to(dev) for n in _layer_tensor_names(self.reader, dims, i)}
         self._check_shapes(sd, i)
         fuse.fold_layer_norms(sd, p)
         if plan.residual is not None:
-            fuse.rotate_layer_residual(sd, p, plan.residual)
+            fuse.rotate_layer_residual(sd, p, plan.residual.to(dev))
         if plan.head is not None:
-            fuse.rotate_layer_heads(sd, p, dims, plan.head)
+            fuse.rotate_layer_heads(sd, p, dims, plan.head.to(dev))
         for norm, s in plan.norm_scales.get(i, {}).items():
-            fuse.scale_norm_readers(sd, p, norm, s.double())
+            fuse.scale_norm_readers(sd, p, norm, s.double().to(dev))
         r4 = plan.down_proj.get(i)
         if r4 is not None:
-            fuse.absorb_online_input_rotation(sd, f"{p}.mlp.down_proj", r4.matrix().double())
+            fuse.absorb_online_rotation(sd, f"{p}.mlp.down_proj", r4)
             if r4.blocks is not None:  # block_diagonal: the plugin reads each layer's blocks
                 sd[fmt_mod.tensor_name(f"{p}.mlp.down_proj", fmt_mod.ONLINE_ROTATION)] = r4.blocks.double()
         return sd
@@ -351,6 +355,18 @@ class Converter:
             del out[f"{prefix}.weight"]
             out[fmt_mod.tensor_name(prefix, fmt_mod.QWEIGHT)] = ref.pack_weight(q.cpu(), fmt.weight.bits)
             out[fmt_mod.tensor_name(prefix, fmt_mod.WEIGHT_SCALE)] = scale.cpu().float()
+        return out
+
+    def _times(self, w: torch.Tensor, r: torch.Tensor, chunk_bytes: int = 1 << 30) -> torch.Tensor:
+        """``w @ r`` of a CPU tensor, computed on the device in row blocks, returned on the CPU
+        (a 128256 x 8192 embedding times R1 is 17 TFLOP in fp64)."""
+        if self.device.type == "cpu":
+            return w @ r
+        r = r.to(self.device)
+        out = torch.empty(w.shape[0], r.shape[1], dtype=torch.promote_types(w.dtype, r.dtype))
+        step = max(1, chunk_bytes // max(1, w.shape[1] * w.element_size()))
+        for s in range(0, w.shape[0], step):
+            out[s:s + step] = (w[s:s + step].to(self.device) @ r).cpu()
         return out
 
     def _storage(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -402,13 +418,14 @@ class Converter:
         if tuple(embed.shape) != (dims.vocab_size, dims.hidden_size):
             raise ConvertError(f"model.embed_tokens.weight has shape {tuple(embed.shape)} but config.json "
                                f"implies {(dims.vocab_size, dims.hidden_size)}", ExitCode.BAD_INPUT)
-        embed_rot = embed @ r1 if r1 is not None else embed
+        embed_rot = self._times(embed, r1) if r1 is not None else embed
         h = embed_rot[tokens].float().to(self.device)
         head = embed if dims.tie_word_embeddings else self.reader.get("lm_head.weight", torch.float64)
         final_norm = self.reader.get("model.norm.weight", torch.float64)
         sink.write_shard(self._storage({
             "model.embed_tokens.weight": embed_rot,
-            "lm_head.weight": fuse.fold_head(head, final_norm, r1),
+            "lm_head.weight": self._times(fuse.fold_head(head, final_norm, None), r1) if r1 is not None
+            else fuse.fold_head(head, final_norm, None),
             "model.norm.weight": torch.ones_like(final_norm),
         }))
         return plan, h, 0, meta
@@ -437,6 +454,7 @@ class Converter:
                     t0 = time.perf_counter()
                     sd = self._rotated_layer(i, plan)
                     sd32 = {k: v.float().to(self.device) for k, v in sd.items()}
+                    del sd  # the fp64 layer, before the Hessians need the memory
                     fp_out, hess = self._hessians(h, i, sd32, fmt, rope)
                     _check_finite(fp_out, f"the calibration activations after layer {i}")
                     report = LayerReport(layer=i, seconds=0.0, output_rel_error=0.0)
@@ -458,7 +476,7 @@ class Converter:
                         sink.save_progress({**meta, "next_layer": i + 1, "step": i + 1}, {"h": h})
                     bar.update(1)
                     bar.set_postfix(out_err=f"{report.output_rel_error:.4f}")
-                    del sd, sd32, hess
+                    del sd32, hess
                     if fault_after is not None and int(fault_after) == i:
                         os.kill(os.getpid(), signal.SIGKILL)
 

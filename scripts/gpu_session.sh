@@ -7,6 +7,9 @@
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
 #   bash scripts/gpu_session.sh smollm2 SCHEMES      SmolLM2-135M served perplexity through the endpoint (ckpts in /tmp/ckpts)
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
+#   bash scripts/gpu_session.sh scale [ARGS]         the converter on a Llama-3-70B-shaped checkpoint of 4 layers
+#                                                (benchmarks/convert_scale.py --serve: build, convert, vllm serve;
+#                                                its --budget-s, default 500, bounds the whole run)
 #   bash scripts/gpu_session.sh profile [ARGS]       decode-step profile per GPU kernel (benchmarks/decode_profile.py:
 #                                                bf16, fp8, ruquant w4a4 / w4a4kv4 at batch 1 and 16, ~5-7 min)
 #   bash scripts/gpu_session.sh kv4 [SCENARIOS [--no-sweep]]  int4-KV attention kernel: GPU tests vs the reference, then
@@ -73,6 +76,15 @@ case "${1:-}" in
     shift
     python3 benchmarks/decode_profile.py --out "$OUT/decode_profile" "$@" 2>&1 | tee "$OUT/decode_profile.log" | tail -40
     ;;
+  scale)
+    # issue 25 item 3: peak GPU memory / host RSS / seconds per layer of the default recipe at 70B dims,
+    # then `vllm serve --load-format auto` of the result (skipped when the budget is nearly spent)
+    shift
+    python3 benchmarks/convert_scale.py --workdir /tmp/convert_scale --out "$OUT/convert_scale.json" --serve "$@" \
+      2>&1 | tee "$OUT/convert_scale.log" | grep -vE "^\s*$" | tail -40
+    cp /tmp/convert_scale/convert_segments.jsonl "$OUT/" 2>/dev/null
+    [ -f /tmp/convert_scale/serve.log ] && tail -c 30000 /tmp/convert_scale/serve.log > "$OUT/convert_scale.serve.log"
+    ;;
   stage1)
     python3 benchmarks/ruquant_stage1.py --json "$OUT/ruquant_stage1.json" 2>&1 | tail -5
     ;;
@@ -81,5 +93,5 @@ case "${1:-}" in
       | grep -E "max \||passed|failed|^E " | tail -10
     python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
-  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
 esac

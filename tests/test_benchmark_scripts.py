@@ -256,3 +256,45 @@ def test_gptq_config_names_its_quantized_modules() -> None:
     names = [m for group in cfg["modules_in_block_to_quantize"] for m in group]
     assert sorted(names) == sorted(f"{p}.{n}_proj" for p, ns in (("self_attn", "qkvo"), ("mlp", ["gate", "up", "down"]))
                                    for n in ns)
+
+
+def test_convert_scale_memory_model_has_the_70b_layer() -> None:
+    """One Llama-3-70B decoder layer is 0.856 B parameters (80 of them + embedding + head = 70.6 B)."""
+    convert_scale = benchmark_script("convert_scale")
+    cfg = convert_scale.model_config("llama3-70b", 80)
+    mem = convert_scale.memory_model(cfg, convert_scale.convert_options([]))
+    total = 80 * mem["layer_params"] + 2 * 128256 * 8192 + 8192
+    assert mem["layer_bf16_bytes"] == 2 * mem["layer_params"] and abs(total / 70.55e9 - 1) < 0.001
+    assert mem["calibration_tokens"] == 32 * 256  # the converter's default calibration
+    assert mem["calib_hidden_states_bytes"] == 8192 * 8192 * 4
+    assert mem["bound_bytes"] == 2 * mem["layer_bf16_bytes"] + mem["calib_activation_bytes"]
+
+
+def test_convert_scale_runs_end_to_end_on_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    """The whole script at tiny dimensions (build, convert in a child, analysis), as the GPU run does it."""
+    convert_scale = benchmark_script("convert_scale")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two tiny children on a shared CPU: no OpenMP spinning
+    out = tmp_path / "res" / "convert_scale.json"
+    rc = convert_scale.main(["--shape", "tiny", "--layers", "2", "--device", "cpu", "--workdir", str(tmp_path / "w"),
+                             "--out", str(out), "--budget-s", "120",
+                             "--", "--calib-samples", "4", "--calib-seq-len", "64"])
+    res = json.loads(out.read_text())
+    assert rc == 0, res
+    assert res["layers"] == 2 and res["config"]["num_hidden_layers"] == 2 and res["scheme"] == "w4a4kv4"
+    assert res["recipe"]["rotation"] == "hadamard" and res["recipe"]["weight_quantizer"] == "gptq"
+    assert res["recipe"]["calib_samples"] == 4 and res["env"]["torch"]
+    assert res["build"]["seconds"] > 0 and res["build"]["shards"] >= 1
+    assert any(line.startswith("memory") for line in res["dry_run_plan"])  # the converter's own estimate
+    assert res["convert"]["rc"] == 0 and not res["convert"]["timed_out"]
+    a = res["analysis"]
+    assert a["layers_finished"] == 2 and [r["layer"] for r in a["layers"]] == [0, 1]
+    assert all(r["seconds"] > 0 and r["phases"]["rotate_layer"] > 0 for r in a["layers"])
+    assert {"calibration_tokens", "rotation_plan", "diagnostics", "hessians", "quantize_layer",
+            "commit"} <= set(a["phases"])
+    assert a["host_peak_rss_bytes"] > 50 << 20 and a["host_peak_rss_anon_bytes"] > 0
+    assert a["gpu_peak_allocated_bytes"] == 0 and a["bound"]["pass"] is None  # no GPU on a CPU run
+    ext = a["extrapolation"]
+    assert ext["target_layers"] == 80 and ext["seconds_per_layer_median"] > 0
+    assert ext["seconds"] > ext["fixed_seconds"] and ext["host_peak_rss_bytes"] >= a["host_peak_rss_bytes"]
+    assert "serve" not in res and res["total_s"] > 0
+    assert not (tmp_path / "w" / "src").exists() and not (tmp_path / "w" / "ruquant").exists()  # cleaned up

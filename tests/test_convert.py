@@ -457,3 +457,49 @@ def test_unknown_flag_is_an_argparse_error(models, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main([str(models["llama"]), str(tmp_path / "out"), "--bits", "4"])
     assert e.value.code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rot", [
+    ("hadamard", 256, None, None), ("hadamard", 688, None, None),  # 2^8; 172 x 4 (Paley)
+    ("hadamard", 688, 344, None),  # per tensor-parallel shard (--tp-size 2)
+    ("hadamard", 1024, None, 1000),  # dimension expansion: zero-padded input
+    ("block_diagonal", 96, None, None),
+])
+def test_online_rotation_absorbed_without_its_dense_matrix(rot) -> None:
+    """``W Q`` from Q's Kronecker factors equals ``W @ Q.matrix()`` (the dense path it replaces)."""
+    from convert import fuse
+    from vllm_ruquant.reference import OnlineRotation
+
+    kind, size, block, padded = rot
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.linalg.qr(torch.randn(3, 32, 32, generator=g))[0] if kind == "block_diagonal" else None
+    r = OnlineRotation(kind, size, blocks, block_size=block, padded_from=padded)
+    w = torch.randn(24, r.in_features, generator=g, dtype=torch.float64)
+    got = fuse.times_online_rotation(w, r)
+    want = w @ r.matrix().double()
+    assert got.dtype == torch.float64 and got.shape == want.shape == (24, size)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+
+
+def test_qsur_of_fewer_samples_than_dimensions_uses_the_small_gram_matrix() -> None:
+    """n < k: the n x n Gram matrix gives the k x k second moment's spectrum (rest zero, clamped)."""
+    import math
+
+    from convert.diagnostics import qsur
+
+    def direct(x: torch.Tensor) -> dict[str, float]:  # the k x k computation
+        x = x.double()
+        k = x.shape[1]
+        c = x.T @ x / x.shape[0]
+        lam = torch.linalg.eigvalsh(c).clamp_min(float(c.diagonal().max()) * 1e-9)
+        hd, hm = 0.5 * float(lam.log().sum()), 0.5 * math.log(float(c.diagonal().max()))
+        log_ball = (k / 2) * math.log(math.pi) - math.lgamma(k / 2 + 1)
+        return {"qsur_per_dim": math.exp(hd / k - hm),
+                "qsur_log10": (log_ball + hd - k * (math.log(2.0) + hm)) / math.log(10)}
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(64, 200), (300, 200)]:
+        x = torch.randn(n, k, generator=g) * torch.linspace(0.2, 3.0, k)
+        got, want = qsur(x), direct(x)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (n, k, key)
