@@ -1,6 +1,6 @@
 """Decode-size linears of one Llama-3-8B layer: ours against cuBLAS bf16, vLLM fp8 and vLLM's Marlin.
 
-    python benchmarks/decode_linears.py [--out DIR] [--ms 1,16]
+    python benchmarks/decode_linears.py [--out DIR] [--ms 1,16] [--only gemm,gemv,...] [--gemv-sweep]
 
 For each linear of a decoder layer (qkv 4096x6144, o 4096x4096, gate_up 4096x28672, down
 14336x4096 with its online Hadamard) and each decode batch M, times one call, replayed from a
@@ -12,12 +12,21 @@ replays its graph with the weights in device memory):
   token instead of spread over programs); ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
   chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs: at decode sizes an
   un-rotated layer quantizes inside the GEMM); ``linear_unfused``: rotate_quant, then the GEMM;
+* ``gemv``: the CUDA-core decode GEMV (``kernels/gemv.py``) on the ``gemm`` row's operands (its default
+  tile); ``linear_gemv``: ``TritonBackend.apply`` with ``RUQUANT_GEMV=1`` (the GEMV up to
+  ``GEMV_MAX_M`` tokens, else the same as ``linear``);
 * ``marlin_w4a16``: vLLM's Marlin on bf16 activations; ``marlin_w4a8``: Marlin on int8
   activations with per-token scales (``is_a_8bit``), the candidate to feed our 4-bit integers.
 
 ``--sweep`` instead times our GEMM over a grid of small-M tile configs (tile N, tile K,
 split-K, pipeline stages) on the same shapes, and prints the best per shape: the data behind
-``gemm._CONFIGS["small"]``.
+``gemm._CONFIGS["small"]``. ``--gemv-sweep`` times the GEMV's tiles (``gemv.SWEEP``, 12) on the same
+shapes at M = 1 and 4 (``--gemv-ms``), with the activations each layer gives it (float, quantized in the
+kernel, for the un-rotated ones; int8 from rotate_quant for down_proj), and prints the best tile per
+shape, the default tile and qgemm on the same inputs, and the bandwidth reached (4-bit weight bytes and
+scales over the time); writes ``gemv_sweep.json``. ``--only`` keeps the run short (a scarce GPU):
+
+    python benchmarks/decode_linears.py --only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 --gemv-sweep
 
 Marlin's Python API moved between vLLM releases; each call is adapted to the installed
 signatures, and a method that does not run records its error instead of a time. Prints a
@@ -27,6 +36,7 @@ table (microseconds, and the layer's sum) and writes ``decode_linears.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -38,6 +48,7 @@ from kernels import _timed  # the sibling script's CUDA-graph timer (benchmarks/
 from vllm_ruquant import reference as ref
 from vllm_ruquant.kernels import TritonBackend, layout
 from vllm_ruquant.kernels import backend as backend_mod
+from vllm_ruquant.kernels import gemv as gemv_mod
 from vllm_ruquant.kernels import rotate_quant as rq_mod
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import rotate_quant
@@ -45,7 +56,8 @@ from vllm_ruquant.linear_backend import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["bf16", "vllm_fp8", "rq", "rq_single", "gemm", "linear", "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
+METHODS = ["bf16", "vllm_fp8", "rq", "rq_single", "gemm", "gemv", "linear", "linear_gemv", "linear_unfused",
+           "marlin_w4a16", "marlin_w4a8"]
 
 
 def _call(fn, **candidates):
@@ -81,11 +93,16 @@ class Marlin:
                      input_dtype=torch.int8 if self.a_8bit else None)
 
 
-def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
+def row(name: str, k: int, n: int, rotated: bool, m: int, only: set[str] | None = None) -> dict:
     res: dict = {"linear": name, "K": k, "N": n, "M": m, "us": {}, "err": {}}
     copies = max(1, min(16, math.ceil(256e6 / (n * k / 2))))
 
+    def want(*methods: str) -> bool:
+        return only is None or any(meth in only for meth in methods)
+
     def put(method: str, make) -> None:
+        if not want(method):
+            return
         try:
             res["us"][method] = 1000 * _timed([make(i) for i in range(copies)], graph=True)
         except Exception as e:  # a method that does not run here: record, go on
@@ -93,20 +110,21 @@ def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
             res["err"][method] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    put("bf16", lambda i: (lambda: x @ w[i].T))
-    try:
-        from vllm import _custom_ops as ops
+    if want("bf16", "vllm_fp8"):
+        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        put("bf16", lambda i: (lambda: x @ w[i].T))
+        try:
+            from vllm import _custom_ops as ops
 
-        m_f = max(16, (m + 15) // 16 * 16)
-        xf = torch.randn(m_f, k, device="cuda").to(torch.float8_e4m3fn)
-        wf = [t.to(torch.float8_e4m3fn) for t in w]
-        sa, sb = torch.rand(m_f, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
-        put("vllm_fp8", lambda i: (lambda: ops.cutlass_scaled_mm(xf, wf[i].T, sa, sb, torch.bfloat16)))
-        wf.clear()
-    except Exception as e:  # noqa: BLE001
-        res["err"]["vllm_fp8"] = f"{type(e).__name__}: {e}"
-    w.clear()
+            m_f = max(16, (m + 15) // 16 * 16)
+            xf = torch.randn(m_f, k, device="cuda").to(torch.float8_e4m3fn)
+            wf = [t.to(torch.float8_e4m3fn) for t in w]
+            sa, sb = torch.rand(m_f, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+            put("vllm_fp8", lambda i: (lambda: ops.cutlass_scaled_mm(xf, wf[i].T, sa, sb, torch.bfloat16)))
+            wf.clear()
+        except Exception as e:  # noqa: BLE001
+            res["err"]["vllm_fp8"] = f"{type(e).__name__}: {e}"
+        w.clear()
     rot = ref.OnlineRotation("hadamard", k) if rotated else None
     put("rq", lambda i: (lambda: rotate_quant(x, 4, 1.0, rot, pack=False)))
     if rotated:
@@ -118,31 +136,40 @@ def row(name: str, k: int, n: int, rotated: bool, m: int) -> dict:
                 rq_mod.SPLIT_ROWS_MAX_M = saved
 
         put("rq_single", lambda i: rq_single)
-    w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
     w_s = torch.rand(n, 1) * 0.01 + 1e-3
-    w_c = [layout.pack_chunked(w_q, 128).cuda() for _ in range(copies)]
+    ws = w_s.cuda()
     a_q = torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8)
     a_s = torch.rand(m, device="cuda") + 0.5
-    ws = w_s.cuda()
-    put("gemm", lambda i: (lambda: qgemm(a_q, a_s, w_c[i], ws, a_mode=0, b_mode=2, K=k)))
-    w_c.clear()
-    backend = TritonBackend()
-    spec = LinearSpec(k, n, 4, -1, 4, rotation=rot)
-    prepared = [backend.prepare(spec, ref.pack_int4(w_q).cuda(), ws) for _ in range(copies)]
-    put("linear", lambda i: (lambda: backend.apply(spec, prepared[i], x, None)))
+    if want("gemm", "gemv"):
+        w_c = [layout.pack_chunked(w_q, 128) for _ in range(copies)]
+        put("gemm", lambda i: (lambda: qgemm(a_q, a_s, w_c[i], ws, a_mode=0, b_mode=2, K=k)))
+        if m <= gemv_mod.MAX_ROWS:
+            put("gemv", lambda i: (lambda: gemv_mod.qgemv(a_q, a_s, w_c[i], ws, a_mode=0, b_mode=2, K=k)))
+        w_c.clear()
+    if want("linear", "linear_gemv", "linear_unfused"):
+        backend = TritonBackend()
+        spec = LinearSpec(k, n, 4, -1, 4, rotation=rot)
+        prepared = [backend.prepare(spec, ref.pack_int4(w_q), ws) for _ in range(copies)]
+        put("linear", lambda i: (lambda: backend.apply(spec, prepared[i], x, None)))
 
-    def unfused(i: int):
-        def f() -> None:  # the pre-2026-12-04 path: rotate_quant launch, then the GEMM
-            backend_mod.FUSED_QUANT_MAX_M, saved = 0, backend_mod.FUSED_QUANT_MAX_M
-            try:
-                backend.apply(spec, prepared[i], x, None)
-            finally:
-                backend_mod.FUSED_QUANT_MAX_M = saved
-        return f
+        def with_setting(i: int, attr: str, value):
+            def f() -> None:  # one backend setting changed around the call (captured as it runs)
+                saved = getattr(backend_mod, attr)
+                setattr(backend_mod, attr, value)
+                try:
+                    backend.apply(spec, prepared[i], x, None)
+                finally:
+                    setattr(backend_mod, attr, saved)
+            return f
 
-    put("linear_unfused", unfused)
-    prepared.clear()
+        put("linear_gemv", lambda i: with_setting(i, "GEMV", True))
+        # the pre-2026-12-04 path: rotate_quant launch, then the GEMM
+        put("linear_unfused", lambda i: with_setting(i, "FUSED_QUANT_MAX_M", 0))
+        prepared.clear()
     for method, a_8bit in (("marlin_w4a16", False), ("marlin_w4a8", True)):
+        if not want(method):
+            continue
         try:
             mar = [Marlin(k, n, a_8bit) for _ in range(copies)]
             put(method, lambda i, mar=mar: (lambda: mar[i](x)))
@@ -204,13 +231,76 @@ def sweep(ms: list[int], top: int = 5) -> list[dict]:
     return out
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"{'M':>3} {'linear':<8} " + " ".join(f"{m:>12}" for m in METHODS)]
+def _timed_or_none(fns: list, what: str) -> float | None:
+    """Microseconds of one call (graph replay over the weight copies), or None if it does not run."""
+    try:
+        return 1000 * _timed(fns, graph=True)
+    except Exception as e:  # noqa: BLE001 (a tile this GPU cannot build: record, go on)
+        print(f"  {what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        return None
+
+
+def _gemv_sweep_one(name: str, k: int, n: int, m: int, rotated: bool, w_c: list[torch.Tensor],
+                    ws: torch.Tensor) -> dict:
+    """One shape at one M: qgemm, the GEMV's default tile and each tile of ``gemv.SWEEP``."""
+    if rotated:  # rotate_quant's int8 integers (a_mode 0)
+        args = (torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8), torch.rand(m, device="cuda") + 0.5)
+        kw = dict(a_mode=0, b_mode=2, K=k)
+    else:  # float activations quantized in the kernel (a_mode 2), as the backend runs un-rotated layers
+        args = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16), None)
+        kw = dict(a_mode=2, b_mode=2, K=k, act_bits=4)
+    what = f"{name} M={m}"
+    rec = {"linear": name, "K": k, "N": n, "M": m, "a_mode": kw["a_mode"],
+           "qgemm_us": _timed_or_none([functools.partial(qgemm, *args, w, ws, **kw) for w in w_c], what + " qgemm"),
+           "default": gemv_mod.default_config(m, n, k).short(),
+           "default_us": _timed_or_none([functools.partial(gemv_mod.qgemv, *args, w, ws, **kw) for w in w_c], what),
+           "tiles": {}}
+    for cfg in gemv_mod.SWEEP:
+        rec["tiles"][cfg.short()] = _timed_or_none(
+            [functools.partial(gemv_mod.qgemv, *args, w, ws, **kw, config=cfg) for w in w_c], f"{what} {cfg}")
+    done = {c: t for c, t in rec["tiles"].items() if t is not None}
+    if done:
+        best = min(done, key=done.get)
+        rec["best"], rec["best_us"] = best, done[best]
+        rec["best_tb_s"] = (n * k / 2 + 4 * n) / (done[best] * 1e-6) / 1e12  # weights + scales
+    print(f"{name:8s} M={m}: qgemm {_us(rec['qgemm_us'])}  gemv default {_us(rec['default_us'])} "
+          f"({rec['default']})  best {_us(rec.get('best_us'))} ({rec.get('best')}, "
+          f"{rec.get('best_tb_s', 0):.2f} TB/s)", flush=True)
+    return rec
+
+
+def gemv_sweep(ms: list[int]) -> list[dict]:
+    """The GEMV's tiles (``gemv.SWEEP``) on the layer's shapes at each M, beside its default tile and qgemm
+    on the same inputs: float activations quantized in the kernel (a_mode 2) for the un-rotated linears,
+    rotate_quant's int8 (a_mode 0) for down_proj, as ``TritonBackend`` runs them."""
+    out = []
+    for name, (k, n, rotated) in LAYER.items():
+        copies = max(1, min(16, math.ceil(256e6 / (n * k / 2))))
+        w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
+        w_c = [layout.pack_chunked(w_q, 128) for _ in range(copies)]
+        ws = torch.rand(n, 1, device="cuda") * 0.01 + 1e-3
+        out += [_gemv_sweep_one(name, k, n, m, rotated, w_c, ws) for m in ms]
+        w_c.clear()
+    for m in ms:
+        recs = [r for r in out if r["M"] == m]
+        tot = {key: sum(r[key] for r in recs) if all(r.get(key) is not None for r in recs) else None
+               for key in ("qgemm_us", "default_us", "best_us")}
+        print(f"layer    M={m}: qgemm {_us(tot['qgemm_us'])}  gemv default {_us(tot['default_us'])}  "
+              f"best tiles {_us(tot['best_us'])}")
+    return out
+
+
+def _us(t: float | None) -> str:
+    return f"{t:6.1f} us" if t is not None else "     - us"
+
+
+def table(rows: list[dict], methods: list[str]) -> str:
+    lines = [f"{'M':>3} {'linear':<8} " + " ".join(f"{m:>12}" for m in methods)]
     for m in sorted({r["M"] for r in rows}):
-        total = dict.fromkeys(METHODS, 0.0)
+        total = dict.fromkeys(methods, 0.0)
         for r in (r for r in rows if r["M"] == m):
             cells = []
-            for meth in METHODS:
+            for meth in methods:
                 t = r["us"].get(meth)
                 cells.append(f"{t:12.1f}" if t is not None else f"{'-':>12}")
                 total[meth] = total[meth] + t if (t is not None and total[meth] is not None) else None
@@ -224,23 +314,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--only", default="", help=f"comma-separated methods of {','.join(METHODS)} (default: all)")
     ap.add_argument("--sweep", action="store_true", help="time our GEMM's small-M configs instead")
+    ap.add_argument("--gemv-sweep", action="store_true", help="also time the GEMV's tiles (gemv.SWEEP)")
+    ap.add_argument("--gemv-ms", default="1,4", help="M values of --gemv-sweep")
     args = ap.parse_args(argv)
+    only = {m for m in args.only.split(",") if m} or None
+    if only and only - set(METHODS):
+        ap.error(f"unknown methods {sorted(only - set(METHODS))}; known: {METHODS}")
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        args.out.mkdir(parents=True, exist_ok=True)
         rows = sweep([int(m) for m in args.ms.split(",")])
         (args.out / "gemm_decode_sweep.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
                                                                      "rows": rows}, indent=2))
         return 0
-    rows = [row(name, k, n, rotated, m) for m in map(int, args.ms.split(","))
-            for name, (k, n, rotated) in LAYER.items()]
-    args.out.mkdir(parents=True, exist_ok=True)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    (args.out / "decode_linears.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
-    for r in rows:
-        for meth, e in r["err"].items():
-            print(f"  {r['linear']} M={r['M']} {meth}: {e}")
-    print(table(rows))
+    if not args.gemv_sweep or only:
+        rows = [row(name, k, n, rotated, m, only) for m in map(int, args.ms.split(","))
+                for name, (k, n, rotated) in LAYER.items()]
+        (args.out / "decode_linears.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+        for r in rows:
+            for meth, e in r["err"].items():
+                print(f"  {r['linear']} M={r['M']} {meth}: {e}")
+        print(table(rows, [m for m in METHODS if only is None or m in only]), flush=True)
+    if args.gemv_sweep:
+        recs = gemv_sweep([int(m) for m in args.gemv_ms.split(",")])
+        (args.out / "gemv_sweep.json").write_text(json.dumps({"env": env, "rows": recs}, indent=2))
     return 0
 
 

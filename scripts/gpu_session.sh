@@ -16,6 +16,8 @@
 #                                                benchmarks/kv4_attention.py (ours / vLLM int4 / FA3 bf16)
 #   bash scripts/gpu_session.sh kv4serve CONFIGS [TIMEOUT]  sweep the decode tile on "decode 512", then the
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
+#   bash scripts/gpu_session.sh gemv                 decode GEMV (issue 22): its GPU tests, then decode_linears.py
+#                                                (gemm / gemv / linear / linear_gemv at M 1-16, and the tile sweep)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
 # graph capture, then the run): 170 s ran out on 2026-11-30. The first engine of a fresh machine
 # spent ~2 more minutes after graph capture (231 s to ready, 253 s with the run, 2026-11-30d):
@@ -93,5 +95,11 @@ case "${1:-}" in
       | grep -E "max \||passed|failed|^E " | tail -10
     python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
-  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT]"; exit 2 ;;
+  gemv)
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k gemv 2>&1 | tee "$OUT/gpu_tests_gemv.log" \
+      | grep -E "passed|failed|^E |Error" | tail -12
+    python3 benchmarks/decode_linears.py --out "$OUT/lin" --only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 \
+      --gemv-sweep 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
+    ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | gemv"; exit 2 ;;
 esac

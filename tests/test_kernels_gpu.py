@@ -355,3 +355,119 @@ def test_triton_backend_replays_in_a_cuda_graph(case: tuple, M: int) -> None:
         eager = tb.apply(spec, prepared, x, bias)
         torch.cuda.synchronize()
         assert torch.equal(static_y, eager), (static_y - eager).abs().max().item()
+
+# ------------------------------------------------------------------------------ decode GEMV
+
+_GEMV_VARIANTS = {  # name: (act bits, clip, group, a_mode): what TritonBackend runs at decode sizes
+    "w4a4_fused": (4, 0.9, -1, 2),  # un-rotated W4A4: float activations quantized in the kernel
+    "w4a8_fused_g128": (8, 1.0, 128, 2),
+    "w4a4_int8": (4, 0.9, -1, 0),  # rotated: rotate_quant's int8-held integers
+    "w4a8_g128": (8, 1.0, 128, 0),
+    "w4a4_packed": (4, 0.9, -1, 1),  # RUQUANT_W4A4_PACKED_ACT=1
+}
+_GEMV_PARAMS = [pytest.param(v, dt, id=f"{v}-{str(dt)[6:]}") for v in _GEMV_VARIANTS
+                for dt in (torch.bfloat16, torch.float16) if dt == torch.bfloat16 or v in ("w4a4_fused", "w4a4_int8")]
+
+
+def _gemv_operands(variant: str, M: int, K: int, N: int, dtype: torch.dtype):
+    """(qgemm / qgemv positional args, keyword args, the reference's output) on fresh random data."""
+    from vllm_ruquant.kernels import layout
+
+    ab, clip, g, a_mode = _GEMV_VARIANTS[variant]
+    x = _randn(M, K, dtype=dtype)
+    w_q, w_s = ref.quantize_weight(torch.randn(N, K, device="cuda"), 4, g)
+    a_q, a_s = ref.quantize_activation(x.cpu(), ab, clip)  # CPU: the IEEE division
+    a_q, a_s = a_q.cuda(), a_s.cuda()
+    bias = torch.randn(N, device="cuda").to(dtype)
+    chunk = layout.chunk_for(K, g) or 128
+    kw = dict(K=K, group_size=g, chunk=chunk, bias=bias, out_dtype=dtype)
+    if a_mode == 1:
+        args = (ref.pack_int4(a_q), a_s[:, 0].contiguous(), ref.pack_int4(w_q), w_s)
+        kw.update(a_mode=1, b_mode=1)
+    elif a_mode == 0:
+        args = (a_q, a_s[:, 0].contiguous(), layout.pack_chunked(w_q, chunk), w_s)
+        kw.update(a_mode=0, b_mode=2)
+    else:
+        args = (x, None, layout.pack_chunked(w_q, chunk), w_s)
+        kw.update(a_mode=2, b_mode=2, act_bits=ab, clip_ratio=clip)
+    return args, kw, _ref_scaled_linear(a_q, a_s, w_q, w_s, g, bias, dtype)
+
+
+@pytest.mark.parametrize("K,N", SHAPES[:4])
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("variant,dtype", _GEMV_PARAMS)
+def test_qgemv_exact(K: int, N: int, M: int, variant: str, dtype: torch.dtype) -> None:
+    """The decode GEMV on Llama-3-8B's four linears: the reference's bits, and qgemm's."""
+    from vllm_ruquant.kernels.gemm import qgemm
+    from vllm_ruquant.kernels.gemv import qgemv
+
+    args, kw, yr = _gemv_operands(variant, M, K, N, dtype)
+    for _ in range(2):  # the second call needs the block counters left at zero
+        out = torch.full((M, N), POISON_F, dtype=dtype, device="cuda")
+        y = qgemv(*args, **kw, out=out)
+        _assert_exact(y, yr)
+    assert torch.equal(y, qgemm(*args, **kw))
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 8])
+@pytest.mark.parametrize("variant", ["w4a4_fused", "w4a4_int8"])
+def test_qgemv_every_config(variant: str, M: int) -> None:
+    """Each tile ``decode_linears.py --gemv-sweep`` times, and the plain (non-asm) products."""
+    from vllm_ruquant.kernels.gemv import SWEEP, qgemv
+
+    K, N = 4096, 6144
+    args, kw, yr = _gemv_operands(variant, M, K, N, torch.bfloat16)
+    for cfg in SWEEP:
+        out = torch.full((M, N), POISON_F, dtype=torch.bfloat16, device="cuda")
+        try:
+            _assert_exact(qgemv(*args, **kw, config=cfg, out=out), yr)
+        except AssertionError as e:
+            raise AssertionError(f"config {cfg}: {e}") from e
+    out = torch.full((M, N), POISON_F, dtype=torch.bfloat16, device="cuda")
+    _assert_exact(qgemv(*args, **kw, asm=False, out=out), yr)
+
+
+def test_qgemv_replays_in_a_cuda_graph() -> None:
+    """Two layers of different shapes sharing the workspace and counters, captured once, replayed on new
+    inputs: each replay equals an eager call (the counters come back zeroed, nothing is allocated)."""
+    from vllm_ruquant.kernels.gemv import qgemv
+
+    layers = [_gemv_operands("w4a4_fused", 2, 4096, 6144, torch.bfloat16),
+              _gemv_operands("w4a4_int8", 2, 14336, 4096, torch.bfloat16)]
+    for args, kw, _ in layers:
+        qgemv(*args, **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [qgemv(*args, **kw) for args, kw, _ in layers]
+    for _ in range(3):
+        for args, _, _ in layers:
+            args[0].copy_(torch.randn_like(args[0].float()).to(args[0].dtype) if args[0].is_floating_point()
+                          else torch.randint_like(args[0], -8, 8))
+        graph.replay()
+        torch.cuda.synchronize()
+        for (args, kw, _), y in zip(layers, outs, strict=True):
+            assert torch.equal(y, qgemv(*args, **kw))
+
+
+@pytest.mark.parametrize("case", [(4, -1, None, 4096, 6144), (4, -1, "hadamard", 14336, 4096),
+                                  (8, 128, None, 4096, 4096), (4, -1, "hadamard", 344, 512)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_triton_backend_gemv_matches_the_default_path(monkeypatch, case: tuple) -> None:
+    """RUQUANT_GEMV=1: decode sizes through qgemv, the same bits as through qgemm."""
+    from vllm_ruquant.kernels import TritonBackend
+    from vllm_ruquant.kernels import backend as backend_mod
+
+    ab, g, rot_kind, K, N = case
+    rot = ref.OnlineRotation("hadamard", K) if rot_kind else None
+    spec = LinearSpec(K, N, 4, g, ab, clip_ratio=0.95 if ab == 4 else 1.0, rotation=rot)
+    w_q, w_s = ref.quantize_weight(torch.randn(N, K), 4, g)
+    tb = TritonBackend()
+    prepared = tb.prepare(spec, ref.pack_weight(w_q, 4).cuda(), w_s.cuda())
+    bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    for M in range(1, backend_mod.GEMV_MAX_M + 1):
+        x = _randn(M, K)
+        monkeypatch.setattr(backend_mod, "GEMV", False)
+        want = tb.apply(spec, prepared, x, bias)
+        monkeypatch.setattr(backend_mod, "GEMV", True)
+        assert torch.equal(tb.apply(spec, prepared, x, bias), want), f"M={M}"

@@ -25,6 +25,10 @@ columns (and zero-weight groups), ``apply`` has rotate+quantize write its intege
 first K columns of a zeroed (M, K_pad) buffer. Zeros change no absmax, product or sum, so the
 integers and the result are those of the unpadded layer. Only weight groups that are not a
 multiple of 64 (e.g. 32) use the reference arithmetic on the GPU, logged once per shape.
+
+Decode sizes: with ``RUQUANT_GEMV=1``, W4A4 / W4A8 layers run the CUDA-core GEMV (``gemv.qgemv``) instead
+of the tensor-core GEMM up to ``GEMV_MAX_M`` tokens (``RUQUANT_GEMV_MAX_M``, default 4): the same arguments,
+the same integers and bits, on the same stored weights; which kernel serves a layer is logged once.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ import os
 import torch
 
 from vllm_ruquant import reference as ref
-from vllm_ruquant.kernels import layout
+from vllm_ruquant.kernels import gemv, layout
 from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import hadamard_factor_t, rotate_quant
 from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
+from vllm_ruquant.logs import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,11 @@ TILE_K = 128  # the GEMMs' K tile
 # (``qgemm`` a_mode 2) instead of in a rotate_quant launch before it: decode steps. On the H200 that
 # launch cost 5.3 us a call in the served Llama-3-8B decode step (96 a step, 9.5% of it; 2026-12-04).
 FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", "16"))
+# Up to GEMV_MAX_M tokens, W4A4 / W4A8 layers run the CUDA-core GEMV (``gemv.qgemv``: same integers, same
+# bits, weights streamed without the tensor-core GEMM's 16-row padding) when ``RUQUANT_GEMV=1``; off by
+# default until timed on the H200 (``benchmarks/decode_linears.py --only gemm,gemv,linear,linear_gemv``).
+GEMV = os.environ.get("RUQUANT_GEMV", "0") == "1"
+GEMV_MAX_M = gemv.GEMV_MAX_M
 
 
 def padded_k(spec: LinearSpec) -> int | None:
@@ -191,9 +201,9 @@ class TritonBackend:
                 y = y.to(x.dtype)
         elif path == "w4a8" and rotation is None and k == k_pad and x2.shape[0] <= FUSED_QUANT_MAX_M:
             # decode: the GEMM quantizes its activation rows itself (same integers, one launch)
-            y = qgemm(x2.contiguous(), None, prepared["w"], prepared["w_scale"], a_mode=2, b_mode=2, K=k,
-                      group_size=g, chunk=chunk, bias=bias, out_dtype=x.dtype, act_bits=spec.act_bits,
-                      clip_ratio=spec.clip_ratio)
+            y = self._int_gemm(spec, x2.contiguous(), None, prepared, a_mode=2, b_mode=2, K=k, group_size=g,
+                               chunk=chunk, bias=bias, out_dtype=x.dtype, act_bits=spec.act_bits,
+                               clip_ratio=spec.clip_ratio)
         else:
             packed = path == "w4a4"
             buf = _padded_buffer(x2, k_pad, path)
@@ -201,10 +211,27 @@ class TritonBackend:
                                 out=_first_columns(buf, x2))
             q = q if buf is None else buf
             b_mode = {"w4a4": 1, "w4a8": 2, "int8": 0}[path]
-            y = qgemm(q, s, prepared["w"], prepared["w_scale"], a_mode=1 if packed else 0,
-                      b_mode=b_mode, K=k_pad, group_size=g, chunk=chunk,
-                      bias=bias, out_dtype=x.dtype, use_fp8=packed and self.w4a4_fp8)
+            y = self._int_gemm(spec, q, s, prepared, a_mode=1 if packed else 0, b_mode=b_mode, K=k_pad,
+                               group_size=g, chunk=chunk, bias=bias, out_dtype=x.dtype,
+                               use_fp8=packed and self.w4a4_fp8)
         return y.reshape(*lead, spec.out_features)
+
+    def _int_gemm(self, spec: LinearSpec, a: torch.Tensor, a_scale: torch.Tensor | None,
+                  prepared: dict[str, torch.Tensor], *, use_fp8: bool = False, **kw) -> torch.Tensor:
+        """``qgemm``, or for decode sizes with ``RUQUANT_GEMV=1`` the GEMV (the same bits); which one
+        serves a layer shape is logged once."""
+        m = a.shape[0]
+        k, g = kw["K"], kw["group_size"]
+        if GEMV and m <= GEMV_MAX_M and gemv.supports(m, k, g, kw["a_mode"], kw["b_mode"]):
+            log_once(logger, f"gemv:{spec.in_features}x{spec.out_features}:g{spec.group_size}:a{kw['a_mode']}",
+                     f"ruquant: layer K={spec.in_features} N={spec.out_features}: CUDA-core GEMV (qgemv) "
+                     f"for M <= {GEMV_MAX_M}, a_mode {kw['a_mode']}")
+            return gemv.qgemv(a, a_scale, prepared["w"], prepared["w_scale"], **kw)
+        if GEMV and m <= GEMV_MAX_M:
+            log_once(logger, f"gemv-no:{spec.in_features}x{spec.out_features}:g{spec.group_size}:a{kw['a_mode']}",
+                     f"ruquant: layer K={spec.in_features} N={spec.out_features} group={spec.group_size} "
+                     f"a_mode {kw['a_mode']} b_mode {kw['b_mode']}: no GEMV for it, tensor-core qgemm")
+        return qgemm(a, a_scale, prepared["w"], prepared["w_scale"], use_fp8=use_fp8, **kw)
 
     def _weight_only_torch(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], x: torch.Tensor,
                            bias: torch.Tensor | None) -> torch.Tensor:
