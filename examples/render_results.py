@@ -247,8 +247,8 @@ def served_md(d: Path) -> str | None:
                 "(float noise moves a value across a 4-bit rounding boundary, and the flips compound over the "
                 "layers), so a few windows cannot resolve a 1% difference; the many-window rows can.\n"]
     out.append("Removed (no JSON behind them): the 2026-11-23 in-process rows for the FP model and for Hadamard + "
-               "RTN at w4a16 and w4a8, and the noise-injection figures; the endpoint table above measures the FP "
-               "model and the default recipe at w4a16 and w4a8 again.\n")
+               "RTN at w4a16 and w4a8, and the noise-injection figures; the endpoint table above measures "
+               "the default recipe at w4a16, w4a8 and w4a4kv4 instead.\n")
     return "\n".join(out)
 
 
