@@ -111,14 +111,17 @@ def test_supports_and_tiles() -> None:
     assert not supports(1, 344, -1, 0, 2)  # unpadded K
     assert not supports(1, 1 << 20, -1, 0, 2)  # int32 headroom
     # Llama-3-8B decode shapes: K split in whole chunks; one wave of programs on 132 SMs
-    for m, (k, n) in [(1, (4096, 6144)), (1, (4096, 28672)), (4, (14336, 4096)), (4, (4096, 4096))]:
-        cfg = default_config(m, n, k)
-        ls = launch_shape(cfg, m, n, k, 0)
+    for m, (k, n), a_mode in [(1, (4096, 6144), 2), (1, (4096, 28672), 2), (4, (14336, 4096), 0), (4, (4096, 4096), 2),
+                              (1, (14336, 4096), 0)]:
+        cfg = default_config(m, n, k, a_mode)
+        ls = launch_shape(cfg, m, n, k, 0, a_mode=a_mode)
         assert k % ls["BK"] == 0 and ls["BK"] % 128 == 0 and ls["SPLIT_K"] * ls["BK"] == k
         assert ls["MP"] * ls["BK"] // ls["LV"] <= 64  # activation words in registers
+        assert ls["grid0"] * ls["SPLIT_K"] >= 132  # every SM has work
         assert ls["grid0"] * ls["SPLIT_K"] <= 132 * cfg.ctas_per_sm or ls["NBP"] == 8
+        assert a_mode != 2 or cfg.BN * ls["NBP"] >= 256 or ls["grid0"] * ls["SPLIT_K"] < 2 * 132
     ls = launch_shape(GemvConfig(BN=64, BK=512, LV=16), 1, 4096, 384, 64, chunk=64)
-    assert (ls["BK"], ls["LV"], ls["SPLIT_K"]) == (128, 8, 3)  # group 64: one group per lane group
+    assert (ls["BK"], ls["LV"], ls["SPLIT_K"]) == (64, 8, 6)  # group 64: one group a K slice
     ls = launch_shape(GemvConfig(BN=64, BK=512, LV=32), 8, 4096, 4096, 0)
     assert ls["BK"] == 256 and ls["MP"] == 8
 
