@@ -61,6 +61,7 @@ def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype
 # K splits into 3 programs); N past the last whole block; M = 3 and 5 are rows padded to 4 and 8.
 TILE_SPLIT = dict(BN=16, BK=128, LV=16, NBP=2)  # 2..3 blocks a program, K split in 128s
 TILE_LANES8 = dict(BN=8, BK=256, LV=32, NBP=3, num_warps=2)  # K over 8 lanes
+TILE_TREE = dict(BN=16, BK=512, LV=16, NBP=2)  # 4 lane groups a row (2 with 4 rows held), joined
 CASES = [
     (1, 384, 40, -1, 0, TILE_SPLIT),
     (3, 384, 40, -1, 0, TILE_LANES8),
@@ -75,6 +76,9 @@ CASES = [
     (3, 512, 40, -1, 1, TILE_SPLIT),
     (5, 384, 40, -1, 2, TILE_SPLIT),
     (8, 256, 24, -1, 0, None),
+    (1, 512, 40, -1, 2, TILE_TREE),
+    (3, 512, 40, -1, 0, TILE_TREE),
+    (2, 1024, 24, -1, 1, TILE_TREE),
 ]
 
 
