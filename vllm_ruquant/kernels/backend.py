@@ -52,15 +52,17 @@ logger = logging.getLogger(__name__)
 
 
 TILE_K = 128  # the GEMMs' K tile
-# Up to this many tokens, an un-rotated W4A4 / W4A8 layer quantizes its activations inside the GEMM
-# (``qgemm`` a_mode 2) instead of in a rotate_quant launch before it: decode steps. On the H200 that
-# launch cost 5.3 us a call in the served Llama-3-8B decode step (96 a step, 9.5% of it; 2026-12-04).
-FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", "16"))
 # Up to GEMV_MAX_M tokens, W4A4 / W4A8 layers run the CUDA-core GEMV (``gemv.qgemv``: same integers, same
-# bits, weights streamed without the tensor-core GEMM's 16-row padding) when ``RUQUANT_GEMV=1``; off by
-# default until timed on the H200 (``benchmarks/decode_linears.py --only gemm,gemv,linear,linear_gemv``).
-GEMV = os.environ.get("RUQUANT_GEMV", "0") == "1"
+# bits, weights streamed without the tensor-core GEMM's 16-row padding); ``RUQUANT_GEMV=0`` turns it off.
+# H200, Llama-3-8B shape, served decode step at batch 1 (benchmarks/results/gpu-2026-12-04d): 3749 us
+# with it (and the in-kernel quantization below) against 5105 us for rotate_quant + qgemm.
+GEMV = os.environ.get("RUQUANT_GEMV", "1") == "1"
 GEMV_MAX_M = gemv.GEMV_MAX_M
+# Up to this many tokens, an un-rotated W4A4 / W4A8 layer quantizes its activations inside the matrix
+# kernel (a_mode 2) instead of in a rotate_quant launch before it. Only where the GEMV serves: the GEMV
+# does it at no measurable cost, while qgemm's a_mode 2 (every program re-reads its rows for the scale)
+# ran 4x slower than rotate_quant + qgemm (decode_linears: 249 against ~80 us a layer at M = 1).
+FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX_M if GEMV else 0)))
 
 
 def padded_k(spec: LinearSpec) -> int | None:

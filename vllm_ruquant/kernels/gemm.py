@@ -45,14 +45,12 @@ logger = logging.getLogger(__name__)
 def _autotune_enabled(m_bucket: int | None = None) -> bool:
     """Whether to autotune this call; else the first (heuristic) config of its M bucket.
 
-    ``RUQUANT_AUTOTUNE=0`` turns it off (tests). Decode sizes (M <= 16) never autotune: their
-    kernels run ~10 us, where the autotuner's timing is noise, and on the H200 it picked a
-    config 2x slower than the bucket's first for Llama-3-8B's gate_up at M = 1 (50.1 vs 24.7 us;
-    the first config was within 3% of the best of 72 in a graph-replay sweep on all four decode
-    shapes, benchmarks/results/gpu-2026-12-04b/lin/gemm_decode_sweep.json).
+    ``RUQUANT_AUTOTUNE=0`` turns it off (tests). Every bucket tunes, the decode one (M <= 16) too:
+    its first config lost 29% of the GEMM time at batch 16 in the served H200 decode step (2194
+    against 1700 us a step, gpu-2026-12-04d vs 04b). The autotuner's noisy pick at M = 1 (a 2x
+    slower gate_up config, 2026-12-04b) no longer matters: M <= 4 runs the GEMV (``gemv.py``).
     """
-    if m_bucket is not None and m_bucket <= 16:
-        return False
+    del m_bucket  # every bucket alike (kept so callers say which bucket they ask about)
     return os.environ.get("RUQUANT_AUTOTUNE", "1") != "0" and not _INTERPRET
 
 

@@ -245,9 +245,12 @@ def _warps_for(numel: int) -> int:
     return max(4, min(32, triton.next_power_of_2(max(numel // 1024, 1))))
 
 
-# Decode sizes (at most this many tokens) spread a Kronecker rotation's rows over programs
-# (``_rq_hadamard_split_kernel``); more tokens fill the GPU with one program each.
-SPLIT_ROWS_MAX_M = int(os.environ.get("RUQUANT_RQ_SPLIT_MAX_M", "16"))
+# Decode sizes (at most this many tokens) may spread a Kronecker rotation's rows over programs
+# (``_rq_hadamard_split_kernel``). Off by default: on the H200 it did not pay (Llama-3-8B down_proj,
+# H_28 (x) H_512: 21.4 us a call at batch 1, and the served step 1-2% slower at batch 1 and 16 than
+# with one program a token; benchmarks/results/gpu-2026-12-04d). Its only split is over 4 row blocks,
+# and the last program still mixes and quantizes the whole token alone.
+SPLIT_ROWS_MAX_M = int(os.environ.get("RUQUANT_RQ_SPLIT_MAX_M", "0"))
 
 _SPLIT_WS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
