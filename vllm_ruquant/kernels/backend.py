@@ -26,9 +26,9 @@ first K columns of a zeroed (M, K_pad) buffer. Zeros change no absmax, product o
 integers and the result are those of the unpadded layer. Only weight groups that are not a
 multiple of 64 (e.g. 32) use the reference arithmetic on the GPU, logged once per shape.
 
-Decode sizes: with ``RUQUANT_GEMV=1``, W4A4 / W4A8 layers run the CUDA-core GEMV (``gemv.qgemv``) instead
-of the tensor-core GEMM up to ``GEMV_MAX_M`` tokens (``RUQUANT_GEMV_MAX_M``, default 4): the same arguments,
-the same integers and bits, on the same stored weights; which kernel serves a layer is logged once.
+Decode sizes: W4A4 / W4A8 layers run the CUDA-core GEMV (``gemv.qgemv``) instead of the tensor-core GEMM
+up to ``GEMV_MAX_M`` tokens (``RUQUANT_GEMV_MAX_M``, default 1; ``RUQUANT_GEMV=0`` turns it off): the same
+arguments, the same integers and bits, on the same stored weights; which kernel serves a layer is logged once.
 """
 
 from __future__ import annotations

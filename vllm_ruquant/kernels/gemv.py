@@ -21,7 +21,8 @@ problems with the same arguments and returns the same bits, so the backend may s
   or per group ``y += float(acc_g) * w_scale[:, g]`` from g = 0 up; then ``* x_scale``, ``+ bias``,
   one rounding to the output dtype. a_mode 2 computes ``qgemm``'s (and ``rotate_quant``'s) scales and
   integers: the absmax (exact in any order), the same IEEE division, ``rint``, clamp.
-* Why ``GEMV_MAX_M = 4`` (``RUQUANT_GEMV_MAX_M``; the kernel holds up to 8 rows): each row costs two
+* Why at most 4 rows should pay, by instruction counts (``RUQUANT_GEMV_MAX_M``; the kernel holds up
+  to 8; measured on the H200, only M = 1 did): each row costs two
   ``dp4a`` per weight word on top of ~3 unpack ops and its share of the cross-lane reduction. To stream
   4.8 TB/s an H200 SM must consume ~4.6 weight words a clock (18.4 B at 1.98 GHz). Offline sm_90 builds
   of the default tiles (Triton 3.6, the GPU machine's, and 3.9 give the same loop) run ~7-8.5 SASS
@@ -64,8 +65,10 @@ from vllm_ruquant.kernels.rotate_quant import _rint
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 logger = logging.getLogger(__name__)
 
-# Decode sizes that take this kernel (backend, with RUQUANT_GEMV=1); see the module doc for why 4.
-GEMV_MAX_M = int(os.environ.get("RUQUANT_GEMV_MAX_M", "4"))
+# Decode sizes that take this kernel in the backend. The module doc argues up to 4 from instruction
+# counts; the H200 measured otherwise: per Llama-3-8B layer the GEMV beats qgemm at M = 1 (49.2 against
+# 60.1 us) but not at M = 2 (67.3 / 60.1) or 4 (63.9 / 60.5) (benchmarks/results/gpu-2026-12-04d, -e).
+GEMV_MAX_M = int(os.environ.get("RUQUANT_GEMV_MAX_M", "1"))
 MAX_ROWS = 8  # the kernel holds up to 8 activation rows in registers
 _LO_MASK = tl.constexpr(-252645136)  # 0xF0F0F0F0 as an int32
 
