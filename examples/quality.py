@@ -47,6 +47,12 @@ ROWS: dict[str, dict] = {
     "septq": {"rotation": "hadamard", "weight_quantizer": "septq"},
     "lrq": {"rotation": "hadamard", "weight_quantizer": "lrq"},
     "gbs": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs"},
+    # issue 24: GPTQ's act order, and GBS clipping after OSTQuant
+    "gbs_actorder": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
+                     "quantizer_options": {"act_order": True}},
+    "ostquant_gbs": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs"},
+    "ostquant_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                              "quantizer_options": {"act_order": True}},
 }
 
 

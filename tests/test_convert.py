@@ -457,3 +457,17 @@ def test_unknown_flag_is_an_argparse_error(models, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main([str(models["llama"]), str(tmp_path / "out"), "--bits", "4"])
     assert e.value.code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "clip", "act_order"), [
+    (["--scheme", "w4a4kv4"], "gbs", True),  # issue 24: the measured default recipe per scheme
+    (["--scheme", "w3a3kv3"], "gbs", False),
+    (["--scheme", "w6a6"], "none", False),
+    (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "none", True),  # a given ratio is kept, not searched
+    (["--scheme", "w4a4kv4", "--clip", "none", "--no-act-order"], "none", False),
+    (["--scheme", "w6a6", "--act-order"], "none", True),
+])
+def test_default_recipe_per_scheme(flags: list[str], clip: str, act_order: bool) -> None:
+    args = cli.build_parser().parse_args(["src", "out", *flags])
+    opts = cli.options_from_args(args)
+    assert opts.clip == clip and opts.quantizer_options.get("act_order", False) == act_order
