@@ -27,7 +27,9 @@ from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 # The default recipe per scheme (issue 24): the options that measured better than leaving them
 # off on SmolLM2-135M (docs/methods.md, "Default recipe per scheme"); ``--clip auto`` and
 # ``--act-order`` left unset pick them. Other schemes: no clipping, GPTQ in natural order.
-DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": {"clip": "gbs", "act_order": True}, "w3a3kv3": {"clip": "gbs"}}
+GBS_ACT_ORDER = {"clip": "gbs", "act_order": True}
+DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": GBS_ACT_ORDER, "w4a8": GBS_ACT_ORDER, "w4a16": GBS_ACT_ORDER,
+                                   "w3a3kv3": {"clip": "gbs"}}
 DEFAULT_CLIP = {k: v["clip"] for k, v in DEFAULT_RECIPE.items() if "clip" in v}
 
 

@@ -37,7 +37,8 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           # issue 24's rows: GPTQ's act order, and GBS clipping after OSTQuant
           "gbs_actorder": "Hadamard + GPTQ act order + GBS clipping",
           "ostquant_gbs": "OSTQuant + GPTQ + GBS clipping",
-          "ostquant_gbs_actorder": "OSTQuant + GPTQ act order + GBS clipping"}
+          "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
+          "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
 EXTRA_SCHEMES = ["w3a3kv3"]  # issue 5's GBS column; shown only where measured
 COLUMN = {"w4a4": "w4a4kv16", "w6a6": "w6a6kv16", "w4a8": "w4a8kv16"}

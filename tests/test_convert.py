@@ -462,6 +462,8 @@ def test_unknown_flag_is_an_argparse_error(models, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("flags", "clip", "act_order"), [
     (["--scheme", "w4a4kv4"], "gbs", True),  # issue 24: the measured default recipe per scheme
     (["--scheme", "w3a3kv3"], "gbs", False),
+    (["--scheme", "w4a16"], "gbs", True),
+    (["--scheme", "w4a8"], "gbs", True),
     (["--scheme", "w6a6"], "none", False),
     (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "none", True),  # a given ratio is kept, not searched
     (["--scheme", "w4a4kv4", "--clip", "none", "--no-act-order"], "none", False),

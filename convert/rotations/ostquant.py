@@ -27,6 +27,14 @@ per-channel weights, both with straight-through rounding. Inputs are the calibra
 sequences (their embeddings). Defaults (choices): 12 Adam steps (``--finetune``: 60), one
 sequence per step, lr 1e-3 for A and 1e-2 for sigma; the learned transform is kept only
 if its loss over all calibration sequences beats the start point (both reported).
+
+The simulation sees ``ctx.layer_states()``: at most 2048 calibration tokens (8 sequences of
+256). Module knobs (issue 24, defaults = the behaviour above): ``BATCH``, ``LR_ROT`` /
+``LR_SCALE``, ``SIM_ACT_CLIP`` (the served activation clip in training), ``SIM_KV`` (the KV
+cache, straight-through, V rotated online as a stand-in for R2), ``SIM_WEIGHTS`` (False: fp
+weights, leaving the weight error to GPTQ) and ``VAL_SEQS`` (sequences held out of training
+for the keep decision). On SmolLM2-135M none of them has yet made OSTQuant beat Hadamard
+(docs/methods.md, "OSTQuant on the real model").
 """
 
 from __future__ import annotations
