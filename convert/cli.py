@@ -24,6 +24,23 @@ from vllm_ruquant.checkpoint.format import SCHEMES, FormatError
 from vllm_ruquant.checkpoint.models import LINEARS, short_name
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 
+# The default recipe per scheme (issue 24): the options that measured better than leaving them
+# off on SmolLM2-135M (docs/methods.md, "Default recipe per scheme"); ``--clip auto`` and
+# ``--act-order`` left unset pick them. Other schemes: no clipping, GPTQ in natural order.
+GBS_ACT_ORDER = {"clip": "gbs", "act_order": True}
+DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": GBS_ACT_ORDER, "w4a8": GBS_ACT_ORDER, "w4a16": GBS_ACT_ORDER,
+                                   "w3a3kv3": {"clip": "gbs"}}
+DEFAULT_CLIP = {k: v["clip"] for k, v in DEFAULT_RECIPE.items() if "clip" in v}
+
+
+def default_clip(scheme: str, act_clip_ratio: float = 1.0) -> str:
+    """``--clip auto``: the scheme's default, unless an activation clip ratio was given (GBS would replace it)."""
+    return DEFAULT_CLIP.get(scheme, "none") if act_clip_ratio == 1.0 else "none"
+
+
+def default_act_order(scheme: str) -> bool:
+    return bool(DEFAULT_RECIPE.get(scheme, {}).get("act_order", False))
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
@@ -46,9 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     # --- quantizer / clipping options (convert/clip.py, convert/quantizers/{septq,lrq}.py)
-    ap.add_argument("--clip", default="none", choices=["none", "gbs"],
+    ap.add_argument("--clip", default="auto", choices=["auto", "none", "gbs"],
                     help="gbs: gradual binary search of clip ratios (weights per channel, one global "
-                         "activation ratio, KV ratios reported)")
+                         "activation ratio, KV ratios reported); auto (default): the scheme's measured "
+                         f"default ({', '.join(f'{k}: {v}' for k, v in DEFAULT_CLIP.items())}; none elsewhere)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                    help="GPTQ: quantize input columns in decreasing order of the Hessian diagonal (default: "
+                         "the scheme's measured default, on for "
+                         f"{', '.join(k for k in DEFAULT_RECIPE if default_act_order(k))})")
     ap.add_argument("--lrq-rank", type=int, default=4, help="rank of LRQ's weight-scaling matrix (default 4)")
     ap.add_argument("--lrq-steps", type=int, default=200, help="Adam steps per linear for LRQ (default 200)")
     ap.add_argument("--septq-fraction", type=float, default=0.02,
@@ -77,6 +99,9 @@ def _quantizer_options(args: argparse.Namespace) -> dict:
         return {"rank": args.lrq_rank, "steps": args.lrq_steps}
     if args.weight_quantizer == "septq":
         return {"fraction": args.septq_fraction}
+    if args.weight_quantizer == "gptq":
+        act_order = default_act_order(args.scheme) if args.act_order is None else args.act_order
+        return {"act_order": True} if act_order else {}
     return {}
 
 
@@ -102,7 +127,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         scheme=args.scheme, rotation=args.rotation, weight_quantizer=args.weight_quantizer,
         group_size=args.group_size, act_clip_ratio=args.act_clip_ratio, calib_text=args.calib_text,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
-        device=args.device, resume=args.resume, tp_size=args.tp_size, finetune=args.finetune, clip=args.clip,
+        device=args.device, resume=args.resume, tp_size=args.tp_size, finetune=args.finetune,
+        clip=default_clip(args.scheme, args.act_clip_ratio) if args.clip == "auto" else args.clip,
         dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
     )
     opts.fmt  # noqa: B018 (parse and validate the scheme flags now, before any model is read)

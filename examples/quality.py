@@ -33,6 +33,7 @@ from render_results import COLUMN, EXTRA_SCHEMES, LABELS, SCHEMES, render_model_
 
 from convert.evaluate import evaluate_dir
 from convert.pipeline import ConvertOptions, convert
+from convert.rotations import ostquant
 
 ROWS: dict[str, dict] = {
     "fp16": {},
@@ -47,6 +48,18 @@ ROWS: dict[str, dict] = {
     "septq": {"rotation": "hadamard", "weight_quantizer": "septq"},
     "lrq": {"rotation": "hadamard", "weight_quantizer": "lrq"},
     "gbs": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs"},
+    # issue 24: GPTQ's act order, and GBS clipping after OSTQuant
+    "gbs_actorder": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
+                     "quantizer_options": {"act_order": True}},
+    "ostquant_gbs": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs"},
+    # OSTQuant's training knobs (module constants of convert/rotations/ostquant.py) under "ostquant"
+    "ostquant_clipkv_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                                     "quantizer_options": {"act_order": True},
+                                     "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True}},
+    "ostquant_fpw_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                                  "quantizer_options": {"act_order": True},
+                                  "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True, "SIM_WEIGHTS": False,
+                                               "VAL_SEQS": 2}},
 }
 
 
@@ -67,10 +80,19 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
         return {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": 0.0,
                 "eval_seconds": res["seconds"], **provenance()}
     out = work / f"{row}-{scheme}"
+    recipe = dict(ROWS[row])
+    knobs = recipe.pop("ostquant", {})
     opts = ConvertOptions(scheme=scheme, calib_text=args.calib_text, calib_samples=args.calib_samples,
-                          calib_seq_len=args.calib_seq_len, seed=args.seed, device=args.device, **ROWS[row])
+                          calib_seq_len=args.calib_seq_len, seed=args.seed, device=args.device, **recipe)
+    saved = {k: getattr(ostquant, k) for k in knobs}
     t0 = time.perf_counter()
-    report = convert(model, out, opts, overwrite=True)
+    try:
+        for k, v in knobs.items():
+            setattr(ostquant, k, v)
+        report = convert(model, out, opts, overwrite=True)
+    finally:
+        for k, v in saved.items():
+            setattr(ostquant, k, v)
     t_conv = time.perf_counter() - t0
     def ppl(**kv: object) -> dict:
         return evaluate_dir(out, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device,

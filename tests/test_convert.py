@@ -503,3 +503,19 @@ def test_qsur_of_fewer_samples_than_dimensions_uses_the_small_gram_matrix() -> N
         got, want = qsur(x), direct(x)
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-6), (n, k, key)
+
+
+@pytest.mark.parametrize(("flags", "clip", "act_order"), [
+    (["--scheme", "w4a4kv4"], "gbs", True),  # issue 24: the measured default recipe per scheme
+    (["--scheme", "w3a3kv3"], "gbs", False),
+    (["--scheme", "w4a16"], "gbs", True),
+    (["--scheme", "w4a8"], "gbs", True),
+    (["--scheme", "w6a6"], "none", False),
+    (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "none", True),  # a given ratio is kept, not searched
+    (["--scheme", "w4a4kv4", "--clip", "none", "--no-act-order"], "none", False),
+    (["--scheme", "w6a6", "--act-order"], "none", True),
+])
+def test_default_recipe_per_scheme(flags: list[str], clip: str, act_order: bool) -> None:
+    args = cli.build_parser().parse_args(["src", "out", *flags])
+    opts = cli.options_from_args(args)
+    assert opts.clip == clip and opts.quantizer_options.get("act_order", False) == act_order

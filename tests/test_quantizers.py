@@ -19,7 +19,7 @@ from vllm_ruquant.checkpoint import format as fmt_mod
 SMALL_CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
 # (name, options): every quantizer this file owns, plus the GBS-clipped baselines
 METHODS = [("septq", {}), ("lrq", {"steps": 60}), ("gptq", {"clip": "gbs"}), ("rtn", {"clip": "gbs"}),
-           ("septq", {"clip": "gbs"})]
+           ("septq", {"clip": "gbs"}), ("gptq", {"act_order": True}), ("gptq", {"act_order": True, "clip": "gbs"})]
 
 
 def correlated_hessian(k: int, seed: int = 0, tokens: int = 1024) -> torch.Tensor:

@@ -66,10 +66,14 @@ class GPTQQuantizer:
     name = "gptq"
     needs_hessian = True
 
-    def __init__(self, block_size: int = 128, damp: float = 0.01, clip: str = "none") -> None:
+    def __init__(self, block_size: int = 128, damp: float = 0.01, clip: str = "none", act_order: bool = False) -> None:
         self.block_size = block_size
         self.damp = damp
         self.clip = clip  # "gbs": static scales from per-channel clip ratios searched under H
+        # sweep the input columns in decreasing order of the Hessian diagonal (GPTQ's "act order"):
+        # the most active inputs are rounded first, while the most columns are left to absorb their
+        # error. The scales are static (fixed before the sweep), so the result lies on the same grid.
+        self.act_order = act_order
 
     def quantize(self, w: torch.Tensor, bits: int, group_size: int,
                  hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +83,15 @@ class GPTQQuantizer:
         scale = static_scale(w, bits, group_size, hessian, self.clip)  # static, from the original weights
         g = k if group_size == -1 else group_size
         qmax = qmax_for(bits)
-        u, dead = inverse_hessian_cholesky(hessian.to(w.device), self.damp)
-        wq = w.double().clone()
-        wq[:, dead] = 0
+        hessian = hessian.to(w.device)
         scale_full = scale.double().repeat_interleave(g, dim=1)  # (N, K)
+        wq = w.double().clone()
+        if self.act_order:
+            perm = torch.argsort(torch.diag(hessian), descending=True)
+            hessian, wq, scale_full = hessian[perm][:, perm], wq[:, perm], scale_full[:, perm]
+        u, dead = inverse_hessian_cholesky(hessian, self.damp)
+        wq[:, dead] = 0
         q = gptq_sweep(wq, u, scale_full, qmax, self.block_size)
+        if self.act_order:
+            q = q[:, torch.argsort(perm)]
         return q, scale

@@ -22,10 +22,11 @@ class _STERound(torch.autograd.Function):
         return g
 
 
-def fake_quant(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Symmetric absmax fake quantization along ``dim`` with straight-through rounding."""
+def fake_quant(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Symmetric absmax fake quantization along ``dim`` with straight-through rounding
+    (``clip_ratio`` < 1: the scale covers that share of the absmax, larger values saturate)."""
     if bits >= 16:
         return x
     qmax = (1 << (bits - 1)) - 1
-    s = (x.abs().amax(dim, keepdim=True) / qmax).clamp_min(1e-12)
+    s = (x.abs().amax(dim, keepdim=True) * clip_ratio / qmax).clamp_min(1e-12)
     return torch.clamp(_STERound.apply(x / s), -qmax - 1, qmax) * s

@@ -27,10 +27,19 @@ per-channel weights, both with straight-through rounding. Inputs are the calibra
 sequences (their embeddings). Defaults (choices): 12 Adam steps (``--finetune``: 60), one
 sequence per step, lr 1e-3 for A and 1e-2 for sigma; the learned transform is kept only
 if its loss over all calibration sequences beats the start point (both reported).
+
+The simulation sees ``ctx.layer_states()``: at most 2048 calibration tokens (8 sequences of
+256). Module knobs (issue 24, defaults = the behaviour above): ``BATCH``, ``LR_ROT`` /
+``LR_SCALE``, ``SIM_ACT_CLIP`` (the served activation clip in training), ``SIM_KV`` (the KV
+cache, straight-through, V rotated online as a stand-in for R2), ``SIM_WEIGHTS`` (False: fp
+weights, leaving the weight error to GPTQ) and ``VAL_SEQS`` (sequences held out of training
+for the keep decision). On SmolLM2-135M none of them has yet made OSTQuant beat Hadamard
+(docs/methods.md, "OSTQuant on the real model").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -41,12 +50,19 @@ from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan
 from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
+from convert.simulate import kv_cache_quantizer
 from vllm_ruquant.checkpoint.models import NORM_READERS, WRITERS
 from vllm_ruquant.hadamard import is_hadamard_size
 from vllm_ruquant.reference import OnlineRotation
 
 TOP_K = 64
-STEPS, FINETUNE_STEPS = 12, 60  # Adam steps (one calibration sequence each)
+STEPS, FINETUNE_STEPS = 12, 60  # Adam steps
+BATCH = 1  # calibration sequences per step
+LR_ROT, LR_SCALE = 1e-3, 1e-2  # Adam learning rates of A (the Cayley parameter) and sigma
+SIM_ACT_CLIP = 1.0  # activation clip ratio in the training simulation
+SIM_KV = False  # simulate the KV cache (straight-through) in training
+SIM_WEIGHTS = True  # RTN weights in training (False: fp weights, leaving the weight error to GPTQ)
+VAL_SEQS = 0  # calibration sequences held out of training to decide trained vs init (0: all)
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -75,6 +91,9 @@ class _ModelSim:
         self.h0 = ctx.layer_states()[0].to(ctx.device).float()
         self.r4 = r4.matrix().to(ctx.device) if r4 is not None else None
         self.rope = rope_tables(ctx.dims, self.h0.shape[1], ctx.device)
+        # V is rotated online in the simulation (the served R2 is a randomized Hadamard, offline)
+        kv = dataclasses.replace(ctx.fmt.kv_cache, value_rotation="online")
+        self.kv_quant = kv_cache_quantizer(kv, straight_through=True) if SIM_KV else None
 
     @torch.no_grad()
     def fp_logits(self, seqs: torch.Tensor) -> torch.Tensor:
@@ -86,7 +105,7 @@ class _ModelSim:
 
     def q_logits(self, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
         """Quantized forward in the R1 basis; ``log_s (L, 2, d)`` the norm-site scalings."""
-        wb, ab = self.ctx.fmt.weight.bits, self.ctx.fmt.activation.bits
+        wb, ab = self.ctx.fmt.weight.bits if SIM_WEIGHTS else 16, self.ctx.fmt.activation.bits
         h = self.h0[seqs] @ r
         for i, sd in enumerate(self.layers):
             p = self.dims.layer_prefix(i)
@@ -110,10 +129,10 @@ class _ModelSim:
             def linear(prefix: str, x: torch.Tensor, w=w, bias=bias) -> torch.Tensor:
                 if prefix.endswith("down_proj") and self.r4 is not None:
                     x = x @ self.r4
-                y = fake_quant(x.float(), ab) @ w[prefix].T
+                y = fake_quant(x.float(), ab, clip_ratio=SIM_ACT_CLIP) @ w[prefix].T
                 return y + bias[prefix] if prefix in bias else y
 
-            h = decoder_layer(h, i, self.dims, linear, norms.__getitem__, self.rope)
+            h = decoder_layer(h, i, self.dims, linear, norms.__getitem__, self.rope, self.kv_quant)
         head = self.head @ r
         return lm_logits(h, _tied(self.dims), {"model.norm.weight": torch.ones(self.dims.hidden_size,
                                                device=h.device), "lm_head.weight": head}.__getitem__)
@@ -147,35 +166,39 @@ class OSTQuantRotation:
         sim = _ModelSim(ctx, r4)
         n_seq = sim.h0.shape[0]
         all_seqs = torch.arange(n_seq)
+        n_val = VAL_SEQS if 0 < VAL_SEQS < n_seq else 0
+        train_seqs, val_seqs = (all_seqs[: n_seq - n_val], all_seqs[n_seq - n_val:]) if n_val else (all_seqs, all_seqs)
         fp_all = sim.fp_logits(all_seqs)
         steps = FINETUNE_STEPS if ctx.finetune else STEPS
         hd32 = hd.float().to(ctx.device)
         a = torch.zeros(d, d, device=ctx.device, requires_grad=True)
         log_s = torch.zeros(n_layers, 2, d, device=ctx.device, requires_grad=True)
-        opt = torch.optim.Adam([{"params": [a], "lr": 1e-3}, {"params": [log_s], "lr": 1e-2}])
+        opt = torch.optim.Adam([{"params": [a], "lr": LR_ROT}, {"params": [log_s], "lr": LR_SCALE}])
 
         def loss_on(seqs: torch.Tensor, aa: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
             return kl_top(fp_all[seqs], sim.q_logits(seqs, hd32 @ cayley(aa), ss))
 
         with torch.no_grad():
-            loss_init = float(loss_on(all_seqs, torch.zeros_like(a), torch.zeros_like(log_s)))
+            loss_init = float(loss_on(val_seqs, torch.zeros_like(a), torch.zeros_like(log_s)))
         history = []
         for _ in range(steps):
-            seqs = torch.randperm(n_seq, generator=gen)[:1]
+            seqs = train_seqs[torch.randperm(len(train_seqs), generator=gen)[:BATCH]]
             opt.zero_grad()
             loss = loss_on(seqs, a, log_s)
             loss.backward()
             opt.step()
             history.append(float(loss.detach()))
         with torch.no_grad():
-            loss_trained = float(loss_on(all_seqs, a, log_s))
+            loss_trained = float(loss_on(val_seqs, a, log_s))
         keep = loss_trained < loss_init
         a_f = a.detach().double().cpu() if keep else torch.zeros(d, d, dtype=torch.float64)
         s_f = log_s.detach().double().cpu().exp() if keep else torch.ones(n_layers, 2, d, dtype=torch.float64)
         r1 = hd @ cayley(a_f)
         scales = ({i: {norm: s_f[i, j].clone() for j, norm in enumerate(NORM_READERS)} for i in range(n_layers)}
                   if keep else {})
-        report = {"method": "ostquant", "loss": "kl_top", "top_k": TOP_K, "steps": steps,
+        report = {"method": "ostquant", "loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH,
+                  "lr": [LR_ROT, LR_SCALE], "sim_act_clip": SIM_ACT_CLIP, "sim_kv": SIM_KV, "sim_weights": SIM_WEIGHTS,
+                  "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
                   "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
                   "train_loss_first_last": [history[0], history[-1]] if history else None,
                   "scale_range": [float(s_f.min()), float(s_f.max())],
