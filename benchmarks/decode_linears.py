@@ -252,7 +252,7 @@ def _gemv_sweep_one(name: str, k: int, n: int, m: int, rotated: bool, w_c: list[
     what = f"{name} M={m}"
     rec = {"linear": name, "K": k, "N": n, "M": m, "a_mode": kw["a_mode"],
            "qgemm_us": _timed_or_none([functools.partial(qgemm, *args, w, ws, **kw) for w in w_c], what + " qgemm"),
-           "default": gemv_mod.default_config(m, n, k, kw["a_mode"]).short(),
+           "default": gemv_mod.default_config(m, n, k).short(),
            "default_us": _timed_or_none([functools.partial(gemv_mod.qgemv, *args, w, ws, **kw) for w in w_c], what),
            "tiles": {}}
     for cfg in gemv_mod.SWEEP:
