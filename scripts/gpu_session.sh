@@ -16,6 +16,7 @@
 #                                                benchmarks/kv4_attention.py (ours / vLLM int4 / FA3 bf16)
 #   bash scripts/gpu_session.sh kv4serve CONFIGS [TIMEOUT]  sweep the decode tile on "decode 512", then the
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
+#   bash scripts/gpu_session.sh tp2                  TP=2 engines vs the simulation (2-GPU machine; not yet run)
 #   bash scripts/gpu_session.sh gemv                 decode GEMV (issue 22): its GPU tests, then decode_linears.py
 #                                                (gemm / gemv / linear / linear_gemv at M 1-16, and the tile sweep)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
@@ -95,11 +96,16 @@ case "${1:-}" in
       | grep -E "max \||passed|failed|^E " | tail -10
     python3 benchmarks/kv4_attention.py --out "$OUT" --only "${2:-}" "${@:3}" 2>&1 | tee "$OUT/kv4_attention.log" | tail -9
     ;;
+  tp2)
+    # issue 25: on a 2-GPU machine (kind nvidia-h200-x2), the CPU CI's TP=2 engine test on the GPUs
+    python3 -m pytest -q -s -p no:cacheprovider tests/test_tensor_parallel_served.py tests/test_tensor_parallel.py 2>&1 \
+      | tee "$OUT/gpu_tests_tp2.log" | grep -E "passed|failed|served vs simulation|^E " | tail -12
+    ;;
   gemv)
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k gemv 2>&1 | tee "$OUT/gpu_tests_gemv.log" \
       | grep -E "passed|failed|^E |Error" | tail -12
     python3 benchmarks/decode_linears.py --out "$OUT/lin" --only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 \
       --gemv-sweep 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
     ;;
-  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | gemv"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | gemv"; exit 2 ;;
 esac
