@@ -88,6 +88,17 @@ def quality_table(results: dict, rows: list[str], schemes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _best_per_column(res: dict, rows: list[str], schemes: list[str]) -> list[str]:
+    """"SCHEME METHOD (ppl)" of the lowest quantized perplexity in each column that has a cell."""
+    best = []
+    for s in schemes:
+        cand = [(res[r][s]["perplexity"], r) for r in rows if r != "fp16" and s in res[r]]
+        if cand:
+            p, r = min(cand)
+            best.append(f"{COLUMN.get(s, s)} {LABELS[r]} ({p:.2f})")
+    return best
+
+
 def quality_md(d: Path) -> str | None:
     if not (d / "quality.json").is_file():
         return None
@@ -97,12 +108,7 @@ def quality_md(d: Path) -> str | None:
     schemes = SCHEMES + [s for s in EXTRA_SCHEMES if any(s in cells for cells in res.values())]
     quant = [c for r in rows if r != "fp16" for c in res[r].values()]
     secs = [c["convert_seconds"] for c in quant if c.get("convert_seconds")]
-    best = []
-    for s in schemes:
-        cand = [(res[r][s]["perplexity"], r) for r in rows if r != "fp16" and s in res[r]]
-        if cand:
-            p, r = min(cand)
-            best.append(f"{COLUMN.get(s, s)} {LABELS[r]} ({p:.2f})")
+    best = _best_per_column(res, rows, schemes)
     return (f"{HEADER}# Quality: {d.name}\n\nFrom `quality.json`: {_settings(q)}. Simulated quantization "
             f"(`convert/evaluate.py`, the ops the plugin serves with).\n\n{quality_table(res, rows, schemes)}\n\n"
             f"- Cells made: {_dates([res['fp16'][SCHEMES[0]]] + quant)}. CPU, 2 cores shared with other jobs, "
@@ -304,17 +310,12 @@ def recipes_md(d: Path) -> str | None:
     rows = [r for r in LABELS if r in res]
     schemes = [s for s in SCHEMES + EXTRA_SCHEMES if any(s in res[r] for r in rows if r != "fp16")]
     cells = [c for r in rows for s, c in res[r].items() if s in schemes]
-    best = []
-    for s in schemes:
-        cand = [(res[r][s]["perplexity"], r) for r in rows if r != "fp16" and s in res[r]]
-        if cand:
-            p, r = min(cand)
-            best.append(f"{COLUMN.get(s, s)} {LABELS[r]} ({p:.2f})")
+    best = _best_per_column(res, rows, schemes)
     n, l = q["calib"]
     return (f"{HEADER}# Default recipes: {d.name}\n\nFrom `recipes_32k.json`: {_settings(q)}. Simulated "
             "quantization (`convert/evaluate.py`), the same protocol as `quality.md` on 8x its held-out tokens, "
             "so the two pages' numbers differ.\n\n"
-            "    python examples/quality.py smollm2-135m --eval-text wiki_eval.txt --calib-text lee_calib.txt \\\n"
+            f"{QUALITY_CMD}"
             f"        --max-eval-tokens {q['max_eval_tokens']} --calib-samples {n} --calib-seq-len {l} "
             "--json recipes_32k.json --rows ROWS --schemes SCHEMES\n\n"
             f"{quality_table(res, rows, schemes)}\n\n"
