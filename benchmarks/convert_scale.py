@@ -202,6 +202,7 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     import vllm_ruquant
+    from convert.provenance import git_commit
 
     def version(dist: str) -> str | None:
         try:
@@ -209,11 +210,7 @@ def environment(device: str) -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = git_commit(short=False)
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     return {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,

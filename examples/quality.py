@@ -20,10 +20,8 @@ the markdown pages are rendered from the JSON files by ``examples/render_results
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from render_results import COLUMN, EXTRA_SCHEMES, LABELS, SCHEMES, render_model_
 
 from convert.evaluate import evaluate_dir
 from convert.pipeline import ConvertOptions, convert
+from convert.provenance import stamp
 from convert.rotations import ostquant
 
 ROWS: dict[str, dict] = {
@@ -63,22 +62,12 @@ ROWS: dict[str, dict] = {
 }
 
 
-def provenance() -> dict:
-    """The date and commit a cell was made at (cells of one JSON file may come from several runs)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"date": datetime.date.today().isoformat(), "commit": commit}
-
-
 def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work: Path) -> dict:
     """Convert (unless FP16) and evaluate one cell; returns perplexity and seconds."""
     if row == "fp16":
         res = evaluate_dir(model, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device)
         return {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": 0.0,
-                "eval_seconds": res["seconds"], **provenance()}
+                "eval_seconds": res["seconds"], **stamp()}
     out = work / f"{row}-{scheme}"
     recipe = dict(ROWS[row])
     knobs = recipe.pop("ostquant", {})
@@ -102,7 +91,7 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     cell = {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": t_conv,
             "eval_seconds": res["seconds"], "rotation_seconds": report["seconds"].get("rotation_plan"),
             "diagnostics_down_final_mse": ((report.get("diagnostics") or {}).get("summary", {})
-                                           .get("down", {}).get("final", {}).get("mse")), **provenance()}
+                                           .get("down", {}).get("final", {}).get("mse")), **stamp()}
     if args.kv_ablation and report["format"]["kv_cache"]["bits"] < 16:  # same checkpoint, only the KV cache differs
         cell["perplexity_kv16"] = ppl(kv_bits=16)["perplexity"]
         cell["perplexity_kv_no_rotation"] = ppl(kv_online_rotation=False)["perplexity"]

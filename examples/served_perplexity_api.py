@@ -24,7 +24,6 @@ relative difference; ``examples/render_results.py`` renders the table from it. N
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -42,6 +41,7 @@ import torch
 
 from convert import calibration
 from convert.evaluate import Evaluator, LoadedModel
+from convert.provenance import stamp
 
 START_TIMEOUT_S = 900  # a fresh GPU machine's first engine took ~4 min (issue 20 item 4)
 
@@ -148,16 +148,6 @@ class Server:
                 self.proc.wait()
 
 
-def _stamp() -> dict:
-    """When and at which commit a result was made (the JSON's provenance)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"date": datetime.date.today().isoformat(), "commit": commit}
-
-
 def _side(nll: list[float], seq_len: int, seconds: float) -> dict:
     scored = len(nll) * (seq_len - 1)
     return {"perplexity": math.exp(sum(nll) / scored), "window_nll": nll, "seconds": seconds}
@@ -239,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.mode == "simulate":
         res = {**head, "simulated": _side(simulated_nll(args.ckpt, windows), seq_len, time.perf_counter() - t0),
-               "simulated_with": _stamp(), "window_token_ids": windows}
+               "simulated_with": stamp(), "window_token_ids": windows}
         line = f"simulated perplexity {res['simulated']['perplexity']:.4f}"
     else:
         if args.url:
@@ -253,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, nll = served_nll(srv.url, windows, args.concurrency)
             how = {"command": " ".join(["vllm", *cmd[cmd.index("serve"):]]).replace(str(args.ckpt), args.ckpt.name)}
         served = {**head, "served": _side(nll, seq_len, time.perf_counter() - t0),
-                  "served_with": {**_stamp(), **how, **served_on(args, extra), "served_model": model}}
+                  "served_with": {**stamp(), **how, **served_on(args, extra), "served_model": model}}
         res = merge(sim, served) if sim is not None else served
         line = f"served perplexity {served['served']['perplexity']:.4f}"
         if sim is not None:
