@@ -17,20 +17,6 @@ from vllm_ruquant import reference as ref
 from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
 
-def _ref_scaled_linear(a_q, a_s, w_q, w_s, group_size, bias, out_dtype):
-    """The integer half of ``reference.quantized_linear`` from given integers (same ops, same order)."""
-    n, k = w_q.shape
-    g = k if group_size == -1 else group_size
-    y = torch.zeros(a_q.shape[0], n, dtype=torch.float32)
-    for gi in range(k // g):
-        acc = ref.int_matmul(a_q[:, gi * g:(gi + 1) * g], w_q[:, gi * g:(gi + 1) * g])
-        y += acc.float() * w_s[:, gi].float()
-    y = y * a_s.reshape(-1, 1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
-
-
 def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype, seed: int):
     """(args of qgemm / qgemv, keyword args, the reference's output)."""
     from vllm_ruquant.kernels import layout
@@ -54,7 +40,7 @@ def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype
         a_q, a_s = ref.quantize_activation(x, 4, 0.9)
         args = (x, None, layout.pack_chunked(w_q, chunk), w_s)
         kw.update(a_mode=2, b_mode=2, act_bits=4, clip_ratio=0.9)
-    return args, kw, _ref_scaled_linear(a_q, a_s, w_q, w_s, group, bias, dtype)
+    return args, kw, ref.int_linear(a_q, a_s, w_q, w_s, group, bias, dtype)
 
 
 # (M, K, N, group, a_mode, tile): K 384 is the backend's padding of 344 / 172-like sizes (3 chunks, so

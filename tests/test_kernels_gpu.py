@@ -45,21 +45,6 @@ def _randn(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _ref_scaled_linear(a_q: torch.Tensor, a_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
-                       group_size: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """The integer half of ``reference.quantized_linear`` from given integers (same ops, order)."""
-    n, k = w_q.shape
-    g = k if group_size == -1 else group_size
-    y = torch.zeros(a_q.shape[0], n, dtype=torch.float32, device=a_q.device)
-    for gi in range(k // g):
-        acc = ref.int_matmul(a_q[:, gi * g:(gi + 1) * g], w_q[:, gi * g:(gi + 1) * g])
-        y += acc.float() * w_s[:, gi].float()
-    y = y * a_s.reshape(-1, 1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
-
-
 def _assert_bf16_close(y: torch.Tensor, yr: torch.Tensor, noise: torch.Tensor | None = None) -> None:
     """Within one bf16 rounding of the reference (plus fp32 summation-order noise)."""
     assert not torch.isnan(y).any(), "unwritten (poisoned) outputs"
@@ -170,7 +155,7 @@ def _operands(variant: str, M: int, K: int, N: int, bias: bool):
     else:
         a, a_mode, b, b_mode = a_q, 0, w_q, 0
     bias_t = torch.randn(N, device="cuda").to(torch.bfloat16) if bias else None
-    yr = _ref_scaled_linear(a_q, a_s, w_q, w_s, g, bias_t, torch.bfloat16)
+    yr = ref.int_linear(a_q, a_s, w_q, w_s, g, bias_t, torch.bfloat16)
     kw = dict(a_mode=a_mode, b_mode=b_mode, K=K, group_size=g, chunk=chunk, bias=bias_t, use_fp8=fp8)
     return a, a_s[:, 0].contiguous(), b, w_s, kw, yr
 
@@ -390,7 +375,7 @@ def _gemv_operands(variant: str, M: int, K: int, N: int, dtype: torch.dtype):
     else:
         args = (x, None, layout.pack_chunked(w_q, chunk), w_s)
         kw.update(a_mode=2, b_mode=2, act_bits=ab, clip_ratio=clip)
-    return args, kw, _ref_scaled_linear(a_q, a_s, w_q, w_s, g, bias, dtype)
+    return args, kw, ref.int_linear(a_q, a_s, w_q, w_s, g, bias, dtype)
 
 
 @pytest.mark.parametrize("K,N", SHAPES[:4])

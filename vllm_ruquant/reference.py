@@ -253,6 +253,27 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype) @ w.to(dtype).T).to(torch.int32)
 
 
+def int_linear(a_q: torch.Tensor, a_s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+               group_size: int, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The integer half of ``quantized_linear``, from given integers: what every quantized GEMM
+    kernel computes. Per group ``y += float(A_g @ W_g^T) * w_scale[:, g]`` in fp32, then
+    ``* a_s`` (per token), ``+ bias``, one rounding to ``out_dtype``.
+
+    ``a_q`` int8 (M, K), ``a_s`` fp32 (M,) or (M, 1), ``w_q`` int8 (N, K), ``w_scale`` (N, G).
+    """
+    n, k = w_q.shape
+    g = k if group_size == -1 else group_size
+    y = torch.zeros(a_q.shape[0], n, dtype=torch.float32, device=a_q.device)
+    for gi in range(k // g):
+        acc = int_matmul(a_q[:, gi * g:(gi + 1) * g], w_q[:, gi * g:(gi + 1) * g])
+        y += acc.float() * w_scale[:, gi].float()
+    y = y * a_s.reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
 def quantized_linear(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -300,13 +321,7 @@ def quantized_linear(
         y = (x2.to(x.dtype) @ w.T).float()
     else:
         a_q, a_s = quantize_activation(x2, act_bits, clip_ratio)
-        n, k = w_q.shape
-        g = k if group_size == -1 else group_size
-        y = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
-        for gi in range(k // g):
-            acc = int_matmul(a_q[:, gi * g:(gi + 1) * g], w_q[:, gi * g:(gi + 1) * g])
-            y += acc.float() * w_scale[:, gi].float()
-        y = y * a_s
+        y = int_linear(a_q, a_s, w_q, w_scale, group_size)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*lead, w_q.shape[0])
