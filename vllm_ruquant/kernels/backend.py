@@ -201,8 +201,8 @@ class TritonBackend:
                 if bias is not None:
                     y = y + bias.float()
                 y = y.to(x.dtype)
-        elif path == "w4a8" and rotation is None and k == k_pad and x2.shape[0] <= FUSED_QUANT_MAX_M:
-            # decode: the GEMM quantizes its activation rows itself (same integers, one launch)
+        elif path == "w4a8" and rotation is None and k == k_pad and self._fuses_quantization(x2.shape[0], k, g):
+            # decode: the matrix kernel quantizes its activation rows itself (same integers, one launch)
             y = self._int_gemm(spec, x2.contiguous(), None, prepared, a_mode=2, b_mode=2, K=k, group_size=g,
                                chunk=chunk, bias=bias, out_dtype=x.dtype, act_bits=spec.act_bits,
                                clip_ratio=spec.clip_ratio)
@@ -217,6 +217,13 @@ class TritonBackend:
                                group_size=g, chunk=chunk, bias=bias, out_dtype=x.dtype,
                                use_fp8=packed and self.w4a4_fp8)
         return y.reshape(*lead, spec.out_features)
+
+    @staticmethod
+    def _fuses_quantization(m: int, k: int, group: int) -> bool:
+        """Whether ``m`` tokens of an un-rotated layer are quantized inside the matrix kernel: up to
+        FUSED_QUANT_MAX_M, and with the GEMV on only where it takes the problem (else qgemm's own
+        in-kernel quantization would run, the 4x slower path; rotate_quant + qgemm instead)."""
+        return m <= FUSED_QUANT_MAX_M and (not GEMV or (m <= GEMV_MAX_M and gemv.supports(m, k, group, 2, 2)))
 
     def _int_gemm(self, spec: LinearSpec, a: torch.Tensor, a_scale: torch.Tensor | None,
                   prepared: dict[str, torch.Tensor], *, use_fp8: bool = False, **kw) -> torch.Tensor:
