@@ -8,8 +8,9 @@ CUDA graph over weight copies larger than L2 (``kernels._timed``, as a served de
 replays its graph with the weights in device memory):
 
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
-* ``rq``: our rotate+quantize alone (``rq_single``: down_proj's Kronecker rotation one program per
-  token instead of spread over programs); ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
+* ``rq``: our rotate+quantize alone (``rq_one``: down_proj's Kronecker rotation one program per
+  token instead of ``rotate_rows`` + quantization; ``rq_rb{1,2,4}``: rows per ``rotate_rows`` program);
+  ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
   chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs: at decode sizes an
   un-rotated layer quantizes inside the GEMM); ``linear_unfused``: rotate_quant, then the GEMM;
 * ``gemv``: the CUDA-core decode GEMV (``kernels/gemv.py``) on the ``gemm`` row's operands (its default
@@ -56,8 +57,8 @@ from vllm_ruquant.linear_backend import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["bf16", "vllm_fp8", "rq", "rq_single", "gemm", "gemv", "linear", "linear_gemv", "linear_unfused",
-           "marlin_w4a16", "marlin_w4a8"]
+METHODS = ["bf16", "vllm_fp8", "rq", "rq_one", "rq_rb1", "rq_rb2", "rq_rb4", "gemm", "gemv", "linear", "linear_gemv",
+           "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
 
 
 def _call(fn, **candidates):
@@ -128,14 +129,20 @@ def row(name: str, k: int, n: int, rotated: bool, m: int, only: set[str] | None 
     rot = ref.OnlineRotation("hadamard", k) if rotated else None
     put("rq", lambda i: (lambda: rotate_quant(x, 4, 1.0, rot, pack=False)))
     if rotated:
-        def rq_single() -> None:  # one program per token (before 2026-12-04), for the A/B
-            rq_mod.SPLIT_ROWS_MAX_M, saved = 0, rq_mod.SPLIT_ROWS_MAX_M
-            try:
-                rotate_quant(x, 4, 1.0, rot, pack=False)
-            finally:
-                rq_mod.SPLIT_ROWS_MAX_M = saved
+        def rq_with(attr: str, value: int):
+            def f() -> None:  # one rotate_quant setting changed around the call (captured as it runs)
+                saved = getattr(rq_mod, attr)
+                setattr(rq_mod, attr, value)
+                try:
+                    rotate_quant(x, 4, 1.0, rot, pack=False)
+                finally:
+                    setattr(rq_mod, attr, saved)
+            return f
 
-        put("rq_single", lambda i: rq_single)
+        # down_proj's Kronecker rotation one program per token (before 2026-12-04b), for the A/B
+        put("rq_one", lambda i: rq_with("KRON_ROWS_MAX_M", 0))
+        for rb in (1, 2, 4):  # rows of H_m^T X per program in rotate_rows
+            put(f"rq_rb{rb}", lambda i, rb=rb: rq_with("KRON_ROWS_PER_PROGRAM", rb))
     w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
     w_s = torch.rand(n, 1) * 0.01 + 1e-3
     ws = w_s.cuda()
@@ -252,7 +259,7 @@ def _gemv_sweep_one(name: str, k: int, n: int, m: int, rotated: bool, w_c: list[
     what = f"{name} M={m}"
     rec = {"linear": name, "K": k, "N": n, "M": m, "a_mode": kw["a_mode"],
            "qgemm_us": _timed_or_none([functools.partial(qgemm, *args, w, ws, **kw) for w in w_c], what + " qgemm"),
-           "default": gemv_mod.default_config(m, n, k).short(),
+           "default": gemv_mod.default_config(m, n, k, kw["a_mode"]).short(),
            "default_us": _timed_or_none([functools.partial(gemv_mod.qgemv, *args, w, ws, **kw) for w in w_c], what),
            "tiles": {}}
     for cfg in gemv_mod.SWEEP:

@@ -47,6 +47,7 @@ def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype
 # K splits into 3 programs); N past the last whole block; M = 3 and 5 are rows padded to 4 and 8.
 TILE_SPLIT = dict(BN=16, BK=128, LV=16, NBP=2)  # 2..3 blocks a program, K split in 128s
 TILE_LANES8 = dict(BN=8, BK=256, LV=32, NBP=3, num_warps=2)  # K over 8 lanes
+TILE_TREE = dict(BN=16, BK=512, LV=16, NBP=2)  # 4 lane groups a row (2 with 4 rows held), joined
 CASES = [
     (1, 384, 40, -1, 0, TILE_SPLIT),
     (3, 384, 40, -1, 0, TILE_LANES8),
@@ -61,6 +62,9 @@ CASES = [
     (3, 512, 40, -1, 1, TILE_SPLIT),
     (5, 384, 40, -1, 2, TILE_SPLIT),
     (8, 256, 24, -1, 0, None),
+    (1, 512, 40, -1, 2, TILE_TREE),
+    (3, 512, 40, -1, 0, TILE_TREE),
+    (2, 1024, 24, -1, 1, TILE_TREE),
 ]
 
 
@@ -97,14 +101,17 @@ def test_supports_and_tiles() -> None:
     assert not supports(1, 344, -1, 0, 2)  # unpadded K
     assert not supports(1, 1 << 20, -1, 0, 2)  # int32 headroom
     # Llama-3-8B decode shapes: K split in whole chunks; one wave of programs on 132 SMs
-    for m, (k, n) in [(1, (4096, 6144)), (1, (4096, 28672)), (4, (14336, 4096)), (4, (4096, 4096))]:
-        cfg = default_config(m, n, k)
-        ls = launch_shape(cfg, m, n, k, 0)
+    for m, (k, n), a_mode in [(1, (4096, 6144), 2), (1, (4096, 28672), 2), (4, (14336, 4096), 0), (4, (4096, 4096), 2),
+                              (1, (14336, 4096), 0)]:
+        cfg = default_config(m, n, k, a_mode)
+        ls = launch_shape(cfg, m, n, k, 0, a_mode=a_mode)
         assert k % ls["BK"] == 0 and ls["BK"] % 128 == 0 and ls["SPLIT_K"] * ls["BK"] == k
         assert ls["MP"] * ls["BK"] // ls["LV"] <= 64  # activation words in registers
+        assert ls["grid0"] * ls["SPLIT_K"] >= 132  # every SM has work
         assert ls["grid0"] * ls["SPLIT_K"] <= 132 * cfg.ctas_per_sm or ls["NBP"] == 8
+        assert a_mode != 2 or cfg.BN * ls["NBP"] >= 256 or ls["grid0"] * ls["SPLIT_K"] < 2 * 132
     ls = launch_shape(GemvConfig(BN=64, BK=512, LV=16), 1, 4096, 384, 64, chunk=64)
-    assert (ls["BK"], ls["LV"], ls["SPLIT_K"]) == (128, 8, 3)  # group 64: one group per lane group
+    assert (ls["BK"], ls["LV"], ls["SPLIT_K"]) == (64, 8, 6)  # group 64: one group a K slice
     ls = launch_shape(GemvConfig(BN=64, BK=512, LV=32), 8, 4096, 4096, 0)
     assert ls["BK"] == 256 and ls["MP"] == 8
 

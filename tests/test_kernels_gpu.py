@@ -301,7 +301,9 @@ _GRAPH_CASES = [  # (weight bits, act bits, rotation, K): the paths a decode ste
     (4, 4, "hadamard", 344),     # H_344 > 64: torch rotation with a device-resident factor
     (4, 4, "hadamard", 11008),   # Llama-2-7B down_proj: H_344 (x) H_32
     (4, 8, "hadamard", 344),     # the same on the int8-activation path
-    (4, 4, "hadamard", 1536),    # H_12 (x) H_128: the split Kronecker kernel (M <= 16)
+    (4, 4, "hadamard", 1536),    # H_12 (x) H_128: rotate_rows, then the GEMV (M = 1) or quantize + GEMM
+    (4, 4, "hadamard", 14336),   # Llama-3-8B down_proj: H_28 (x) H_512, the same
+    (4, 8, "hadamard", 14336),
     (4, 8, None, 4096),          # no rotation: quantized inside the GEMM (M <= 16)
     (4, 16, "hadamard", 344),    # weight-only on a padded K
 ]

@@ -136,25 +136,59 @@ def test_every_m_bucket_autotunes_unless_turned_off(monkeypatch) -> None:
 
 @pytest.mark.parametrize("k", [28 * 512, 36 * 16, 12 * 128, 20 * 64])
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("bits,pack", [(4, True), (8, False), (16, False)])
-def test_decode_kronecker_rotation_split_over_programs(triton_interpreter: None, monkeypatch, k: int, m: int,
-                                                       bits: int, pack: bool) -> None:
-    """Decode sizes spread H_m (x) H_p over programs (rows of the (m, p) view, then the last program of
-    each token mixes and quantizes): bit-identical to one program per token, run twice (the counters
-    must come back zeroed)."""
+@pytest.mark.parametrize("rows_per_program", [0, 8])
+def test_decode_kronecker_rotation_spread_over_programs(triton_interpreter: None, monkeypatch, k: int, m: int,
+                                                        rows_per_program: int) -> None:
+    """Decode sizes spread H_m (x) H_p over programs (``rotate_rows``: a few rows of the (m, p) view
+    each, mixed by H_m first, then the butterflies): the reference's rotation to fp32 rounding, also
+    where the rows do not divide evenly (8 of 12, 20, 28, 36), and ``rotate_quant`` on top of it gives
+    the reference's integers up to a rare one-step rounding difference."""
     from vllm_ruquant.kernels import rotate_quant as rq
 
-    gen = torch.Generator().manual_seed(k + m + bits)
+    monkeypatch.setattr(rq, "KRON_ROWS_PER_PROGRAM", rows_per_program)
+    gen = torch.Generator().manual_seed(k + m)
     x = (torch.randn(m, k, generator=gen) * (1 + 3 * torch.rand(m, 1, generator=gen))).to(torch.bfloat16)
     rot = ref.OnlineRotation("hadamard", k)
-    monkeypatch.setattr(rq, "SPLIT_ROWS_MAX_M", 0)
-    q_one, s_one = rq.rotate_quant(x, bits, 0.9, rot, pack=pack)
-    monkeypatch.setattr(rq, "SPLIT_ROWS_MAX_M", 16)
-    for _ in range(2):
-        q_split, s_split = rq.rotate_quant(x, bits, 0.9, rot, pack=pack)
-        assert torch.equal(q_split, q_one)
-        assert (s_split is None and s_one is None) or torch.equal(s_split, s_one)
-    if bits < 16:  # and both are the reference's integers up to a rare one-step rounding difference
-        q_ref, _ = ref.quantize_activation(rot.apply(x), bits, 0.9)
-        q_int = ref.unpack_int4(q_split) if pack else q_split
-        assert (q_int.int() - q_ref.int()).abs().max() <= 1
+    assert rq.kron_rows_apply(x, rot)
+    y = rq.rotate_rows(x, rot)
+    y_ref = rot.apply(x)
+    assert y.dtype == torch.float32 and y.shape == (m, k)
+    assert ((y - y_ref).abs().max() / y_ref.abs().max()).item() < 1e-6
+    for bits, pack in ((4, True), (8, False)):
+        q, s = rq.rotate_quant(x, bits, 0.9, rot, pack=pack)
+        q_ref, s_ref = ref.quantize_activation(y_ref, bits, 0.9)
+        q_int = (ref.unpack_int4(q) if pack else q).int()
+        diff = (q_int - q_ref.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-2
+        torch.testing.assert_close(s, s_ref.reshape(s.shape).float(), rtol=1e-6, atol=0)
+    y16, none = rq.rotate_quant(x, 16, rotation=rot)  # weight-only layers: the rotation in x's dtype
+    assert none is None and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y_ref.to(torch.bfloat16).float(), rtol=2.0**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_decode_token_of_a_kronecker_layer_takes_the_gemv(triton_interpreter: None, monkeypatch,
+                                                          act_bits: int) -> None:
+    """One token through a down_proj-like layer (H_12 (x) H_128): ``rotate_rows``, then the GEMV
+    quantizing the rotated fp32 row itself; the reference's result up to one-step integer differences."""
+    from vllm_ruquant.kernels import TritonBackend
+    from vllm_ruquant.kernels import backend as be
+
+    calls: list[tuple[torch.dtype, int]] = []
+    qgemv = be.gemv.qgemv
+    monkeypatch.setattr(be.gemv, "qgemv", lambda a, *args, **kw: calls.append((a.dtype, kw["a_mode"])) or
+                        qgemv(a, *args, **kw))
+
+    k, n = 12 * 128, 64
+    rot = ref.OnlineRotation("hadamard", k)
+    spec = LinearSpec(k, n, 4, -1, act_bits, clip_ratio=0.95, rotation=rot)
+    gen = torch.Generator().manual_seed(act_bits)
+    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), 4, -1)
+    x = torch.randn(1, k, generator=gen).to(torch.float16)
+    assert be.GEMV and be.TritonBackend._fuses_quantization(1, k, -1)
+    expected = ReferenceBackend().apply(spec, ReferenceBackend().prepare(spec, ref.pack_weight(w_q, 4), w_s), x, None)
+    backend = TritonBackend()
+    got = backend.apply(spec, backend.prepare(spec, ref.pack_weight(w_q, 4), w_s), x, None)
+    rel = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert got.shape == (1, n) and rel < 2e-2, f"relative error {rel:.2e}"
+    assert calls == [(torch.float32, 2)]  # the rotated fp32 row, quantized inside the GEMV

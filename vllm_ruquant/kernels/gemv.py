@@ -21,22 +21,26 @@ problems with the same arguments and returns the same bits, so the backend may s
   or per group ``y += float(acc_g) * w_scale[:, g]`` from g = 0 up; then ``* x_scale``, ``+ bias``,
   one rounding to the output dtype. a_mode 2 computes ``qgemm``'s (and ``rotate_quant``'s) scales and
   integers: the absmax (exact in any order), the same IEEE division, ``rint``, clamp.
-* Why up to 4 rows should pay (``RUQUANT_GEMV_MAX_M``; the kernel holds up to 8; measured: 1): each row costs two
+* Why at most 4 rows should pay, by instruction counts (``RUQUANT_GEMV_MAX_M``; the kernel holds up
+  to 8; measured on the H200, only M = 1 did): each row costs two
   ``dp4a`` per weight word on top of ~3 unpack ops and its share of the cross-lane reduction. To stream
-  4.8 TB/s an H200 SM must consume ~4.6 weight words a clock (18.4 B at 1.98 GHz). The offline sm_90
-  build of the default tiles runs ~8.6 SASS instructions a word in its loop at M = 1, ~20 at M = 4 and
-  ~37 at M = 8: 40, 93 and 170 a clock against an issue limit of 128 (and 74 dp4a a clock at M = 8
-  against the 64 the integer multiply-add pipes retire). M = 8 is compute-bound short of the
-  bandwidth, where the tensor-core GEMM wastes only half its rows.
+  4.8 TB/s an H200 SM must consume ~4.6 weight words a clock (18.4 B at 1.98 GHz). Offline sm_90 builds
+  of the default tiles (Triton 3.6, the GPU machine's, and 3.9 give the same loop) run ~7-8.5 SASS
+  instructions a word in the weight loop at M = 1, ~15-17 at M = 4 and ~29-37 at M = 8: ~35, ~75 and
+  ~150 a clock against an issue limit of 128 (and 74 dp4a a clock at M = 8 against the ~64 the integer
+  multiply-add pipes retire). M = 8 is compute-bound short of the bandwidth, where the tensor-core
+  GEMM wastes only half its rows.
 * Work split: a program owns one K slice (``BK``) and up to ``NBP`` blocks of ``BN`` channels. It loads
   (a_mode 2: quantizes) its activation slice once into registers (``MP * BK / LV`` words, kept <= 64),
-  then streams weight tiles ``(1, A, BN, LV)`` of int32 words: ``LV / 4`` lanes of 16-byte loads along
-  a row (coalesced), the other lanes and the warps along N, ``A = BK / (8 LV)`` lane groups per row in
-  registers; the next tile is loaded before the current one is reduced (one dp4a chain per lane
-  through its four words, then shuffles across the ``LV / 4`` lanes). The tile is 4-D so that the
-  products with the ``(MP, A, 1, LV)`` activations keep the weight load's layout (no shared-memory
-  conversion in the loop). Quantizing repeats in every program of a K slice; ``NBP`` (as many as keep
-  the grid within one wave) bounds that and the prologue's latency.
+  then streams weight tiles of int32 words: per lane group of a row a ``(1, BN, LV)`` tile, ``LV / 4``
+  lanes of 16-byte loads along the row (coalesced), the other lanes and the warps along N; a row's
+  ``A = BK / (8 LV)`` (1, 2 or 4) lane groups are joined into register dims (``_load_tree``). The next
+  tile is loaded before the current one is reduced: one dp4a chain per lane through its words, then
+  shuffles (or ``redux`` with a whole warp along K, LV = 128) across the ``LV / 4`` lanes. Tiles are
+  3-D so that the products with the ``(MP, 1, LV)`` activations keep the weight load's layout (no
+  shared-memory conversion in the loop). In-kernel quantization (~400-1700 instructions a thread) is
+  repeated in every program of a K slice, so its tiles take short slices and >= 256 channels a program;
+  integer activations take long slices and few splits (``default_config``).
 * Split K, CUDA-graph safe: each program stores its int32 partial sums (per channel) or its fp32 group
   terms (grouped weights) to a workspace with plain stores; a per-block counter (acq_rel atomic) names
   the last program of a block, which reads the partials back (L2), adds the int32 ones (exact, any
@@ -61,10 +65,9 @@ from vllm_ruquant.kernels.rotate_quant import _rint
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 logger = logging.getLogger(__name__)
 
-# Decode sizes that take this kernel in the backend (on by default, RUQUANT_GEMV=0 turns it off).
-# The H200 measured otherwise than the instruction counts above: per Llama-3-8B layer the GEMV beat
-# qgemm at M = 1 (54.4 against 60.2 us) but not at M = 2 (67.3 / 60.1) or 4 (94.4 / 60.5)
-# (benchmarks/results/gpu-2026-12-04d), so the backend takes it for one token by default.
+# Decode sizes that take this kernel in the backend. The module doc argues up to 4 from instruction
+# counts; the H200 measured otherwise: per Llama-3-8B layer the GEMV beats qgemm at M = 1 (49.2 against
+# 60.1 us) but not at M = 2 (67.3 / 60.1) or 4 (63.9 / 60.5) (benchmarks/results/gpu-2026-12-04d, -e).
 GEMV_MAX_M = int(os.environ.get("RUQUANT_GEMV_MAX_M", "1"))
 MAX_ROWS = 8  # the kernel holds up to 8 activation rows in registers
 _LO_MASK = tl.constexpr(-252645136)  # 0xF0F0F0F0 as an int32
@@ -98,10 +101,10 @@ def _plane_hi(w):
 
 
 @triton.jit
-def _quads(x, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr):
-    """``x (D0, D1, D2, D3)`` -> its words 4i, 4i+1, 4i+2, 4i+3 along the last dim, four ``(D0, D1, D2, D3/4)``
-    tensors (each lane holds four consecutive words: no data moves)."""
-    y = tl.reshape(x, (D0, D1, D2, D3 // 4, 2, 2))
+def _quads(x, D0: tl.constexpr, D1: tl.constexpr, LV: tl.constexpr):
+    """``x (D0, D1, LV)`` -> its words 4i, 4i+1, 4i+2, 4i+3 along the last dim: four ``(D0, D1, LV/4)``
+    tensors (a lane holds four consecutive words: no data moves)."""
+    y = tl.reshape(x, (D0, D1, LV // 4, 2, 2))
     even, odd = tl.split(y)
     w0, w2 = tl.split(even)
     w1, w3 = tl.split(odd)
@@ -116,15 +119,85 @@ def _dot_words(w, a_lo, a_hi, acc, ASM: tl.constexpr):
 
 
 @triton.jit
+def _dot_group(w, lo, hi, acc, MP: tl.constexpr, BN: tl.constexpr, LV: tl.constexpr, ASM: tl.constexpr):
+    """``acc (MP, BN, LV/4)`` + one lane group: weights ``(1, BN, LV)``, activation words ``(MP, 1, LV)``;
+    one dp4a chain per lane through its four words."""
+    w0, w1, w2, w3 = _quads(w, 1, BN, LV)
+    l0, l1, l2, l3 = _quads(lo, MP, 1, LV)
+    h0, h1, h2, h3 = _quads(hi, MP, 1, LV)
+    acc = _dot_words(w0, l0, h0, acc, ASM)
+    acc = _dot_words(w1, l1, h1, acc, ASM)
+    acc = _dot_words(w2, l2, h2, acc, ASM)
+    return _dot_words(w3, l3, h3, acc, ASM)
+
+
+@triton.jit
+def _dot_tree(w, lo, hi, acc, A: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, LV: tl.constexpr,
+              ASM: tl.constexpr):
+    """``_dot_group`` over the ``A`` lane groups of a row held as a join tree (see ``_load_tree``)."""
+    if A == 1:
+        acc = _dot_group(w, lo, hi, acc, MP, BN, LV, ASM)
+    elif A == 2:
+        w0, w1 = tl.split(w)
+        l0, l1 = tl.split(lo)
+        h0, h1 = tl.split(hi)
+        acc = _dot_group(w0, l0, h0, acc, MP, BN, LV, ASM)
+        acc = _dot_group(w1, l1, h1, acc, MP, BN, LV, ASM)
+    else:
+        w01, w23 = tl.split(w)
+        l01, l23 = tl.split(lo)
+        h01, h23 = tl.split(hi)
+        w0, w1 = tl.split(w01)
+        l0, l1 = tl.split(l01)
+        h0, h1 = tl.split(h01)
+        acc = _dot_group(w0, l0, h0, acc, MP, BN, LV, ASM)
+        acc = _dot_group(w1, l1, h1, acc, MP, BN, LV, ASM)
+        w2, w3 = tl.split(w23)
+        l2, l3 = tl.split(l23)
+        h2, h3 = tl.split(h23)
+        acc = _dot_group(w2, l2, h2, acc, MP, BN, LV, ASM)
+        acc = _dot_group(w3, l3, h3, acc, MP, BN, LV, ASM)
+    return acc
+
+
+@triton.jit
+def _load_tree(p, STEP, mask, A: tl.constexpr):
+    """The ``A`` (1, 2 or 4) tiles at ``p + a * STEP``, joined into trailing register dims.
+
+    Why not one tile with an A dim: the coalescing pass orders dims of equal contiguity one way in
+    Triton 3.6 and the other in 3.9, so such a dim would take lanes from the channels in one of them;
+    each tile here has one such dim only, and ``tl.join`` adds register dims."""
+    if A == 1:
+        return tl.load(p, mask=mask)
+    elif A == 2:
+        return tl.join(tl.load(p, mask=mask), tl.load(p + STEP, mask=mask))
+    else:
+        return tl.join(tl.join(tl.load(p, mask=mask), tl.load(p + STEP, mask=mask)),
+                       tl.join(tl.load(p + 2 * STEP, mask=mask), tl.load(p + 3 * STEP, mask=mask)))
+
+
+@triton.jit
 def _quantize_words(x_ptrs, scale, QMAX: tl.constexpr):
-    """Quantize the float activations at ``x_ptrs`` (5-D, last dim 4) as ``gemm._quantize`` does
-    (``clamp(rint(x / scale))``, IEEE division) and pack each last-dim quad into an int32 word
-    (element 4w + b in byte b), ``scale`` broadcast to ``x_ptrs``' shape."""
+    """Quantize the float activations at ``x_ptrs (MP, 1, LV, 4)`` as ``gemm._quantize`` does
+    (``clamp(rint(x / scale))``, IEEE division; ``scale`` broadcast to that shape) and pack each quad
+    of the last dim into an int32 word (element 4w + b in byte b)."""
     x = tl.load(x_ptrs).to(tl.float32)
     q = _rint(tl.div_rn(x, scale))
     q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
-    sh = 8 * tl.arange(0, 4)
-    return tl.sum((q & 0xFF) << sh, axis=4)  # disjoint bytes: the sum is an OR
+    return tl.sum((q & 0xFF) << (8 * tl.arange(0, 4)), axis=3)  # disjoint bytes: the sum is an OR
+
+
+@triton.jit
+def _quantize_tree(x_ptrs, STEP: tl.constexpr, scale, QMAX: tl.constexpr, A: tl.constexpr):
+    """``_quantize_words`` of the ``A`` lane groups at ``x_ptrs + a * STEP``, joined as ``_load_tree``."""
+    if A == 1:
+        return _quantize_words(x_ptrs, scale, QMAX)
+    elif A == 2:
+        return tl.join(_quantize_words(x_ptrs, scale, QMAX), _quantize_words(x_ptrs + STEP, scale, QMAX))
+    else:
+        return tl.join(tl.join(_quantize_words(x_ptrs, scale, QMAX), _quantize_words(x_ptrs + STEP, scale, QMAX)),
+                       tl.join(_quantize_words(x_ptrs + 2 * STEP, scale, QMAX),
+                               _quantize_words(x_ptrs + 3 * STEP, scale, QMAX)))
 
 
 @triton.jit
@@ -150,9 +223,9 @@ def _qgemv_kernel(
     QMAX: tl.constexpr,
     B_MODE: tl.constexpr,  # 1: packed int4 like A (A_MODE 1); 2: chunked int4
     CHUNK: tl.constexpr,
-    GROUP: tl.constexpr,  # 0: one weight scale per channel; else group size (== 8 * LV)
+    GROUP: tl.constexpr,  # 0: one weight scale per channel; else the group size (== BK == 8 * LV)
     HAS_BIAS: tl.constexpr,
-    MP: tl.constexpr,  # activation rows held (power of two >= M; extra rows repeat row M - 1)
+    MP: tl.constexpr,  # activation rows held (a power of two >= M; rows past M repeat row M - 1)
     BN: tl.constexpr, BK: tl.constexpr, LV: tl.constexpr,
     SC: tl.constexpr,  # partials (splits, or groups) the last program of a block reads per step
     RB: tl.constexpr,  # K block of the activation absmax pass (A_MODE 2)
@@ -161,8 +234,12 @@ def _qgemv_kernel(
     """``C[m, n] = epilogue(sum_k A[m, k] * B[n, k])``: one K slice (``pk``) of up to ``NBP`` channel blocks."""
     SHIFT: tl.constexpr = 8 if A_MODE == 1 else 4
     KW: tl.constexpr = BK // 8  # weight words per row in this K slice
-    A: tl.constexpr = KW // LV  # lane groups per row held in registers
-    HW: tl.constexpr = CHUNK // 8  # weight words per chunk (B_MODE 2)
+    A: tl.constexpr = KW // LV  # lane groups per row (1, 2 or 4), held in registers
+    HW: tl.constexpr = CHUNK // 8  # weight words per chunk (B_MODE 2; LV is a multiple of it)
+    if B_MODE == 2:
+        ASTEP: tl.constexpr = 2 * LV  # activation words per lane group (both nibble planes' words)
+    else:
+        ASTEP: tl.constexpr = LV
 
     pid_g = tl.program_id(0)
     pk = tl.program_id(1)
@@ -170,43 +247,38 @@ def _qgemv_kernel(
     nb0 = pid_g * NBP
     nb1 = tl.minimum(nb0 + NBP, num_nb)
 
-    # weight tile (1, A, BN, LV): word a * LV + c of the slice, rows of the block. 4-D so that the
-    # products with the (MP, A, 1, LV) activations keep this load's layout (LV / 4 lanes of 16 bytes
-    # along K, the other lanes and the warps along N, A in registers).
-    ia = tl.arange(0, A)[None, :, None, None]
-    inn = tl.arange(0, BN)[None, None, :, None]
-    ic = tl.arange(0, LV)[None, None, None, :]
-    w_cols = pk * KW + ia * LV + ic  # (1, A, 1, LV)
-    rows = tl.minimum(nb0 * BN + inn, N - 1).to(tl.int64)  # rows past N repeat the last (never stored)
-    w_next = tl.load(b_ptr + rows * stride_bn + w_cols)  # first tile, before the activation work
+    # weight tiles (1, BN, LV) of int32 words, one per lane group: LV / 4 lanes of 16-byte loads along
+    # a row, the other lanes and the warps along the channels; rows past N repeat the last (not stored)
+    inn = tl.arange(0, BN)[None, :, None]
+    w_cols = pk * KW + tl.arange(0, LV)[None, None, :]
+    rows = tl.minimum(nb0 * BN + inn, N - 1).to(tl.int64)
+    w_next = _load_tree(b_ptr + rows * stride_bn + w_cols, LV, None, A)  # before the activation work
 
-    # activation words meeting the weights' low and high nibble planes: (MP, A, 1, LV)
+    # activation words meeting lane group 0's low and high nibble planes: (MP, 1, LV)
     rm = tl.minimum(tl.arange(0, MP), M - 1)
-    m4 = rm[:, None, None, None].to(tl.int64)
-    j = (tl.arange(0, A)[:, None] * LV + tl.arange(0, LV)[None, :])[None, :, None, :]  # weight word
+    m3 = rm[:, None, None].to(tl.int64)
+    c = tl.arange(0, LV)[None, None, :]
     if B_MODE == 2:
-        lo_w = (j // HW) * (2 * HW) + j % HW  # activation word (four int8) of the low nibbles
+        lo_w = (c // HW) * (2 * HW) + c % HW  # activation word (four int8) of weight word c's low nibbles
     else:
-        lo_w = j
+        lo_w = c
     if A_MODE == 2:
         xs = _row_scales_wide(a_ptr + rm[:, None].to(tl.int64) * stride_am, rm, K, clip, QMAX, MP, RB, 4)
-        x_ptrs = a_ptr + m4[:, :, :, :, None] * stride_am + pk * BK + (4 * lo_w)[:, :, :, :, None] \
-            + tl.arange(0, 4)[None, None, None, None, :]
-        s5 = xs[:, None, None, None, None]
-        a_lo = _quantize_words(x_ptrs, s5, QMAX)
-        a_hi = _quantize_words(x_ptrs + 4 * HW, s5, QMAX)
+        x_ptrs = a_ptr + m3[:, :, :, None] * stride_am + pk * BK + (4 * lo_w)[:, :, :, None] \
+            + tl.arange(0, 4)[None, None, None, :]
+        s4 = xs[:, None, None, None]
+        a_lo = _quantize_tree(x_ptrs, 4 * ASTEP, s4, QMAX, A)
+        a_hi = _quantize_tree(x_ptrs + 4 * HW, 4 * ASTEP, s4, QMAX, A)
     else:
         xs = tl.load(as_ptr + rm)
-        act = a_ptr + m4 * stride_am
+        act = a_ptr + m3 * stride_am + pk * (A * ASTEP) + lo_w
         if A_MODE == 1:
-            a_w = tl.load(act + pk * KW + lo_w)
+            a_w = _load_tree(act, ASTEP, None, A)
             a_lo = _plane_lo(a_w)
             a_hi = _plane_hi(a_w)
         else:
-            a_lo = tl.load(act + pk * (BK // 4) + lo_w)
-            a_hi = tl.load(act + pk * (BK // 4) + lo_w + HW)
-    l0, l1, l2, l3 = _quads(a_lo, MP, A, 1, LV)
-    h0, h1, h2, h3 = _quads(a_hi, MP, A, 1, LV)
+            a_lo = _load_tree(act, ASTEP, None, A)
+            a_hi = _load_tree(act + HW, ASTEP, None, A)
 
     on = tl.arange(0, BN)
     om = tl.arange(0, MP)
@@ -214,26 +286,18 @@ def _qgemv_kernel(
     for nb in range(nb0, nb1):
         w = w_next
         rows = tl.minimum((nb + 1) * BN + inn, N - 1).to(tl.int64)
-        w_next = tl.load(b_ptr + rows * stride_bn + w_cols, mask=rows * 0 + w_cols * 0 + (nb1 - 1 - nb) > 0)
-        # one dp4a chain per lane through its four words
-        w0, w1, w2, w3 = _quads(w, 1, A, BN, LV)
-        acc = _dot_words(w0, l0, h0, tl.zeros((MP, A, BN, LV // 4), tl.int32), ASM)
-        acc = _dot_words(w1, l1, h1, acc, ASM)
-        acc = _dot_words(w2, l2, h2, acc, ASM)
-        acc = _dot_words(w3, l3, h3, acc, ASM)
+        w_next = _load_tree(b_ptr + rows * stride_bn + w_cols, LV, rows * 0 + w_cols * 0 + (nb1 - 1 - nb) > 0, A)
+        acc = _dot_tree(w, a_lo, a_hi, tl.zeros((MP, BN, LV // 4), tl.int32), A, MP, BN, LV, ASM)
+        part = tl.sum(acc, axis=2)  # (MP, BN) int32, exact (across the LV / 4 lanes of a row)
         n_idx = nb * BN + on
         n_ok = (n_idx < N)[None, :]
         n_in = tl.minimum(n_idx, N - 1)
         if GROUP == 0:
-            part = tl.sum(tl.sum(acc, axis=3), axis=1)  # (MP, BN) int32, exact
             tl.store(ws_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], part, mask=m_ok & n_ok)
         else:
-            # one group per lane group: the fp32 terms float(acc_g) * w_scale[:, g], g = pk * A + a
-            ga = pk * A + tl.arange(0, A)[None, :, None]
-            gs = tl.load(bs_ptr + n_in[None, None, :] * stride_bsn + ga)  # (1, A, BN)
-            term = (tl.sum(acc, axis=3) >> SHIFT).to(tl.float32) * gs  # (MP, A, BN)
-            tl.store(wsf_ptr + (ga * M + om[:, None, None]) * N + n_idx[None, None, :], term,
-                     mask=m_ok[:, :, None] & n_ok[:, None, :] & (ga >= 0))
+            # the slice is one group: its fp32 term float(acc_g) * w_scale[:, g], g = pk
+            term = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn + pk)[None, :]
+            tl.store(wsf_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], term, mask=m_ok & n_ok)
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
         if done == SPLIT_K - 1:  # the last program of this block: reduce, epilogue, reset the counter
@@ -254,11 +318,10 @@ def _qgemv_kernel(
                 # y = 0; y += term_g in group order (the reference's loop). Masked steps past the last
                 # group add +0.0, which changes no y (y starts at +0.0, so it is never -0.0).
                 y = tl.zeros((MP, BN), tl.float32)
-                n_groups = SPLIT_K * A
-                for g0 in range(0, n_groups, SC):
+                for g0 in range(0, SPLIT_K, SC):
                     for u in tl.static_range(SC):
                         y += tl.load(wsf_ptr + ((g0 + u) * M + om[:, None]) * N + n_idx[None, :],
-                                     mask=mn_ok & (om[:, None] * 0 + (n_groups - g0 - u) > 0), other=0.0,
+                                     mask=mn_ok & (om[:, None] * 0 + (SPLIT_K - g0 - u) > 0), other=0.0,
                                      cache_modifier=".cg")
             y = y * xs[:, None]
             if HAS_BIAS:
@@ -293,38 +356,50 @@ class GemvConfig:
         return f"bn{self.BN}-bk{self.BK}-lv{self.LV}-w{self.num_warps}-nbp{self.NBP or 'auto'}"
 
 
-def default_config(m: int, n: int, k: int) -> GemvConfig:
-    """The tile per shape class: one activation row (K over 4 lanes, 4 groups a row in registers), or
-    2-8 rows (K over 8 lanes, so the rows' activation words fit). Offline sm_90 builds: ~115-170
-    registers, no spills; the measured choice comes from ``decode_linears.py --gemv-sweep``."""
+def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
+    """The tile per shape class (rows held, activation mode); offline sm_90 builds (Triton 3.6 and 3.9
+    alike), no spills. Integer activations (a_mode 0 / 1): a warp along K (LV = 128, reduced with
+    ``redux``), long K slices, few splits: ~7.0 SASS instructions per weight word at M = 1 (128
+    registers), ~15.3 at M = 4 (158). Float activations (a_mode 2): each program quantizes its K slice
+    (~400-700 instructions a thread), so short slices and many channels a program: ~8.5 at M = 1 (123),
+    ~17.1 at M = 4 (201). The measured choice comes from ``decode_linears.py --gemv-sweep``."""
+    if a_mode == 2:
+        if m <= 1:  # H200 sweep (gpu-2026-12-04e, gemv_sweep.json): 10.5 / 8.4 / 25.5 us for qkv / o / gate_up
+            if n >= 16384:  # against 10.7 / 9.6 / 32.1 with BN=128, BK=256, LV=16 (the tile before)
+                return GemvConfig(BN=32, BK=2048, LV=128, num_warps=8, ctas_per_sm=1)
+            return GemvConfig(BN=16, BK=4096, LV=128)
+        return GemvConfig(BN=64, BK=512, LV=32, ctas_per_sm=2)
     if m <= 1:
-        return GemvConfig(BN=64, BK=512, LV=16)
-    return GemvConfig(BN=64, BK=512, LV=32, ctas_per_sm=3)
+        return GemvConfig(BN=16, BK=4096, LV=128)
+    return GemvConfig(BN=16, BK=2048, LV=128, ctas_per_sm=3)
 
 
-# Alternatives that ``benchmarks/decode_linears.py --gemv-sweep`` times (<= 12).
+# Alternatives that ``benchmarks/decode_linears.py --gemv-sweep`` times (<= 12); the first five are
+# ``default_config``'s.
 SWEEP: list[GemvConfig] = [
+    GemvConfig(BN=128, BK=256, LV=16),
+    GemvConfig(BN=64, BK=512, LV=32, ctas_per_sm=2),
+    GemvConfig(BN=16, BK=4096, LV=128),
+    GemvConfig(BN=16, BK=2048, LV=128, ctas_per_sm=3),
     GemvConfig(BN=64, BK=512, LV=16),
-    GemvConfig(BN=64, BK=512, LV=32, ctas_per_sm=3),
     GemvConfig(BN=32, BK=512, LV=16),
-    GemvConfig(BN=128, BK=256, LV=16, ctas_per_sm=3),
-    GemvConfig(BN=64, BK=1024, LV=32, ctas_per_sm=3),
     GemvConfig(BN=64, BK=256, LV=32),
     GemvConfig(BN=8, BK=4096, LV=128),
+    GemvConfig(BN=32, BK=2048, LV=128, num_warps=8, ctas_per_sm=1),
     GemvConfig(BN=64, BK=512, LV=16, num_warps=8, ctas_per_sm=2),
-    GemvConfig(BN=128, BK=512, LV=32, num_warps=8, ctas_per_sm=2),
-    GemvConfig(BN=64, BK=512, LV=16, NBP=1),
-    GemvConfig(BN=64, BK=512, LV=16, NBP=8),
-    GemvConfig(BN=32, BK=256, LV=8),
+    GemvConfig(BN=128, BK=256, LV=16, NBP=8),
+    GemvConfig(BN=32, BK=1024, LV=64),
 ]
 
 
 def _fit(cfg: GemvConfig, k: int, group: int, mp: int, chunk: int) -> tuple[int, int]:
-    """``(BK, LV)`` of ``cfg`` for this problem: LV = group / 8 for grouped weights (one group per lane
-    group); BK at most 64 * LV / MP (activation registers) but whole chunks, halved until it divides K
-    (a multiple of 128 and of the group); LV lowered with it if BK holds less than one lane group."""
-    lv = group // 8 if group else cfg.LV
-    bk = max(min(cfg.BK, 64 * lv // mp), 8 * lv, chunk)
+    """``(BK, LV)`` of ``cfg`` for this problem. Grouped weights: one group a slice (BK = group, LV =
+    group / 8). Else LV at least a chunk's words (chunked layout), BK between one and four lane
+    groups a row, at most 64 * LV / MP (activation registers), halved until it divides K."""
+    if group:
+        return group, group // 8
+    lv = max(cfg.LV, chunk // 8)
+    bk = max(min(cfg.BK, 32 * lv, 64 * lv // mp), 8 * lv)
     while k % bk:
         bk //= 2
     return bk, min(lv, bk // 8)
@@ -354,16 +429,30 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_shape(cfg: GemvConfig, m: int, n: int, k: int, group: int, chunk: int = 128,
-                 sms: int = 132) -> dict[str, int]:
-    """What one launch of ``cfg`` runs: rows held, tile, split, blocks per program, grid."""
+                 sms: int = 132, a_mode: int = 0) -> dict[str, int]:
+    """What one launch of ``cfg`` runs: rows held, tile, split, channel blocks per program, grid.
+
+    ``NBP`` (unless the tile fixes it): enough blocks a program to keep the grid within one wave of
+    ``ctas_per_sm`` programs per SM, at most 8; with in-kernel quantization at least 256 channels a
+    program (its quantization is repeated in every program of a K slice) while that leaves one
+    program per SM."""
     mp = triton.next_power_of_2(max(m, 1))
     bk, lv = _fit(cfg, k, group, mp, chunk)
     split = k // bk
-    num_nb = triton.cdiv(n, cfg.BN)
-    nbp = cfg.NBP or min(8, max(1, triton.cdiv(num_nb * split, sms * cfg.ctas_per_sm)))
-    nbp = min(nbp, num_nb)
+    bn = cfg.BN
+    if group:  # one group (LV words) a row: more channels, so that a thread loads >= 16 words a tile
+        bn = max(bn, min(256, 16 * 32 * cfg.num_warps // lv))
+    num_nb = triton.cdiv(n, bn)
+    tiles = num_nb * split
+    nbp = cfg.NBP
+    if not nbp:
+        nbp = min(8, max(1, triton.cdiv(tiles, sms * cfg.ctas_per_sm)))
+        if a_mode == 2:
+            nbp = max(nbp, min(triton.cdiv(256, bn), tiles // sms))
+    nbp = max(1, min(nbp, num_nb))
     sc = 8 if group else min(triton.next_power_of_2(split), max(1, 64 // mp))
-    return dict(MP=mp, BK=bk, LV=lv, SPLIT_K=split, NBP=nbp, SC=sc, RB=max(128, 1024 // mp),
+    assert bk // (8 * lv) in (1, 2, 4) and (not group or bk == group)
+    return dict(MP=mp, BN=bn, BK=bk, LV=lv, SPLIT_K=split, NBP=nbp, SC=sc, RB=max(128, 1024 // mp),
                 grid0=triton.cdiv(num_nb, nbp), blocks=num_nb)
 
 
@@ -422,8 +511,8 @@ def qgemv(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scal
         return c
     if group == 0 and b_scale.dim() == 2:
         b_scale = b_scale[:, 0]
-    cfg = config or default_config(M, N, K)
-    ls = launch_shape(cfg, M, N, K, group, chunk if b_mode == 2 else 8, _sm_count(a.device))
+    cfg = config or default_config(M, N, K, a_mode)
+    ls = launch_shape(cfg, M, N, K, group, chunk if b_mode == 2 else 8, _sm_count(a.device), a_mode)
     if a_mode == 2:
         a_arg, stride_am, a_scale = a, a.stride(0), b_scale  # a valid pointer; scales computed inside
     else:
@@ -434,11 +523,11 @@ def qgemv(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scal
     if b.stride(-1) != 1 or b.stride(0) % 4 or b.data_ptr() % 4:
         raise ValueError("packed weights must be 4-byte aligned rows")
     b_arg = b.view(torch.uint8).view(torch.int32)
-    ws, cnt = _workspace(a.device, (K // group if group else ls["SPLIT_K"]) * M * N, ls["blocks"])
+    ws, cnt = _workspace(a.device, ls["SPLIT_K"] * M * N, ls["blocks"])
     grid = (ls["grid0"], ls["SPLIT_K"])
     kwargs = dict(A_MODE=a_mode, QMAX=(1 << (act_bits - 1)) - 1 if a_mode == 2 else 127, B_MODE=b_mode,
                   CHUNK=chunk if b_mode == 2 else 128, GROUP=group, HAS_BIAS=bias is not None, MP=ls["MP"],
-                  BN=cfg.BN, BK=ls["BK"], LV=ls["LV"], SC=ls["SC"], RB=ls["RB"], num_warps=cfg.num_warps,
+                  BN=ls["BN"], BK=ls["BK"], LV=ls["LV"], SC=ls["SC"], RB=ls["RB"], num_warps=cfg.num_warps,
                   num_stages=1)
     if not _INTERPRET:
         kwargs["enable_fp_fusion"] = False

@@ -32,7 +32,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from vllm_ruquant import reference as ref
-from vllm_ruquant.hadamard import factor_size, small_hadamard
+from vllm_ruquant.hadamard import factor_size, small_hadamard, small_hadamard_on
 
 FLT_MIN = torch.finfo(torch.float32).tiny
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -148,39 +148,31 @@ def _rq_hadamard_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, stride_xm, stride_qm, K, cl
 
 
 @triton.jit
-def _rq_hadamard_split_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, scratch_ptr, cnt_ptr, stride_xm, stride_qm, K, clip,
-                              sqrt_n, QMAX: tl.constexpr, MODE: tl.constexpr, HM: tl.constexpr,
-                              HM_P2: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, RB: tl.constexpr,
-                              NB: tl.constexpr, PRECISION: tl.constexpr):
-    """``_rq_hadamard_kernel`` for decode sizes: each token's row spread over ``NB`` programs.
+def _kron_rows_kernel(x_ptr, y_ptr, h_ptr, stride_xm, stride_ym, sqrt_n,
+                      HM: tl.constexpr, RB: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
+    """Rows ``[rb*RB, rb*RB + RB)`` of one token's ``Y = H_m^T X H_p / sqrt(n)``, fp32 (program (token, rb)).
 
-    One program per token leaves a decode step's GPU nearly idle while it runs the log2(p)
-    butterfly stages over the whole (m, p) row. Here program (token, b) transforms rows
-    ``[b*RB, b*RB + RB)`` of X over p (the same butterflies, so the same fp32 values) into a
-    scratch row; the token's last program to finish (a counter, as the split-K GEMM's) applies
-    ``H_m^T`` to the whole scratch row, divides by sqrt(n), quantizes, and zeroes the counter.
-    Same operations in the same order as ``_rq_hadamard_kernel``: bit-identical results.
+    Decode sizes: one program per token (``_rq_hadamard_kernel``) leaves a decode step's GPU nearly
+    idle for ~20 us while it runs log2(p) butterfly stages over the whole (m, p) row. Here the rows
+    of Y are independent: program rb mixes first (``Z = H_m^T[R, :] X``, m row-FMAs with +-1, each X
+    row read once, from L2 after the first program) and then runs the butterflies over its ``RB``
+    rows only. The absmax needs the whole row, so quantization is left to the kernel after it (the
+    GEMV's in-kernel quantization, or ``_rq_plain_kernel``). Mixing before the butterflies sums in
+    another order than the reference (fwht first): fp32 rounding, as the tensor-core product.
     """
     row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    rj = tl.arange(0, P)
-    ra = blk * RB + tl.arange(0, RB)
-    part = ra[:, None] * P + rj[None, :]
-    rows_ok = (ra < HM)[:, None]
-    y = tl.load(x_ptr + row * stride_xm + part, mask=rows_ok, other=0.0).to(tl.float32)
-    y = _fwht_rows(y, RB, P, LOG_P)
-    tl.store(scratch_ptr + row * (HM_P2 * P) + part, y, mask=rows_ok)
-    tl.debug_barrier()
-    if tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel") == NB - 1:
-        ra2 = tl.arange(0, HM_P2)
-        flat = ra2[:, None] * P + rj[None, :]
-        # .cg: read the other programs' rows from L2, never from this SM's (incoherent) L1
-        z = tl.load(scratch_ptr + row * (HM_P2 * P) + flat, mask=(ra2 < HM)[:, None], other=0.0,
-                    cache_modifier=".cg")
-        ht = tl.load(ht_ptr + ra2[:, None] * HM_P2 + ra2[None, :])
-        z = tl.div_rn(tl.dot(ht, z, input_precision=PRECISION), sqrt_n)
-        _quantize_store(z, flat < K, flat, row, q_ptr, s_ptr, stride_qm, K, clip, QMAX, MODE, HM_P2 * P)
-        tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed")
+    r = tl.program_id(1) * RB + tl.arange(0, RB)
+    r_ok = r < HM
+    j = tl.arange(0, P)
+    z = tl.zeros((RB, P), tl.float32)
+    for a in tl.static_range(HM):
+        xa = tl.load(x_ptr + row * stride_xm + a * P + j).to(tl.float32)
+        h = tl.load(h_ptr + a * HM + r, mask=r_ok, other=0.0)  # H_m[a, r] = (H_m^T)[r, a]
+        z += h[:, None] * xa[None, :]
+    if LOG_P > 0:
+        z = _fwht_rows(z, RB, P, LOG_P)
+    z = tl.div_rn(z, sqrt_n)
+    tl.store(y_ptr + row * stride_ym + r[:, None] * P + j[None, :], z, mask=r_ok[:, None])
 
 
 @triton.jit
@@ -245,25 +237,45 @@ def _warps_for(numel: int) -> int:
     return max(4, min(32, triton.next_power_of_2(max(numel // 1024, 1))))
 
 
-# Decode sizes (at most this many tokens) may spread a Kronecker rotation's rows over programs
-# (``_rq_hadamard_split_kernel``). Off by default: on the H200 it did not pay (Llama-3-8B down_proj,
-# H_28 (x) H_512: 21.4 us a call at batch 1, and the served step 1-2% slower at batch 1 and 16 than
-# with one program a token; benchmarks/results/gpu-2026-12-04d). Its only split is over 4 row blocks,
-# and the last program still mixes and quantizes the whole token alone.
-SPLIT_ROWS_MAX_M = int(os.environ.get("RUQUANT_RQ_SPLIT_MAX_M", "0"))
-
-_SPLIT_WS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# Up to this many tokens a Kronecker rotation (m > 1) runs as ``rotate_rows`` (its rows spread over
+# programs) and then the plain quantization kernel; more tokens fill the GPU with one program each.
+KRON_ROWS_MAX_M = int(os.environ.get("RUQUANT_KRON_ROWS_MAX_M", "64"))
+# Rows of H_m^T X per program: enough programs to spread a decode step's few tokens over the SMs.
+KRON_ROWS_PER_PROGRAM = int(os.environ.get("RUQUANT_KRON_RB", "0"))  # 0: by the token count
 
 
-def _split_workspace(device: torch.device, numel: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 scratch rows and zeroed per-token counters for the split kernel (it re-zeroes them)."""
-    key = (device.type, device.index or 0)
-    ws, cnt = _SPLIT_WS.get(key, (None, None))
-    if ws is None or ws.numel() < numel or cnt.numel() < tokens:
-        ws = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(tokens, 64), dtype=torch.int32, device=device)
-        _SPLIT_WS[key] = (ws, cnt)
-    return ws, cnt
+def _rows_per_program(tokens: int) -> int:
+    if KRON_ROWS_PER_PROGRAM:
+        return KRON_ROWS_PER_PROGRAM
+    return 1 if tokens <= 4 else 2 if tokens <= 16 else 4
+
+
+def kron_rows_apply(x: torch.Tensor, rotation: ref.OnlineRotation | None) -> bool:
+    """Whether ``rotate_rows`` serves ``x (M, K)`` under ``rotation``: a plain Kronecker Hadamard
+    ``H_m (x) H_p`` with 1 < m <= 64, p >= 2, and at most ``KRON_ROWS_MAX_M`` tokens."""
+    if rotation is None or rotation.kind != "hadamard" or rotation.padded_from is not None:
+        return False
+    if rotation.block_size not in (None, rotation.size) or x.shape[-1] != rotation.size:
+        return False
+    m, p = factor_size(rotation.size)
+    return 1 < m <= 64 and p >= 2 and x.shape[0] <= KRON_ROWS_MAX_M
+
+
+def rotate_rows(x: torch.Tensor, rotation: ref.OnlineRotation) -> torch.Tensor:
+    """``rotation`` (a Kronecker Hadamard, see ``kron_rows_apply``) of ``x (M, K)``, fp32 ``(M, K)``,
+    spread over ``M * ceil(m / RB)`` programs (``_kron_rows_kernel``). ``H_m`` is the device-resident
+    factor the reference uses too (made at load by ``TritonBackend.prepare``, never in a graph capture)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, K = x.shape
+    m, p = factor_size(K)
+    y = torch.empty(M, K, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y
+    rb = _rows_per_program(M)
+    _kron_rows_kernel[(M, triton.cdiv(m, rb))](
+        x, y, small_hadamard_on(m, x.device), x.stride(0), y.stride(0), float(math.sqrt(K)),
+        HM=m, RB=rb, P=p, LOG_P=int(math.log2(p)), num_warps=4 if rb * p <= 2048 else 8)
+    return y
 
 
 _HT_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -333,17 +345,12 @@ def rotate_quant(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
             xr = rotation.apply(x)
             return rotate_quant(xr.to(x.dtype) if mode == 2 else xr, bits, clip_ratio, None, pack,
                                 out=out, out_scale=out_scale)
+        if kron_rows_apply(x, rotation):
+            xr = rotate_rows(x, rotation)
+            return rotate_quant(xr.to(x.dtype) if mode == 2 else xr, bits, clip_ratio, None, pack,
+                                out=out, out_scale=out_scale)
         m_p2 = 1 if m == 1 else max(16, triton.next_power_of_2(m))
         ht = hadamard_factor_t(m, dev) if m > 1 else s  # dummy pointer when unused
-        if m > 1 and M <= SPLIT_ROWS_MAX_M:
-            rb = max(1, min(triton.next_power_of_2(m), 4096 // p))  # rows of X per program
-            nb = triton.cdiv(m, rb)
-            scratch, cnt = _split_workspace(dev, M * m_p2 * p, M)
-            _rq_hadamard_split_kernel[(M, nb)](
-                x, q, s, ht, scratch, cnt, x.stride(0), q.stride(0), K, clip, float(math.sqrt(K)), QMAX=qmax,
-                MODE=mode, HM=m, HM_P2=m_p2, P=p, LOG_P=int(math.log2(p)), RB=rb, NB=nb,
-                PRECISION=_DOT_PRECISION, num_warps=_warps_for(m_p2 * p))
-            return q, (None if mode == 2 else s)
         _rq_hadamard_kernel[(M,)](x, q, s, ht, x.stride(0), q.stride(0), K, clip,
                                   float(math.sqrt(K)), QMAX=qmax, MODE=mode, HM=m, HM_P2=m_p2, P=p,
                                   LOG_P=int(math.log2(p)), PRECISION=_DOT_PRECISION,

@@ -1,0 +1,100 @@
+"""Compile the decode GEMV (``kernels/gemv.py``) for sm_90 on a machine without a GPU and report its resources.
+
+    python benchmarks/gemv_compile_report.py            # default tiles, Llama-3-8B shapes, M = 1, 2, 4, 8
+    python benchmarks/gemv_compile_report.py --sweep    # every tile of gemv.SWEEP at M = 1 and 4
+
+Per build: registers and stack (spills) per thread, and the SASS of the weight loop (from the loop's
+head to its block-counter atomic): instructions per weight word a thread streams, ``IDP`` (dp4a) and
+``SHFL`` counts, and the static size of the prologue (in-kernel quantization for a_mode 2). Streaming
+4.8 TB/s needs ~4.6 weight words a clock per H200 SM against an issue limit of 128 instructions.
+Uses this machine's Triton and its bundled ``cuobjdump`` (the GPU machine runs 3.6: codegen may differ;
+a side venv with ``triton==3.6.0`` reproduces it). Runs with ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from vllm_ruquant.kernels import gemv  # noqa: E402
+
+LAYER = {"qkv": (4096, 6144, 2), "o": (4096, 4096, 2), "gate_up": (4096, 28672, 2), "down": (14336, 4096, 0)}
+POINTERS = {"a_ptr": "*i32", "b_ptr": "*i32", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
+            "c_ptr": "*bf16", "ws_ptr": "*i32", "wsf_ptr": "*fp32", "cnt_ptr": "*i32"}
+DIVISIBLE_BY_16 = {*POINTERS, "N", "K", "stride_am", "stride_bn", "stride_cm"}  # as a real launch specializes
+
+
+def _sass_loop(sass: str) -> tuple[int, int, collections.Counter]:
+    """(prologue instructions, loop instructions to the counter atomic, opcode counts of that loop)."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    for addr, txt in ins:
+        br = re.search(r"BRA 0x([0-9a-f]+)", txt)
+        if not br or int(br.group(1), 16) >= addr:
+            continue
+        lo = int(br.group(1), 16)
+        atoms = [a for a, t in ins if lo <= a <= addr and "ATOMG.E.ADD" in t]
+        if atoms:
+            body = [t for a, t in ins if lo <= a <= atoms[0]]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            return sum(1 for a, _ in ins if a < lo), len(body), ops
+    return 0, 0, collections.Counter()
+
+
+def report(cfg: gemv.GemvConfig, m: int, k: int, n: int, a_mode: int, group: int = 0) -> str:
+    ls = gemv.launch_shape(cfg, m, n, k, group, 128 if a_mode != 1 else 8, a_mode=a_mode)
+    fn = gemv._qgemv_kernel
+    const = dict(A_MODE=a_mode, QMAX=7 if a_mode == 2 else 127, B_MODE=1 if a_mode == 1 else 2, CHUNK=128,
+                 GROUP=group, HAS_BIAS=False, MP=ls["MP"], BN=ls["BN"], BK=ls["BK"], LV=ls["LV"], SC=ls["SC"],
+                 RB=ls["RB"], ASM=1)
+    ptrs = dict(POINTERS, a_ptr="*bf16") if a_mode == 2 else POINTERS
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "clip" else "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in DIVISIBLE_BY_16}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()}, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": 1, "enable_fp_fusion": False})
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    prologue, loop, ops = _sass_loop(sass)
+    words = ls["BN"] * ls["BK"] / 8 / (32 * cfg.num_warps)  # weight words a thread streams per tile
+    return (f"{cfg.short():30s} M={m} K={k} N={n} a_mode {a_mode}: BK {ls['BK']} LV {ls['LV']} split {ls['SPLIT_K']} "
+            f"grid {ls['grid0']}x{ls['SPLIT_K']} | regs {regs.group(1) if regs else '?'} stack "
+            f"{stack.group(1) if stack else '?'} | loop {loop / words:.1f} instr/word (IDP {ops['IDP']}, SHFL "
+            f"{ops['SHFL']}, {words:.0f} words) | prologue {prologue}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="every tile of gemv.SWEEP at M = 1 and 4")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}")
+    if args.sweep:
+        for cfg in gemv.SWEEP:
+            for m in (1, 4):
+                for k, n, a_mode in (LAYER["qkv"], LAYER["down"]):
+                    print(report(cfg, m, k, n, a_mode), flush=True)
+        return 0
+    for m in (1, 2, 4, 8):
+        for k, n, a_mode in LAYER.values():
+            print(report(gemv.default_config(m, n, k, a_mode), m, k, n, a_mode), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
