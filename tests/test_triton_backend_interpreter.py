@@ -169,8 +169,8 @@ def test_decode_kronecker_rotation_spread_over_programs(triton_interpreter: None
 @pytest.mark.parametrize("act_bits", [4, 8])
 def test_decode_token_of_a_kronecker_layer_takes_the_gemv(triton_interpreter: None, monkeypatch,
                                                           act_bits: int) -> None:
-    """One token through a down_proj-like layer (H_12 (x) H_128): ``rotate_rows``, then the GEMV
-    quantizing the rotated fp32 row itself; the reference's result up to one-step integer differences."""
+    """One token through a down_proj-like layer (H_12 (x) H_128): ``rotate_rows``, the plain quantization,
+    then the GEMV on the int8-held integers; the reference's result up to one-step integer differences."""
     from vllm_ruquant.kernels import TritonBackend
     from vllm_ruquant.kernels import backend as be
 
@@ -191,4 +191,4 @@ def test_decode_token_of_a_kronecker_layer_takes_the_gemv(triton_interpreter: No
     got = backend.apply(spec, backend.prepare(spec, ref.pack_weight(w_q, 4), w_s), x, None)
     rel = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     assert got.shape == (1, n) and rel < 2e-2, f"relative error {rel:.2e}"
-    assert calls == [(torch.float32, 2)]  # the rotated fp32 row, quantized inside the GEMV
+    assert calls == [(torch.int8, 0)]

@@ -44,7 +44,7 @@ from vllm_ruquant import reference as ref
 from vllm_ruquant.kernels import gemv, layout
 from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm
 from vllm_ruquant.kernels.gemm import qgemm
-from vllm_ruquant.kernels.rotate_quant import hadamard_factor_t, kron_rows_apply, rotate_quant, rotate_rows
+from vllm_ruquant.kernels.rotate_quant import hadamard_factor_t, rotate_quant
 from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 from vllm_ruquant.logs import log_once
 
@@ -59,8 +59,9 @@ TILE_K = 128  # the GEMMs' K tile
 GEMV = os.environ.get("RUQUANT_GEMV", "1") == "1"
 GEMV_MAX_M = gemv.GEMV_MAX_M
 # Up to this many tokens, an un-rotated W4A4 / W4A8 layer quantizes its activations inside the matrix
-# kernel (a_mode 2) instead of in a rotate_quant launch before it; so does a Kronecker-rotated one
-# (down_proj, H_m (x) H_p), on the fp32 rows ``rotate_rows`` spreads over programs. Only where the GEMV serves: the GEMV
+# kernel (a_mode 2) instead of in a rotate_quant launch before it. Not a rotated one: the GEMV quantizing
+# down_proj's rotated fp32 rows (K = 14336) took 39.5 us against 24.6 for rotate_quant + GEMV
+# (H200, gpu-2026-12-04f). Only where the GEMV serves: the GEMV
 # does it at no measurable cost, while qgemm's a_mode 2 (every program re-reads its rows for the scale)
 # ran 4x slower than rotate_quant + qgemm (decode_linears: 249 against ~80 us a layer at M = 1).
 FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX_M if GEMV else 0)))
@@ -202,12 +203,9 @@ class TritonBackend:
                 if bias is not None:
                     y = y + bias.float()
                 y = y.to(x.dtype)
-        elif (path == "w4a8" and k == k_pad and self._fuses_quantization(x2.shape[0], k, g)
-              and (rotation is None or kron_rows_apply(x2, rotation))):
-            # decode: the matrix kernel quantizes its activation rows itself (same integers, one launch);
-            # a Kronecker rotation (down_proj) runs before it spread over programs (rotate_rows)
-            xa = x2.contiguous() if rotation is None else rotate_rows(x2, rotation)
-            y = self._int_gemm(spec, xa, None, prepared, a_mode=2, b_mode=2, K=k, group_size=g,
+        elif path == "w4a8" and rotation is None and k == k_pad and self._fuses_quantization(x2.shape[0], k, g):
+            # decode: the matrix kernel quantizes its activation rows itself (same integers, one launch)
+            y = self._int_gemm(spec, x2.contiguous(), None, prepared, a_mode=2, b_mode=2, K=k, group_size=g,
                                chunk=chunk, bias=bias, out_dtype=x.dtype, act_bits=spec.act_bits,
                                clip_ratio=spec.clip_ratio)
         else:
