@@ -41,6 +41,7 @@ or fixed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -49,15 +50,12 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -514,73 +512,28 @@ def analyse(segments: list[dict[str, Any]], report: dict[str, Any] | None, mem: 
 # ---------------------------------------------------------------------------- serve
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(base: str) -> int:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> dict[str, Any]:
-    """SIGTERM to the server's PID; SIGKILL to its process group after ``timeout``."""
-    t0 = time.monotonic()
-    if proc.poll() is not None:
-        return {"returncode": proc.returncode, "seconds": 0.0, "killed": False}
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-        killed = False
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=timeout)
-        killed = True
-    return {"returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 2), "killed": killed}
-
-
 def serve_smoke(ckpt: Path, log: Path, timeout_s: float, extra: list[str], max_tokens: int = 16) -> dict[str, Any]:
-    """``vllm serve CKPT --load-format auto ...``: start seconds, model memory, one completion."""
-    from vllm_ruquant.compat import vllm_cli_works
+    """``vllm serve CKPT --load-format auto ...``: start seconds, model memory, one completion.
 
-    port = _free_port()
-    cli = "vllm.entrypoints.cli.main" if vllm_cli_works() else "vllm_ruquant.compat"
+    Stopped by SIGTERM to its PID (the server ends its engine itself; its process group is
+    SIGKILLed after 30 s if not). A failure is recorded with ``failure_excerpt`` of the log.
+    """
+    from vllm_ruquant.serve_process import failure_excerpt, post, start, stop, wait_healthy
+
     args = ["--load-format", "auto", "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", *extra]
-    cmd = [sys.executable, "-m", cli, "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port), *args]
     res: dict[str, Any] = {"command": "vllm serve OUT " + " ".join(args), "log": str(log)}
-    base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"),
            "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = start(ckpt, log, *args, env=env)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode} before /health answered")
-            if _health(base) == 200:
-                break
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"vllm serve not healthy after {timeout_s:.0f} s")
-            time.sleep(1)
+        wait_healthy(server, timeout_s)
         res["start_s"] = round(time.monotonic() - t0, 1)
         print(f"serve: healthy after {res['start_s']} s", flush=True)
         body = {"model": str(ckpt), "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0,
                 "ignore_eos": True}
-        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
         t1 = time.monotonic()
-        with urllib.request.urlopen(req, timeout=max(30.0, timeout_s - (t1 - t0))) as r:
+        with post(server.base + "/v1/completions", body, timeout=max(30.0, timeout_s - (t1 - t0))) as r:
             reply = json.loads(r.read())
         res["request_s"] = round(time.monotonic() - t1, 3)
         res["completion_tokens"] = reply.get("usage", {}).get("completion_tokens")
@@ -589,7 +542,8 @@ def serve_smoke(ckpt: Path, log: Path, timeout_s: float, extra: list[str], max_t
     except Exception as e:  # noqa: BLE001 (recorded with the log's tail)
         res["error"] = f"{type(e).__name__}: {e}"
     finally:
-        res["stop"] = _stop(proc)
+        stopped = stop(server.proc)
+        res["stop"] = {**dataclasses.asdict(stopped), "seconds": round(stopped.seconds, 2)}
     text = log.read_text(errors="replace") if log.is_file() else ""
     m = re.search(r"Model loading took ([\d.]+) ?GiB(?: memory)?(?: and ([\d.]+) seconds)?", text)
     if m:
@@ -600,8 +554,7 @@ def serve_smoke(ckpt: Path, log: Path, timeout_s: float, extra: list[str], max_t
     if m:
         res["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
     if "error" in res:
-        first = text.find("Traceback (most recent call last)")
-        res["log_excerpt"] = (text[first:first + 3000] + "\n[...]\n" if first >= 0 else "") + text[-3000:]
+        res["log_excerpt"] = failure_excerpt(text)
     return res
 
 

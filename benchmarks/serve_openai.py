@@ -2,7 +2,7 @@
 
 Starts the server on 127.0.0.1 (free port), waits for /health, runs ``vllm bench serve``
 (random dataset) at each request rate, collects completed/failed counts and latencies,
-stops the server by PID, and prints one table (JSON beside it).
+stops the server (SIGTERM to its process group), and prints one table (JSON beside it).
 
     python benchmarks/serve_openai.py CKPT [--rates 4,16,inf] [--num-prompts 256] [--load-format dummy]
 """
@@ -11,54 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from vllm_ruquant.serve_process import ServerFailed, start, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"server not healthy after {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen, grace: float = 30) -> int:
-    """SIGTERM the server's process group, SIGKILL after ``grace`` seconds; returns its exit code."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
-
-
-def serve_command(ckpt: Path, port: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(ckpt), "--quantization", "ruquant",
-            "--host", "127.0.0.1", "--port", str(port), *extra]
+def serve_args(extra: list[str]) -> list[str]:
+    """The flags of ``vllm serve CKPT``: ruquant, then what followed a lone ``--``."""
+    return ["--quantization", "ruquant", *extra]
 
 
 def bench_command(ckpt: Path, port: int, rate: str, num_prompts: int, input_len: int, output_len: int,
@@ -89,31 +53,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
-    port = free_port()
     log = args.results.with_suffix(".server.log")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    with log.open("w") as f:
-        proc = subprocess.Popen(serve_command(args.ckpt, port, extra), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    server = start(args.ckpt, log, *serve_args(extra))
+    port, proc = server.port, server.proc
+    try:
         try:
-            try:
-                wait_healthy(port, proc, args.start_timeout)
-            except (RuntimeError, TimeoutError):
-                f.flush()
-                print("".join(log.read_text(errors="replace").splitlines(True)[-15:]), file=sys.stderr)
-                raise
-            for rate in args.rates.split(","):
-                name = f"serve-rate-{rate}.json"
-                rc = subprocess.run(bench_command(args.ckpt, port, rate, args.num_prompts, args.input_len,
-                                                  args.output_len, args.results.parent, name)).returncode
-                res = json.loads((args.results.parent / name).read_text()) if rc == 0 else {}
-                rows.append({"rate": rate, "rc": rc, "completed": res.get("completed"),
-                             "failed": res.get("failed", args.num_prompts - (res.get("completed") or 0)),
-                             "req_s": res.get("request_throughput"), "out_tok_s": res.get("output_throughput"),
-                             "median_ttft_ms": res.get("median_ttft_ms"), "median_tpot_ms": res.get("median_tpot_ms")})
-        finally:
-            code = stop(proc)
+            wait_healthy(server, args.start_timeout)
+        except ServerFailed as e:
+            print(e.excerpt, file=sys.stderr)
+            raise
+        for rate in args.rates.split(","):
+            name = f"serve-rate-{rate}.json"
+            rc = subprocess.run(bench_command(args.ckpt, port, rate, args.num_prompts, args.input_len,
+                                              args.output_len, args.results.parent, name)).returncode
+            res = json.loads((args.results.parent / name).read_text()) if rc == 0 else {}
+            rows.append({"rate": rate, "rc": rc, "completed": res.get("completed"),
+                         "failed": res.get("failed", args.num_prompts - (res.get("completed") or 0)),
+                         "req_s": res.get("request_throughput"), "out_tok_s": res.get("output_throughput"),
+                         "median_ttft_ms": res.get("median_ttft_ms"), "median_tpot_ms": res.get("median_tpot_ms")})
+    finally:
+        code = stop(proc, group=True).returncode  # SIGTERM to its process group, SIGKILL after 30 s
     args.results.write_text(json.dumps({"ckpt": str(args.ckpt), "server_exit": code, "rows": rows}, indent=2))
     print(f"{'rate':>6} {'done':>6} {'failed':>6} {'req/s':>7} {'tok/s':>8} {'TTFT ms':>8} {'TPOT ms':>8}")
     for r in rows:

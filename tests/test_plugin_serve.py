@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from convert.evaluate import Evaluator, LoadedModel
-from serve_helpers import post, serve_tiny_w4a4, stop
+from serve_helpers import serve_tiny_w4a4
+from vllm_ruquant.serve_process import post, stop
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from serve_helpers import post, serve_tiny_w4a4
+from serve_helpers import serve_tiny_w4a4
+from vllm_ruquant.serve_process import post
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -37,7 +37,8 @@ from transformers import AutoTokenizer
 from convert import cli
 from convert.tiny_models import make_tiny_llama, train_tiny_llama
 from plugin_helpers import BF16_W4A4, ServedVsSimulated, SimulatedQuantizedModel, position_errors
-from serve_helpers import STOP_TIMEOUT_S, Server, health_status, stop, vllm_server
+from serve_helpers import vllm_server
+from vllm_ruquant.serve_process import STOP_TIMEOUT_S, Server, health_status, stop
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -42,15 +42,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 logger = logging.getLogger(__name__)
 
 
-def _autotune_enabled(m_bucket: int | None = None) -> bool:
-    """Whether to autotune this call; else the first (heuristic) config of its M bucket.
+def _autotune_enabled() -> bool:
+    """Whether to autotune; else each call takes the first (heuristic) config of its M bucket.
 
-    ``RUQUANT_AUTOTUNE=0`` turns it off (tests). Every bucket tunes, the decode one (M <= 16) too:
-    its first config lost 29% of the GEMM time at batch 16 in the served H200 decode step (2194
-    against 1700 us a step, gpu-2026-12-04d vs 04b). The autotuner's noisy pick at M = 1 (a 2x
-    slower gate_up config, 2026-12-04b) no longer matters: M <= 4 runs the GEMV (``gemv.py``).
+    ``RUQUANT_AUTOTUNE=0`` turns it off (tests); read per call, so a test can flip it. Every M
+    bucket tunes, the decode one (M <= 16) too: its first config lost 29% of the GEMM time at batch
+    16 in the served H200 decode step (2194 against 1700 us a step, gpu-2026-12-04d vs 04b). The
+    autotuner's noisy pick at M = 1 (a 2x slower gate_up config, 2026-12-04b) no longer matters:
+    M <= 4 runs the GEMV (``gemv.py``).
     """
-    del m_bucket  # every bucket alike (kept so callers say which bucket they ask about)
     return os.environ.get("RUQUANT_AUTOTUNE", "1") != "0" and not _INTERPRET
 
 
@@ -487,7 +487,7 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torc
     common = (a, b, a_scale, b_scale, bias_arg, c, ws, cnt, M, N, K, a.stride(0), b.stride(0),
               bs_stride, c.stride(0))
     clip = float(clip_ratio)
-    if config is None and not _autotune_enabled(mb):
+    if config is None and not _autotune_enabled():
         config = _prune(_CONFIGS[_bucket_name(mb)], {"M_BUCKET": mb, "K": K, "GROUP": group,
                                                     "CHUNK": args["CHUNK"], "B_MODE": b_mode})[0]
     if config is not None and config.kwargs["SPLIT_K"] > 1 and mb > 128:
