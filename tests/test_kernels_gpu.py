@@ -343,6 +343,25 @@ def test_triton_backend_replays_in_a_cuda_graph(case: tuple, M: int) -> None:
         torch.cuda.synchronize()
         assert torch.equal(static_y, eager), (static_y - eager).abs().max().item()
 
+@pytest.mark.parametrize("ab,g", [(4, -1), (8, 128)])
+@pytest.mark.parametrize("M", [1, 16])
+def test_triton_backend_on_integers_quantized_in_the_graph(ab: int, g: int, M: int) -> None:
+    """``apply_quantized`` (the compiled model's path: integers from Inductor's quantization) is the
+    reference's integer linear on those integers, bit for bit, at the GEMV's and the GEMM's sizes."""
+    from vllm_ruquant.kernels import TritonBackend
+
+    K, N = 4096, 1024
+    spec = LinearSpec(K, N, 4, g, ab, clip_ratio=0.9)
+    tb = TritonBackend()
+    assert tb.quantizes_in_graph(spec)
+    w_q, w_s = ref.quantize_weight(torch.randn(N, K), 4, g)
+    prepared = tb.prepare(spec, ref.pack_weight(w_q, 4).cuda(), w_s.cuda())
+    q, s = ref.quantize_activation((torch.randn(M, K) * 2).to(torch.bfloat16), ab, 0.9)
+    bias = torch.randn(N).to(torch.bfloat16)
+    y = tb.apply_quantized(spec, prepared, q.cuda(), s.cuda(), bias.cuda(), torch.bfloat16).cpu()
+    _assert_exact(y, ref.int_linear(q, s, w_q, w_s, g, bias, torch.bfloat16))
+
+
 # ------------------------------------------------------------------------------ decode GEMV
 
 _GEMV_VARIANTS = {  # name: (act bits, clip, group, a_mode): what TritonBackend runs at decode sizes

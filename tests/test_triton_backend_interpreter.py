@@ -195,3 +195,79 @@ def test_decode_token_of_a_kronecker_layer_takes_the_gemv(triton_interpreter: No
     rel = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     assert got.shape == (1, n) and rel < 2e-2, f"relative error {rel:.2e}"
     assert calls == [(torch.int8, 0)]
+
+
+class _LayerStub(torch.nn.Module):
+    """What ``RUQuantLinearMethod.process_weights_after_loading`` leaves on a vLLM linear layer."""
+
+    def __init__(self, backend, spec: LinearSpec, prepared: dict[str, torch.Tensor]) -> None:
+        from vllm_ruquant import ops
+        from vllm_ruquant.linear import PREPARED_PREFIX
+
+        super().__init__()
+        for key, t in prepared.items():
+            self.register_parameter(PREPARED_PREFIX + key, torch.nn.Parameter(t, requires_grad=False))
+        self.ruquant_prepared_keys = tuple(prepared)
+        self.ruquant_spec = spec
+        self.ruquant_graph_quant = backend.quantizes_in_graph(spec)
+        self.ruquant_kind_id = ops.register_layer(backend, spec, prepared)
+
+
+@pytest.mark.parametrize("act_bits,group,tokens", [(4, -1, 1), (4, -1, 5), (8, 128, 3)])
+def test_compiled_layer_quantizes_in_the_graph(triton_interpreter: None, monkeypatch, act_bits: int, group: int,
+                                               tokens: int) -> None:
+    """Under torch.compile an un-rotated W4A4 / W4A8 layer quantizes its activations with torch ops
+    (for Inductor to fuse into the RMSNorm before it) and runs ``ruquant::int_linear`` on the integers;
+    eager it stays one ``ruquant::linear`` call. Both give the reference's result (CPU Inductor divides
+    as IEEE does, so exactly)."""
+    from vllm_ruquant import ops
+    from vllm_ruquant.kernels import TritonBackend
+    from vllm_ruquant.linear import RUQuantLinearMethod
+
+    k, n = 512, 48
+    spec = LinearSpec(k, n, 4, group, act_bits, clip_ratio=0.9)
+    backend = TritonBackend()
+    rotated = LinearSpec(k, n, 4, group, act_bits, rotation=ref.OnlineRotation("hadamard", k))
+    assert not backend.quantizes_in_graph(rotated)
+    gen = torch.Generator().manual_seed(act_bits + tokens)
+    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), 4, group)
+    layer = _LayerStub(backend, spec, backend.prepare(spec, ref.pack_weight(w_q, 4), w_s))
+    assert layer.ruquant_graph_quant
+    backend = ops._KINDS[layer.ruquant_kind_id].backend  # the op runs the first backend of this kind
+    bias = torch.randn(n, generator=gen).to(torch.float16)
+    gamma = (torch.rand(k, generator=gen) + 0.5).to(torch.float16)
+    h = (torch.randn(tokens, k, generator=gen) * 3).to(torch.float16)
+    paths: list[str] = []
+    for name in ("apply", "apply_quantized"):
+        fn = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda *a, fn=fn, name=name, **kw: paths.append(name) or fn(*a, **kw))
+
+    def norm_then_layer(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hf = h.float()
+        x = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype) * gamma
+        return RUQuantLinearMethod.apply(None, layer, x, bias), x
+
+    got, x = torch.compile(norm_then_layer, fullgraph=True)(h)
+    assert paths == ["apply_quantized"]
+    ref_backend = ReferenceBackend()
+    expected = ref_backend.apply(spec, ref_backend.prepare(spec, ref.pack_weight(w_q, 4), w_s), x, bias)
+    # Inductor quantizes the normalized activation before its rounding to x's dtype and may fold the
+    # scale's ``* clip / qmax`` into one multiply: an integer differs by one step here and there
+    rel = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert rel < 2e-3, f"relative error {rel:.2e}"
+    eager, x_eager = norm_then_layer(h)
+    assert paths == ["apply_quantized", "apply"]
+    expected = ref_backend.apply(spec, ref_backend.prepare(spec, ref.pack_weight(w_q, 4), w_s), x_eager, bias)
+    torch.testing.assert_close(eager, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_compiled_quantization_keeps_the_integers(clip: float) -> None:
+    """``reference.quantize_activation`` compiled by Inductor (fused, as in a served model) gives the
+    eager integers, and scales within one ulp."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(9, 4096, generator=gen) * (1 + 5 * torch.rand(9, 1, generator=gen))).to(torch.float16)
+    q, s = ref.quantize_activation(x, 4, clip)
+    q_c, s_c = torch.compile(ref.quantize_activation, fullgraph=True)(x, 4, clip)
+    torch.testing.assert_close(s_c, s, rtol=2.0**-23, atol=0)
+    assert (q_c.int() - q.int()).abs().max() <= 1 and (q_c != q).float().mean() < 1e-3

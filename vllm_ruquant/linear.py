@@ -144,6 +144,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         layer.ruquant_prepared_keys = tuple(prepared)
         layer.ruquant_spec = spec
         layer.ruquant_backend = backend
+        layer.ruquant_graph_quant = backend.quantizes_in_graph(spec)
         layer.ruquant_kind_id = ops.register_layer(
             backend, spec, {k: getattr(layer, PREPARED_PREFIX + k) for k in prepared})
         log_once(logger, f"backend:{backend.name}",
@@ -161,9 +162,14 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         return ref.OnlineRotation("block_diagonal", k, blocks=getattr(layer, format.ONLINE_ROTATION))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # through the registered op, so torch.compile / CUDA graphs see one opaque call
-        return ops.linear_op(x, [getattr(layer, PREPARED_PREFIX + k) for k in layer.ruquant_prepared_keys], bias,
-                             layer.ruquant_kind_id)
+        # through a registered op, so torch.compile / CUDA graphs see one opaque call
+        weights = [getattr(layer, PREPARED_PREFIX + k) for k in layer.ruquant_prepared_keys]
+        if layer.ruquant_graph_quant and torch.compiler.is_compiling():
+            # compiled: the quantization as torch ops, for Inductor to fuse into the op before (ops.py)
+            spec = layer.ruquant_spec
+            q, scale = ref.quantize_activation(x, spec.act_bits, spec.clip_ratio)
+            return ops.int_linear_op(q, scale, weights, bias, layer.ruquant_kind_id, x.dtype)
+        return ops.linear_op(x, weights, bias, layer.ruquant_kind_id)
 
     def fmt_summary(self) -> str:
         return f"{self.fmt.scheme}, group_size {self.fmt.weight.group_size}"

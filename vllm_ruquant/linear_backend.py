@@ -42,6 +42,16 @@ class LinearBackend(Protocol):
               bias: torch.Tensor | None) -> torch.Tensor:
         ...
 
+    def quantizes_in_graph(self, spec: LinearSpec) -> bool:
+        """Whether a compiled model should quantize this layer's activations with torch ops
+        (``reference.quantize_activation``) and hand the integers to ``apply_quantized``."""
+        ...
+
+    def apply_quantized(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], q: torch.Tensor,
+                        scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The layer on given per-token integers ``q (..., K)`` and scales ``(..., 1)``."""
+        ...
+
 
 class ReferenceBackend:
     """Plain torch: unpacks the weights to int8 once and runs ``reference.quantized_linear``."""
@@ -65,3 +75,12 @@ class ReferenceBackend:
             group_size=spec.group_size, clip_ratio=spec.clip_ratio, rotation=rotation,
             bias=bias, out_dtype=x.dtype,
         )
+
+    def quantizes_in_graph(self, spec: LinearSpec) -> bool:
+        return False  # one op, as the simulation runs it
+
+    def apply_quantized(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], q: torch.Tensor,
+                        scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        y = ref.int_linear(q.reshape(-1, q.shape[-1]), scale.reshape(-1), prepared["w_q"], prepared["w_scale"],
+                           spec.group_size, bias, out_dtype)
+        return y.reshape(*q.shape[:-1], spec.out_features)

@@ -98,3 +98,26 @@ def linear_op(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor |
 def _linear_op_fake(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
                     kind_id: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], _KINDS[kind_id].spec.out_features)
+
+
+# --------------------------------------------- the same layer on integers quantized in the graph
+#
+# Under torch.compile a layer whose backend allows it (``quantizes_in_graph``) quantizes its
+# activations with torch ops (``reference.quantize_activation``) in front of this op: Inductor then
+# fuses the per-token absmax, division and rounding into the kernel that produces the activation
+# (the fused residual-add + RMSNorm before qkv and gate_up), so no separate quantization launch runs
+# and the matrix kernel reads int8. The op itself stays opaque, like ``ruquant::linear``.
+
+
+@torch.library.custom_op("ruquant::int_linear", mutates_args=())
+def int_linear_op(q: torch.Tensor, scale: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                  kind_id: int, out_dtype: torch.dtype) -> torch.Tensor:
+    kind = _KINDS[kind_id]
+    return kind.backend.apply_quantized(kind.spec, dict(zip(kind.keys, weights, strict=True)), q, scale, bias,
+                                        out_dtype)
+
+
+@int_linear_op.register_fake
+def _int_linear_op_fake(q: torch.Tensor, scale: torch.Tensor, weights: list[torch.Tensor],
+                        bias: torch.Tensor | None, kind_id: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], _KINDS[kind_id].spec.out_features, dtype=out_dtype)

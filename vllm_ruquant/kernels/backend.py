@@ -67,6 +67,14 @@ GEMV_MAX_M = gemv.GEMV_MAX_M
 FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX_M if GEMV else 0)))
 
 
+# Under torch.compile, an un-rotated W4A4 / W4A8 layer lets Inductor quantize its activations (fused
+# into the kernel that produces them, ``ops.int_linear_op``) instead of a rotate_quant launch or the
+# GEMV's in-kernel quantization; ``RUQUANT_GRAPH_QUANT=0`` turns it off. Integers: the reference's up
+# to Inductor's fp32 division (Triton's ``/`` is not IEEE-rounded), a one-step difference where
+# x / scale lands within an ulp or two of a half.
+GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "1") == "1"
+
+
 def padded_k(spec: LinearSpec) -> int | None:
     """K rounded up to whole GEMM tiles and weight groups, or None if the groups do not tile.
 
@@ -219,6 +227,22 @@ class TritonBackend:
                                group_size=g, chunk=chunk, bias=bias, out_dtype=x.dtype,
                                use_fp8=packed and self.w4a4_fp8)
         return y.reshape(*lead, spec.out_features)
+
+    def quantizes_in_graph(self, spec: LinearSpec) -> bool:
+        """Un-rotated layers on the int8-activation kernels whose K tiles (no padding): see GRAPH_QUANT."""
+        return (GRAPH_QUANT and spec.rotation is None and spec.act_bits < 16 and _path(spec) == "w4a8"
+                and padded_k(spec) == spec.in_features)
+
+    def apply_quantized(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], q: torch.Tensor,
+                        scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMV (decode sizes) or the GEMM on given int8 ``q (..., K)`` and fp32 scales ``(..., 1)``:
+        what ``apply`` runs after its rotate_quant launch."""
+        k = spec.in_features
+        g = k if spec.group_size == k else spec.group_size
+        chunk = layout.chunk_for(k, g) or TILE_K
+        y = self._int_gemm(spec, q.reshape(-1, k).contiguous(), scale.reshape(-1).float().contiguous(), prepared,
+                           a_mode=0, b_mode=2, K=k, group_size=g, chunk=chunk, bias=bias, out_dtype=out_dtype)
+        return y.reshape(*q.shape[:-1], spec.out_features)
 
     @staticmethod
     def _fuses_quantization(m: int, k: int, group: int) -> bool:
