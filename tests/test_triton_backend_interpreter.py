@@ -143,9 +143,9 @@ def test_autotune_is_on_unless_turned_off(monkeypatch) -> None:
 def test_decode_kronecker_rotation_spread_over_programs(triton_interpreter: None, monkeypatch, k: int, m: int,
                                                         rows_per_program: int) -> None:
     """Decode sizes spread H_m (x) H_p over programs (``rotate_rows``: a few rows of the (m, p) view
-    each, mixed by H_m first, then the butterflies): the reference's rotation to fp32 rounding, also
-    where the rows do not divide evenly (8 of 12, 20, 28, 36), and ``rotate_quant`` on top of it gives
-    the reference's integers up to a rare one-step rounding difference."""
+    each, mixed by H_m first, then the butterflies) and quantize in chunks on the programs' maxima:
+    the reference's rotation to fp32 rounding, also where the rows do not divide evenly (8 of 12, 20,
+    28, 36), and the reference's integers up to a rare one-step rounding difference."""
     from vllm_ruquant.kernels import rotate_quant as rq
 
     monkeypatch.setattr(rq, "KRON_ROWS_PER_PROGRAM", rows_per_program)
@@ -153,9 +153,10 @@ def test_decode_kronecker_rotation_spread_over_programs(triton_interpreter: None
     x = (torch.randn(m, k, generator=gen) * (1 + 3 * torch.rand(m, 1, generator=gen))).to(torch.bfloat16)
     rot = ref.OnlineRotation("hadamard", k)
     assert rq.kron_rows_apply(x, rot)
-    y = rq.rotate_rows(x, rot)
+    y, amax = rq.rotate_rows(x, rot)
     y_ref = rot.apply(x)
     assert y.dtype == torch.float32 and y.shape == (m, k)
+    assert torch.equal(amax.amax(dim=1), y.abs().amax(dim=1))  # the programs' maxima make the token's
     assert ((y - y_ref).abs().max() / y_ref.abs().max()).item() < 1e-6
     for bits, pack in ((4, True), (8, False)):
         q, s = rq.rotate_quant(x, bits, 0.9, rot, pack=pack)

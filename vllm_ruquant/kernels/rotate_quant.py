@@ -148,8 +148,9 @@ def _rq_hadamard_kernel(x_ptr, q_ptr, s_ptr, ht_ptr, stride_xm, stride_qm, K, cl
 
 
 @triton.jit
-def _kron_rows_kernel(x_ptr, y_ptr, h_ptr, stride_xm, stride_ym, sqrt_n,
-                      HM: tl.constexpr, RB: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
+def _kron_rows_kernel(x_ptr, y_ptr, amax_ptr, h_ptr, stride_xm, stride_ym, sqrt_n,
+                      HM: tl.constexpr, RB: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+                      NA: tl.constexpr):
     """Rows ``[rb*RB, rb*RB + RB)`` of one token's ``Y = H_m^T X H_p / sqrt(n)``, fp32 (program (token, rb)).
 
     Decode sizes: one program per token (``_rq_hadamard_kernel``) leaves a decode step's GPU nearly
@@ -173,6 +174,39 @@ def _kron_rows_kernel(x_ptr, y_ptr, h_ptr, stride_xm, stride_ym, sqrt_n,
         z = _fwht_rows(z, RB, P, LOG_P)
     z = tl.div_rn(z, sqrt_n)
     tl.store(y_ptr + row * stride_ym + r[:, None] * P + j[None, :], z, mask=r_ok[:, None])
+    tl.store(amax_ptr + row * NA + tl.program_id(1), tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+
+
+@triton.jit
+def _quantize_chunks_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, stride_ym, stride_qm, K, clip,
+                            QMAX: tl.constexpr, MODE: tl.constexpr, NA: tl.constexpr, NA_P2: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """Quantize ``BLOCK`` elements of one token's rotated row (program (token, chunk)) on the token's
+    scale from the ``NA`` partial maxima ``_kron_rows_kernel`` stored: the absmax (a max, exact in any
+    order), so the scale and integers are ``_quantize_store``'s, with the row spread over programs
+    instead of one program (one SM) doing a decode token alone. MODE as ``_quantize_store``'s."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    ia = tl.arange(0, NA_P2)
+    absmax = tl.max(tl.load(amax_ptr + row * NA + ia, mask=ia < NA, other=0.0), axis=0)
+    k = c * BLOCK + 2 * tl.arange(0, BLOCK // 2)[:, None] + tl.arange(0, 2)[None, :]
+    valid = k < K
+    y = tl.load(y_ptr + row * stride_ym + k, mask=valid, other=0.0)
+    if MODE == 2:
+        tl.store(q_ptr + row * stride_qm + k, y.to(q_ptr.dtype.element_ty), mask=valid)
+    else:
+        scale = tl.maximum(tl.div_rn(absmax * clip, QMAX * 1.0), 1.1754943508222875e-38)
+        q = _rint(tl.div_rn(y, scale))
+        q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+        if c == 0:
+            tl.store(s_ptr + row, scale)
+        if MODE == 1:
+            tl.store(q_ptr + row * stride_qm + k, q.to(tl.int8), mask=valid)
+        else:
+            lo, hi = tl.split(q)
+            byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+            b = c * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            tl.store(q_ptr + row * stride_qm + b, byte, mask=b < K // 2)
 
 
 @triton.jit
@@ -261,21 +295,36 @@ def kron_rows_apply(x: torch.Tensor, rotation: ref.OnlineRotation | None) -> boo
     return 1 < m <= 64 and p >= 2 and x.shape[0] <= KRON_ROWS_MAX_M
 
 
-def rotate_rows(x: torch.Tensor, rotation: ref.OnlineRotation) -> torch.Tensor:
+def rotate_rows(x: torch.Tensor, rotation: ref.OnlineRotation) -> tuple[torch.Tensor, torch.Tensor]:
     """``rotation`` (a Kronecker Hadamard, see ``kron_rows_apply``) of ``x (M, K)``, fp32 ``(M, K)``,
-    spread over ``M * ceil(m / RB)`` programs (``_kron_rows_kernel``). ``H_m`` is the device-resident
-    factor the reference uses too (made at load by ``TritonBackend.prepare``, never in a graph capture)."""
+    spread over ``M * ceil(m / RB)`` programs (``_kron_rows_kernel``), and each program's absmax
+    ``(M, ceil(m / RB))``. ``H_m`` is the device-resident factor the reference uses too (made at load
+    by ``TritonBackend.prepare``, never in a graph capture)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     M, K = x.shape
     m, p = factor_size(K)
-    y = torch.empty(M, K, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return y
     rb = _rows_per_program(M)
-    _kron_rows_kernel[(M, triton.cdiv(m, rb))](
-        x, y, small_hadamard_on(m, x.device), x.stride(0), y.stride(0), float(math.sqrt(K)),
-        HM=m, RB=rb, P=p, LOG_P=int(math.log2(p)), num_warps=4 if rb * p <= 2048 else 8)
-    return y
+    na = triton.cdiv(m, rb)
+    y = torch.empty(M, K, dtype=torch.float32, device=x.device)
+    amax = torch.empty(M, na, dtype=torch.float32, device=x.device)
+    if M:
+        _kron_rows_kernel[(M, na)](
+            x, y, amax, small_hadamard_on(m, x.device), x.stride(0), y.stride(0), float(math.sqrt(K)),
+            HM=m, RB=rb, P=p, LOG_P=int(math.log2(p)), NA=na, num_warps=4 if rb * p <= 2048 else 8)
+    return y, amax
+
+
+QUANT_CHUNK = 1024  # elements of a rotated decode row per program of _quantize_chunks_kernel
+
+
+def _quantize_rotated_rows(y: torch.Tensor, amax: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                           qmax: int, mode: int, clip: float) -> None:
+    M, K = y.shape
+    if M:
+        na = amax.shape[1]
+        _quantize_chunks_kernel[(M, triton.cdiv(K, QUANT_CHUNK))](
+            y, amax, q, s, y.stride(0), q.stride(0), K, clip, QMAX=qmax, MODE=mode, NA=na,
+            NA_P2=max(2, triton.next_power_of_2(na)), BLOCK=QUANT_CHUNK, num_warps=4)
 
 
 _HT_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -346,9 +395,9 @@ def rotate_quant(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
             return rotate_quant(xr.to(x.dtype) if mode == 2 else xr, bits, clip_ratio, None, pack,
                                 out=out, out_scale=out_scale)
         if kron_rows_apply(x, rotation):
-            xr = rotate_rows(x, rotation)
-            return rotate_quant(xr.to(x.dtype) if mode == 2 else xr, bits, clip_ratio, None, pack,
-                                out=out, out_scale=out_scale)
+            y, amax = rotate_rows(x, rotation)
+            _quantize_rotated_rows(y, amax, q, s, qmax, mode, clip)
+            return q, (None if mode == 2 else s)
         m_p2 = 1 if m == 1 else max(16, triton.next_power_of_2(m))
         ht = hadamard_factor_t(m, dev) if m > 1 else s  # dummy pointer when unused
         _rq_hadamard_kernel[(M,)](x, q, s, ht, x.stride(0), q.stride(0), K, clip,
