@@ -217,14 +217,17 @@ class _LayerStub(torch.nn.Module):
 @pytest.mark.parametrize("act_bits,group,tokens", [(4, -1, 1), (4, -1, 5), (8, 128, 3)])
 def test_compiled_layer_quantizes_in_the_graph(triton_interpreter: None, monkeypatch, act_bits: int, group: int,
                                                tokens: int) -> None:
-    """Under torch.compile an un-rotated W4A4 / W4A8 layer quantizes its activations with torch ops
-    (for Inductor to fuse into the RMSNorm before it) and runs ``ruquant::int_linear`` on the integers;
-    eager it stays one ``ruquant::linear`` call. Both give the reference's result (CPU Inductor divides
-    as IEEE does, so exactly)."""
+    """With ``RUQUANT_GRAPH_QUANT=1``, under torch.compile an un-rotated W4A4 / W4A8 layer quantizes its
+    activations with torch ops (for Inductor to fuse into the RMSNorm before it) and runs
+    ``ruquant::int_linear`` on the integers: the reference's result up to one-step integer differences.
+    Eager it stays one ``ruquant::linear`` call, exactly the reference."""
     from vllm_ruquant import ops
     from vllm_ruquant.kernels import TritonBackend
+    from vllm_ruquant.kernels import backend as be
     from vllm_ruquant.linear import RUQuantLinearMethod
 
+    assert not TritonBackend().quantizes_in_graph(LinearSpec(512, 48, 4, group, act_bits))  # opt-in
+    monkeypatch.setattr(be, "GRAPH_QUANT", True)
     k, n = 512, 48
     spec = LinearSpec(k, n, 4, group, act_bits, clip_ratio=0.9)
     backend = TritonBackend()

@@ -67,12 +67,14 @@ GEMV_MAX_M = gemv.GEMV_MAX_M
 FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX_M if GEMV else 0)))
 
 
-# Under torch.compile, an un-rotated W4A4 / W4A8 layer lets Inductor quantize its activations (fused
-# into the kernel that produces them, ``ops.int_linear_op``) instead of a rotate_quant launch or the
-# GEMV's in-kernel quantization; ``RUQUANT_GRAPH_QUANT=0`` turns it off. Integers: the reference's up
-# to Inductor's fp32 division (Triton's ``/`` is not IEEE-rounded), a one-step difference where
-# x / scale lands within an ulp or two of a half.
-GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "1") == "1"
+# Opt-in (``RUQUANT_GRAPH_QUANT=1``): under torch.compile, an un-rotated W4A4 / W4A8 layer lets Inductor
+# quantize its activations (fused into the kernel that produces them, ``ops.int_linear_op``) instead of
+# a rotate_quant launch or the GEMV's in-kernel quantization. H200, Llama-3-8B shape, served decode step
+# 3606 -> 3360 us at batch 1, 4344 -> 4013 at batch 16 (gpu-2026-12-04f). Off by default until served
+# vs simulated is checked on the GPU with it: Inductor quantizes the normalized activation before its
+# rounding to bf16 and may fold the scale's ``* clip / qmax``, so an integer can differ by one step
+# from the simulation's where x / scale lands near a half.
+GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "0") == "1"
 
 
 def padded_k(spec: LinearSpec) -> int | None:
