@@ -72,8 +72,8 @@ FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX
 # a rotate_quant launch or the GEMV's in-kernel quantization. H200, Llama-3-8B shape, served decode step
 # 3606 -> 3360 us at batch 1, 4344 -> 4013 at batch 16 (gpu-2026-12-04f). Off by default until served
 # vs simulated is checked on the GPU with it: Inductor quantizes the normalized activation before its
-# rounding to bf16 and may fold the scale's ``* clip / qmax``, so an integer can differ by one step
-# from the simulation's where x / scale lands near a half.
+# rounding to bf16 (unless its ``emulate_precision_casts`` is set), so some integers differ by one step
+# from the simulation's and the scales by up to 0.3% (docs/kernels.md).
 GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "0") == "1"
 
 
