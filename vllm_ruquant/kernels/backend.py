@@ -72,8 +72,8 @@ FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX
 # a rotate_quant launch or the GEMV's in-kernel quantization. H200, Llama-3-8B shape, served decode step
 # 3606 -> 3360 us at batch 1, 4344 -> 4013 at batch 16 (gpu-2026-12-04f). Off by default until served
 # vs simulated is checked on the GPU with it: Inductor quantizes the normalized activation before its
-# rounding to bf16 (unless its ``emulate_precision_casts`` is set), so some integers differ by one step
-# from the simulation's and the scales by up to 0.3% (docs/kernels.md).
+# rounding to bf16 unless its ``emulate_precision_casts`` is set (some integers then differ by one step
+# from the simulation's and the scales by up to 0.3%), which ``prepare`` therefore sets (docs/kernels.md).
 GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "0") == "1"
 
 
@@ -135,6 +135,8 @@ class TritonBackend:
 
     def prepare(self, spec: LinearSpec, qweight: torch.Tensor, weight_scale: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
+        if self.quantizes_in_graph(spec):
+            _inductor_rounds_like_eager()
         path = _path(spec)
         out: dict[str, torch.Tensor] = {}
         if spec.rotation is not None and spec.rotation.kind == "block_diagonal":
@@ -289,6 +291,18 @@ class TritonBackend:
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*lead, spec.out_features)
+
+
+def _inductor_rounds_like_eager() -> None:
+    """Have Inductor round each op's result to its dtype as eager torch does (``emulate_precision_casts``),
+    so that a quantization fused behind the bf16 RMSNorm sees the simulation's bf16 activations. Set at
+    load time (``prepare``): vLLM compiles at the first forward, after loading. Process-wide, so it also
+    rounds the model's other fused ops like eager; only with ``RUQUANT_GRAPH_QUANT=1``."""
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    if not inductor_config.emulate_precision_casts:
+        inductor_config.emulate_precision_casts = True
+        logger.info("ruquant: RUQUANT_GRAPH_QUANT=1: Inductor emulates precision casts (bf16 rounding as eager)")
 
 
 def _padded_buffer(x2: torch.Tensor, k_pad: int, path: str) -> torch.Tensor | None:
