@@ -17,6 +17,7 @@
 #   bash scripts/gpu_session.sh kv4serve CONFIGS [TIMEOUT]  sweep the decode tile on "decode 512", then the
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 #   bash scripts/gpu_session.sh tp2                  TP=2 engines vs the simulation (2-GPU machine; not yet run)
+#   bash scripts/gpu_session.sh graphq               served vs simulated with RUQUANT_GRAPH_QUANT=1 (issue 22)
 #   bash scripts/gpu_session.sh gemv                 decode GEMV (issue 22): its GPU tests, then decode_linears.py
 #                                                (gemm / gemv / linear / linear_gemv at M 1-16, and the tile sweep)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
@@ -101,11 +102,18 @@ case "${1:-}" in
     python3 -m pytest -q -s -p no:cacheprovider tests/test_tensor_parallel_served.py tests/test_tensor_parallel.py 2>&1 \
       | tee "$OUT/gpu_tests_tp2.log" | grep -E "passed|failed|served vs simulation|^E " | tail -12
     ;;
+  graphq)
+    # issue 22: served vs simulated with the opt-in graph-visible quantization (RUQUANT_GRAPH_QUANT=1)
+    # and its kernel test; then `RUQUANT_GRAPH_QUANT=1 bash scripts/gpu_session.sh profile ...` times it
+    RUQUANT_GRAPH_QUANT=1 timeout 330 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging \
+      tests/test_serve_openai.py tests/test_kernels_gpu.py -k "openai or quantized_in_the_graph" 2>&1 \
+      | tee "$OUT/gpu_tests_graphq.log" | grep -E "passed|failed|serve_openai\[cuda\]|^E " | tail -8
+    ;;
   gemv)
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k gemv 2>&1 | tee "$OUT/gpu_tests_gemv.log" \
       | grep -E "passed|failed|^E |Error" | tail -12
     python3 benchmarks/decode_linears.py --out "$OUT/lin" --only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 \
       --gemv-sweep 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
     ;;
-  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | gemv"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | graphq | gemv"; exit 2 ;;
 esac
