@@ -330,17 +330,32 @@ class Converter:
 
     def _hessians(self, h: torch.Tensor, i: int, sd32: dict[str, torch.Tensor], fmt: fmt_mod.RUQuantFormat,
                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Full-precision layer output and X^T X / n of every linear's (served) input."""
+        """Full-precision layer output and X^T X / n (fp32) of every linear's (served) input.
+
+        Memory (a 70B layer: an 8192-wide Hessian is 0.5 GB in fp64, down_proj's 28672-wide one 6.6 GB):
+        each Hessian is summed in fp64 from one fp64 copy of its input and stored in fp32 at once, so one
+        fp64 Hessian is alive at a time; linears fed the very same input tensor (q / k / v, gate / up)
+        share one Hessian object instead of three and two equal copies.
+        """
         hess: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
+        last: dict[str, object] = {}  # the previous input (kept alive, so its storage is not reused) and its prefix
 
         def observe(prefix: str, x2: torch.Tensor) -> None:
-            hess[prefix] = hess.get(prefix, 0) + x2.T.double() @ x2.double()
-            counts[prefix] = counts.get(prefix, 0) + x2.shape[0]
+            if prefix in hess:
+                raise RuntimeError(f"{prefix}: observed twice in one layer forward")
+            prev = last.get("x")
+            if (isinstance(prev, torch.Tensor) and prev.data_ptr() == x2.data_ptr() and prev.shape == x2.shape
+                    and prev.stride() == x2.stride() and prev.dtype == x2.dtype):
+                hess[prefix] = hess[str(last["prefix"])]
+                return
+            xd = x2.double()
+            hess[prefix] = ((xd.T @ xd) / x2.shape[0]).float()
+            del xd
+            last.update(x=x2, prefix=prefix)
 
         capture = checkpoint_linear(fmt, sd32.__getitem__, sd32.__contains__, observe=observe)
         out = decoder_layer(h, i, self.dims, capture, sd32.__getitem__, rope)
-        return out, {k: (v / counts[k]).float() for k, v in hess.items()}
+        return out, hess
 
     def _quantize_layer(self, sd: dict[str, torch.Tensor], hess: dict[str, torch.Tensor],
                         fmt: fmt_mod.RUQuantFormat, report: LayerReport) -> dict[str, torch.Tensor]:

@@ -9,6 +9,8 @@ of ``vllm_ruquant.reference`` and the served kernel reproduces it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from convert.clip import static_scale
@@ -19,36 +21,57 @@ from vllm_ruquant.reference import qmax_for
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of H^-1 after damping; also the mask of dead input columns.
 
-    Damping is added to the diagonal in place and the lower factor is freed once inverted: at a 70B
-    down_proj (K = 28672) one fp64 K x K matrix is 6.6 GB, and the dense ``damp * eye(K)``, its
-    product and all factors alive together made ~6 of them (the 35 GiB GPU peak in
-    benchmarks/results/gpu-2026-12-04d/scale); now at most 3. Same values as adding ``damp * I``:
-    the off-diagonal entries only ever had zeros added.
+    Memory: at a 70B down_proj (K = 28672) one fp64 K x K matrix is 6.6 GB. The damped copy is made once
+    (``to(float64, copy=True)``; ``.double().clone()`` made two of an fp32 Hessian), freed as soon as its
+    lower factor exists, and the lower factor once inverted: at most two fp64 matrices alive, besides the
+    caller's Hessian (the 35 GiB GPU peak of benchmarks/results/gpu-2026-12-04d/scale had ~6). Same
+    values as adding ``damp * I``: the off-diagonal entries only ever had zeros added. A Hessian that is
+    not positive definite after damping is damped harder (x1, x10, ... the mean diagonal) from a fresh copy.
     """
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diag(h).mean())
+    dead = torch.diag(hessian) == 0
+    extra = 0.0  # the harder damping of earlier failed attempts, in units of the damped mean diagonal
     for attempt in range(5):
+        h = hessian.to(torch.float64, copy=True)
+        h[dead, dead] = 1.0
+        h.diagonal().add_(damp * torch.diag(h).mean())
+        if extra:
+            h.diagonal().add_(extra * torch.diag(h).mean())
         try:
             lower = torch.linalg.cholesky(h)
+            del h
             hinv = torch.cholesky_inverse(lower)
             del lower
             return torch.linalg.cholesky(hinv, upper=True), dead
         except RuntimeError:  # not positive definite: damp harder
-            h.diagonal().add_(10**attempt * damp * torch.diag(h).mean())
+            extra += 10**attempt * damp
     raise ConvertError("GPTQ: the calibration Hessian is singular; use more calibration text",
                        ExitCode.NUMERICS)
 
 
-def gptq_sweep(wq: torch.Tensor, u: torch.Tensor, scale_full: torch.Tensor, qmax: int, block_size: int,
+ScaleColumns = Callable[[int, int], torch.Tensor]
+
+
+def group_scale_columns(scale: torch.Tensor, group: int, perm: torch.Tensor | None = None) -> ScaleColumns:
+    """Per-column fp64 scales of columns ``[b0, b1)`` (in sweep order, ``perm`` for act order) from the
+    per-group ``scale (N, G)``: what ``scale.repeat_interleave(group, 1)[:, perm]`` holds, one block at a
+    time instead of an (N, K) fp64 copy (1.9 GB at a 70B down_proj)."""
+    scale_d = scale.double()
+    order = perm if perm is not None else torch.arange(scale.shape[1] * group, device=scale.device)
+
+    def cols(b0: int, b1: int) -> torch.Tensor:
+        return scale_d[:, order[b0:b1] // group]
+    return cols
+
+
+def gptq_sweep(wq: torch.Tensor, u: torch.Tensor, scale_cols: ScaleColumns, qmax: int, block_size: int,
                fixed: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ's column sweep: round each column on its scale, push the error to later columns.
 
     ``wq`` (N, K) float64 is updated in place; ``u`` is the upper Cholesky factor of H^-1;
-    ``scale_full`` (N, K) the per-element scale. Where ``fixed_mask`` is set, the integer is
-    taken from ``fixed`` instead of rounded (SEPTQ's pre-quantized important elements), and
-    its drift flows on as error like any other. Returns int8 (N, K).
+    ``scale_cols(b0, b1)`` the (N, b1 - b0) per-element scales of a block of columns. Where
+    ``fixed_mask`` is set, the integer is taken from ``fixed`` instead of rounded (SEPTQ's
+    pre-quantized important elements), and its drift flows on as error like any other.
+    Returns int8 (N, K).
     """
     n, k = wq.shape
     q = torch.zeros(n, k, dtype=torch.int8, device=wq.device)
@@ -57,8 +80,9 @@ def gptq_sweep(wq: torch.Tensor, u: torch.Tensor, scale_full: torch.Tensor, qmax
         blk = wq[:, b0:b1].clone()
         err = torch.zeros_like(blk)
         ub = u[b0:b1, b0:b1]
+        sblk = scale_cols(b0, b1)
         for j in range(b1 - b0):
-            col, s = blk[:, j], scale_full[:, b0 + j]
+            col, s = blk[:, j], sblk[:, j]
             qc = torch.clamp(torch.round(col / s), -qmax - 1, qmax)
             if fixed_mask is not None:
                 qc = torch.where(fixed_mask[:, b0 + j], fixed[:, b0 + j], qc)
@@ -92,14 +116,15 @@ class GPTQQuantizer:
         g = k if group_size == -1 else group_size
         qmax = qmax_for(bits)
         hessian = hessian.to(w.device)
-        scale_full = scale.double().repeat_interleave(g, dim=1)  # (N, K)
         wq = w.double().clone()
+        perm = None
         if self.act_order:
             perm = torch.argsort(torch.diag(hessian), descending=True)
-            hessian, wq, scale_full = hessian[perm][:, perm], wq[:, perm], scale_full[:, perm]
+            hessian, wq = hessian[perm][:, perm], wq[:, perm]
         u, dead = inverse_hessian_cholesky(hessian, self.damp)
+        del hessian  # this function's reference (the permuted copy under act order)
         wq[:, dead] = 0
-        q = gptq_sweep(wq, u, scale_full, qmax, self.block_size)
+        q = gptq_sweep(wq, u, group_scale_columns(scale, g, perm), qmax, self.block_size)
         if self.act_order:
             q = q[:, torch.argsort(perm)]
         return q, scale

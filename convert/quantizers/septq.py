@@ -136,5 +136,6 @@ class SEPTQQuantizer:
 
         # step 2: GPTQ sweep over the rest; masked elements keep their integers (their drift
         # under earlier columns' updates is treated as error and flows to later columns)
-        q = gptq_sweep(wq, u, scale_full, qmax, self.block_size, fixed=q_fixed, fixed_mask=mask)
+        q = gptq_sweep(wq, u, lambda b0, b1: scale_full[:, b0:b1], qmax, self.block_size, fixed=q_fixed,
+                       fixed_mask=mask)
         return q, scale
