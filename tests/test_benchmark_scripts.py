@@ -172,6 +172,20 @@ def test_engine_runs_without_the_flashinfer_sampler_unless_asked(tmp_path: Path,
     assert log_path.read_text().strip() == "sampler=1"
 
 
+def test_gptq_memory_script_measures_either_gptq_version(tmp_path: Path) -> None:
+    """benchmarks/gptq_memory.py (issue 25's GPTQ working set) at a small K: one JSON row per run, the
+    converter's GPTQ and the same file loaded through ``--gptq-file`` give the same integers."""
+    gptq_memory = benchmark_script("gptq_memory")
+    out = tmp_path / "gptq_memory.json"
+    small = ["--n", "32", "--k", "256", "--tokens", "512", "--json", str(out)]
+    assert gptq_memory.main(small) == 0
+    src = Path(__file__).resolve().parents[1] / "convert" / "quantizers" / "gptq.py"
+    assert gptq_memory.main(small + ["--gptq-file", str(src)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and rows[0]["checksum"] == rows[1]["checksum"]
+    assert rows[1]["gptq"] == str(src) and all(r["peak_rss_gib"] >= r["rss_before_gib"] > 0 for r in rows)
+
+
 def test_ruquant_stage1_timing_script_runs_the_converters_stage1(tmp_path: Path) -> None:
     """benchmarks/ruquant_stage1.py (the 8B stage-1 timing of issue 8) on the tiny shape, CPU."""
     ruquant_stage1 = benchmark_script("ruquant_stage1")

@@ -217,7 +217,7 @@ def test_gptq_block_scales_equal_the_full_scale_matrix(group: int, act_order: bo
     an (N, K) fp64 repeat (1.9 GB at a 70B down_proj): the same integers, bit for bit, as the sweep over
     the full matrix, with and without act order."""
     from convert.clip import static_scale
-    from convert.quantizers.gptq import GPTQQuantizer, group_scale_columns, gptq_sweep, inverse_hessian_cholesky
+    from convert.quantizers.gptq import GPTQQuantizer, gptq_sweep, group_scale_columns, inverse_hessian_cholesky
 
     g = torch.Generator().manual_seed(1)
     n, k = 48, 256
