@@ -385,6 +385,19 @@ def seeds_32k_md(d: Path) -> str | None:
         conv = f"{sum(secs) / len(secs):.0f}" if secs else "-"
         lines.append(f"| {LABELS[r]} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "not run" for c in row)
                      + " | " + " | ".join(_spread(ppl[r])) + f" | {conv} |")
+    missing = [f"{LABELS[r]} seed {s}" for r in SEED_ROWS for s in seeds
+               if "w4a4kv4" not in files[s][1]["results"].get(r, {})]
+    old = d / "recipes_32k.json"
+    old_cell = (json.loads(old.read_text())["results"].get("gbs_actorder", {}).get("w4a4kv4")
+                if old.is_file() else None)
+    notes = ""
+    if missing:
+        notes += f"Not run (time): {', '.join(missing)}.\n"
+    if old_cell and "w4a4kv4" not in files.get(0, ("", {"results": {}}))[1]["results"].get("gbs_actorder", {}):
+        notes += (f"The default recipe's seed-0 cell of `recipes_32k.json` ({old_cell['perplexity']:.2f}, same "
+                  f"settings, converted at {old_cell.get('commit', '?')}) is not in the table: the converter has "
+                  "changed since (fp64 rotations on the conversion device, fp32-stored Hessians, in-place GPTQ "
+                  "damping), so it is not the same protocol as the cells above.\n")
     n, l = base["calib"]
     cmd = "".join(QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} "
                   f"--calib-seq-len {l} --rows {','.join(SEED_ROWS)} --schemes w4a4kv4 --seed {s} "
@@ -403,9 +416,11 @@ def seeds_32k_md(d: Path) -> str | None:
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
             + _beats("RUQuant vs the default recipe (the rotation alone)", ppl, "ruquant_gbs_actorder",
-                     "gbs_actorder") + "\n\n"
-            "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
-            "with the same settings):\n\n" + cmd)
+                     "gbs_actorder") + "\n\n" + (notes + "\n" if notes else "")
+            + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
+            "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "
+            "front: with torch's default two threads on the 2 shared cores the evaluation ran about 10x slower "
+            "(17-40 s instead of 2.6 s per window).\n\n" + cmd)
 
 
 PAGES = {"quality.md": quality_md, "recipes.md": recipes_md, "kv4.md": kv4_md, "ruquant_vs_hadamard_seeds.md": seeds_md,
