@@ -14,6 +14,8 @@ Pages and their inputs (a page is written only where its inputs exist):
   scores where ``--kv-ablation`` recorded them
 - ``ruquant_vs_hadamard_seeds.md``: ``quality.json`` and ``quality_seed<S>.json`` (``--seed S --json ...``); with one
   seed only, the page says the comparison must be re-run
+- ``seeds_32k.md``: ``seeds_32k_s<S>.json`` (``--max-eval-tokens 32768 --seed S --json seeds_32k_sS.json``), three
+  calibration seeds of Hadamard + GPTQ, the default recipe and RUQuant with the default's quantizer (issue 24 item 4)
 - ``served_vs_simulated.md``: ``served_api/*.json`` (``examples/served_perplexity_api.py``) and the older
   in-process runs ``served_vs_simulated_w4a4_*.json`` (``examples/served_vs_simulated.py``)
 """
@@ -39,6 +41,7 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           # issue 24's rows: GPTQ's act order, and GBS clipping after OSTQuant
           "gbs_actorder": "Hadamard + GPTQ act order + GBS clipping",
           "ostquant_gbs": "OSTQuant + GPTQ + GBS clipping",
+          "ruquant_gbs_actorder": "RUQuant stage 1+2 + GPTQ act order + GBS clipping",
           "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
           "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
@@ -325,8 +328,103 @@ def recipes_md(d: Path) -> str | None:
             "- The chosen default per scheme and the reasoning: `docs/methods.md` (\"Default recipe per scheme\").\n")
 
 
+SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder"]  # issue 24 item 4's rows
+
+
+def _spread(xs: list[float]) -> tuple[str, str, str]:
+    """mean, max - min and sample sd of one row's seeds, as table cells ("-" where undefined)."""
+    if not xs:
+        return "-", "-", "-"
+    sd = f"{statistics.stdev(xs):.2f}" if len(xs) > 1 else "-"
+    return f"{statistics.mean(xs):.2f}", (f"{max(xs) - min(xs):.2f}" if len(xs) > 1 else "-"), sd
+
+
+def _beats(name: str, res: dict[str, list[float]], better: str, worse: str) -> str:
+    """One verdict line: does ``better`` beat ``worse`` by more than twice the seed spread (the larger sample sd
+    of the two rows)?"""
+    b, w = res[better], res[worse]
+    if len(b) < 2 or len(w) < 2:
+        return (f"- {name}: not decided, {LABELS[better]} has {len(b)} and {LABELS[worse]} {len(w)} seeds "
+                "(two or more each are needed for a spread).")
+    gap = statistics.mean(w) - statistics.mean(b)
+    sd = max(statistics.stdev(b), statistics.stdev(w))
+    rng = max(max(b) - min(b), max(w) - min(w))
+    yes = gap > 2 * sd
+    return (f"- {name}: mean {statistics.mean(b):.2f} vs {statistics.mean(w):.2f} ({len(b)} and {len(w)} seeds), "
+            f"{LABELS[better]} {'lower' if gap >= 0 else 'higher'} by {abs(gap):.2f}; "
+            f"twice the larger sample sd is {2 * sd:.2f} (the larger "
+            f"max - min {rng:.2f}): "
+            f"**{'yes' if yes else 'no'}**, {'more' if yes else 'not more'} than twice the seed spread.")
+
+
+def seeds_32k_md(d: Path) -> str | None:
+    """Issue 24 item 4: three calibration seeds of the compared rows at w4a4kv4 on 32768 held-out tokens, one JSON
+    file per seed (``quality.py`` keeps one seed per file)."""
+    files = {}
+    for f in sorted(d.glob("seeds_32k_s*.json")):
+        q = json.loads(f.read_text())
+        files[q["seed"]] = (f.name, q)
+    if not files:
+        return None
+    base = files[min(files)][1]
+    keys = ("eval_text", "calib_text", "max_eval_tokens", "seq_len", "stride", "calib")
+    odd = [name for name, q in files.values() if any(Path(str(q[k])).name != Path(str(base[k])).name for k in keys)]
+    if odd:
+        raise SystemExit(f"{d}: seed files {odd} were made with other settings than {files[min(files)][0]}")
+    seeds = sorted(files)
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean | max - min | sample sd | conversion s (mean) |", "|---|" + "---:|" * (len(seeds) + 4)]
+    ppl: dict[str, list[float]] = {}
+    cells = []
+    for r in SEED_ROWS:
+        row = [files[s][1]["results"].get(r, {}).get("w4a4kv4") for s in seeds]
+        got = [c for c in row if c]
+        cells += got
+        ppl[r] = [c["perplexity"] for c in got]
+        secs = [c["convert_seconds"] for c in got]
+        conv = f"{sum(secs) / len(secs):.0f}" if secs else "-"
+        lines.append(f"| {LABELS[r]} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "not run" for c in row)
+                     + " | " + " | ".join(_spread(ppl[r])) + f" | {conv} |")
+    missing = [f"{LABELS[r]} seed {s}" for r in SEED_ROWS for s in seeds
+               if "w4a4kv4" not in files[s][1]["results"].get(r, {})]
+    old = d / "recipes_32k.json"
+    old_cell = (json.loads(old.read_text())["results"].get("gbs_actorder", {}).get("w4a4kv4")
+                if old.is_file() else None)
+    notes = ""
+    if missing:
+        notes += f"Not run (time): {', '.join(missing)}.\n"
+    if old_cell and "w4a4kv4" not in files.get(0, ("", {"results": {}}))[1]["results"].get("gbs_actorder", {}):
+        notes += (f"The default recipe's seed-0 cell of `recipes_32k.json` ({old_cell['perplexity']:.2f}, same "
+                  f"settings, converted at {old_cell.get('commit', '?')}) is not in the table: the converter has "
+                  "changed since (fp64 rotations on the conversion device, fp32-stored Hessians, in-place GPTQ "
+                  "damping), so it is not the same protocol as the cells above.\n")
+    n, l = base["calib"]
+    cmd = "".join(QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} "
+                  f"--calib-seq-len {l} --rows {','.join(SEED_ROWS)} --schemes w4a4kv4 --seed {s} "
+                  f"--json {files[s][0]}\n" for s in seeds)
+    return (f"{HEADER}# Three calibration seeds at w4a4kv4 on {base['max_eval_tokens']} held-out tokens: {d.name}\n\n"
+            f"Issue 24 item 4. From {', '.join(f'`{files[s][0]}`' for s in seeds)} (one file per calibration "
+            f"seed): {_settings(base, seed=False)}. Simulated quantization (`convert/evaluate.py`) on the CPU; every "
+            "cell is its own conversion with that seed (the calibration windows drawn, the rotations' random signs, "
+            "RUQuant's seeded pairings and minibatches). "
+            f"Cells made: {_dates(cells)}. CPU, 2 cores shared with other jobs, so conversion times are upper "
+            "bounds.\n\n"
+            + "\n".join(lines) + "\n\n"
+            "Spread is over seeds: max - min, and the sample standard deviation (n - 1). The rows: Hadamard + plain "
+            "GPTQ (the QuaRot-style baseline), the default recipe (Hadamard + GPTQ act order + GBS clipping), and "
+            "RUQuant stage 1+2 with the default recipe's quantizer, so the last two differ by the rotation alone.\n\n"
+            + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
+                     "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
+            + _beats("RUQuant vs the default recipe (the rotation alone)", ppl, "ruquant_gbs_actorder",
+                     "gbs_actorder") + "\n\n" + (notes + "\n" if notes else "")
+            + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
+            "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "
+            "front: with torch's default two threads on the 2 shared cores the evaluation ran about 10x slower "
+            "(17-40 s instead of 2.6 s per window).\n\n" + cmd)
+
+
 PAGES = {"quality.md": quality_md, "recipes.md": recipes_md, "kv4.md": kv4_md, "ruquant_vs_hadamard_seeds.md": seeds_md,
-         "served_vs_simulated.md": served_md}
+         "served_vs_simulated.md": served_md, "seeds_32k.md": seeds_32k_md}
 
 
 def render_model_dir(d: Path, check: bool = False) -> list[Path]:
