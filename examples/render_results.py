@@ -102,10 +102,15 @@ def _best_per_column(res: dict, rows: list[str], schemes: list[str]) -> list[str
     return best
 
 
+def _optional_json(path: Path) -> dict | None:
+    """The results file at ``path``, or None where it was not made (that page is then skipped)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def quality_md(d: Path) -> str | None:
-    if not (d / "quality.json").is_file():
+    q = _optional_json(d / "quality.json")
+    if q is None:
         return None
-    q = json.loads((d / "quality.json").read_text())
     res = q["results"]
     rows = [r for r in LABELS if r in res]
     schemes = SCHEMES + [s for s in EXTRA_SCHEMES if any(s in cells for cells in res.values())]
@@ -140,9 +145,9 @@ def _pct(new: float, old: float) -> str:
 def kv4_md(d: Path) -> str | None:
     """KV4 vs KV16 per method (quality.json's w4a4kv4 and w4a4kv16 cells); the same-checkpoint ablation where
     ``--kv-ablation`` recorded it."""
-    if not (d / "quality.json").is_file():
+    q = _optional_json(d / "quality.json")
+    if q is None:
         return None
-    q = json.loads((d / "quality.json").read_text())
     res = q["results"]
     rows = [r for r in KV_ROWS if "w4a4kv4" in res.get(r, {}) and "w4a4" in res.get(r, {})]
     if not rows or "fp16" not in res:
@@ -306,9 +311,9 @@ def served_md(d: Path) -> str | None:
 
 
 def recipes_md(d: Path) -> str | None:
-    if not (d / "recipes_32k.json").is_file():
+    q = _optional_json(d / "recipes_32k.json")
+    if q is None:
         return None
-    q = json.loads((d / "recipes_32k.json").read_text())
     res = q["results"]
     rows = [r for r in LABELS if r in res]
     schemes = [s for s in SCHEMES + EXTRA_SCHEMES if any(s in res[r] for r in rows if r != "fp16")]
