@@ -7,6 +7,7 @@ For each linear of a decoder layer (qkv 4096x6144, o 4096x4096, gate_up 4096x286
 CUDA graph over weight copies larger than L2 (``kernels._timed``, as a served decode step
 replays its graph with the weights in device memory):
 
+* ``stream``: the floor, a kernel that only reads the layer's 4-bit weight bytes once (XOR-reduced);
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
 * ``rq``: our rotate+quantize alone (``rq_one``: down_proj's Kronecker rotation one program per
   token instead of ``rotate_rows`` + quantization; ``rq_rb{1,2,4}``: rows per ``rotate_rows`` program);
@@ -21,7 +22,7 @@ replays its graph with the weights in device memory):
 
 ``--sweep`` instead times our GEMM over a grid of small-M tile configs (tile N, tile K,
 split-K, pipeline stages) on the same shapes, and prints the best per shape: the data behind
-``gemm._CONFIGS["small"]``. ``--gemv-sweep`` times the GEMV's tiles (``gemv.SWEEP``, 12) on the same
+``gemm._CONFIGS["small"]``. ``--gemv-sweep`` times the GEMV's tiles (``gemv.SWEEP``, 16) on the same
 shapes at M = 1 and 4 (``--gemv-ms``), with the activations each layer gives it (float, quantized in the
 kernel, for the un-rotated ones; int8 from rotate_quant for down_proj), and prints the best tile per
 shape, the default tile and qgemm on the same inputs, and the bandwidth reached (4-bit weight bytes and
@@ -44,6 +45,8 @@ import math
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 from kernels import _timed  # the sibling script's CUDA-graph timer (benchmarks/kernels.py)
 
 from vllm_ruquant import reference as ref
@@ -57,8 +60,27 @@ from vllm_ruquant.linear_backend import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["bf16", "vllm_fp8", "rq", "rq_one", "rq_rb1", "rq_rb2", "rq_rb4", "gemm", "gemv", "linear", "linear_gemv",
-           "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
+METHODS = ["stream", "bf16", "vllm_fp8", "rq", "rq_one", "rq_rb1", "rq_rb2", "rq_rb4", "gemm", "gemv", "linear",
+           "linear_gemv", "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
+
+
+@triton.jit
+def _stream_kernel(w_ptr, out_ptr, n_words, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """XOR of ``UNROLL`` blocks of ``BLOCK`` int32 words: reads the bytes and nothing else."""
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * UNROLL)
+    acc = tl.zeros((BLOCK,), tl.int32)
+    for u in tl.static_range(UNROLL):
+        idx = base + u * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(w_ptr + idx, mask=idx < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+def stream(w: torch.Tensor, out: torch.Tensor, block: int = 2048, unroll: int = 8) -> torch.Tensor:
+    """The floor of a decode linear: one launch that reads its 4-bit weight bytes once (``stream``)."""
+    words = w.view(torch.int32).view(-1)
+    grid = (triton.cdiv(words.numel(), block * unroll),)
+    _stream_kernel[grid](words, out, words.numel(), BLOCK=block, UNROLL=unroll, num_warps=8)
+    return out
 
 
 def _call(fn, **candidates):
@@ -148,8 +170,10 @@ def row(name: str, k: int, n: int, rotated: bool, m: int, only: set[str] | None 
     ws = w_s.cuda()
     a_q = torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8)
     a_s = torch.rand(m, device="cuda") + 0.5
-    if want("gemm", "gemv"):
+    if want("gemm", "gemv", "stream"):
         w_c = [layout.pack_chunked(w_q, 128) for _ in range(copies)]
+        sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
+        put("stream", lambda i: (lambda: stream(w_c[i], sink)))
         put("gemm", lambda i: (lambda: qgemm(a_q, a_s, w_c[i], ws, a_mode=0, b_mode=2, K=k)))
         if m <= gemv_mod.MAX_ROWS:
             put("gemv", lambda i: (lambda: gemv_mod.qgemv(a_q, a_s, w_c[i], ws, a_mode=0, b_mode=2, K=k)))
@@ -188,8 +212,6 @@ def row(name: str, k: int, n: int, rotated: bool, m: int, only: set[str] | None 
 
 def _time_config(cfg, m: int, k: int, w_c: list[torch.Tensor], ws: torch.Tensor) -> float | None:
     """Microseconds of one qgemm config at batch m over the weight copies; None if it cannot run."""
-    import triton
-
     from vllm_ruquant.kernels import gemm as g
 
     if k % (cfg.kwargs["BK"] * cfg.kwargs["SPLIT_K"]):
@@ -207,7 +229,6 @@ def _time_config(cfg, m: int, k: int, w_c: list[torch.Tensor], ws: torch.Tensor)
 def sweep(ms: list[int], top: int = 5) -> list[dict]:
     """Our W4A4 GEMM (int8-held activations, chunked weights) over small-M configs, M = ms[0] for
     the whole grid, then the ``top`` of each shape again at the other Ms."""
-    import triton
 
     from vllm_ruquant.kernels import gemm as g
 
@@ -248,9 +269,9 @@ def _timed_or_none(fns: list, what: str) -> float | None:
 
 
 def _gemv_sweep_one(name: str, k: int, n: int, m: int, rotated: bool, w_c: list[torch.Tensor],
-                    ws: torch.Tensor) -> dict:
+                    ws: torch.Tensor, int8: bool = False) -> dict:
     """One shape at one M: qgemm, the GEMV's default tile and each tile of ``gemv.SWEEP``."""
-    if rotated:  # rotate_quant's int8 integers (a_mode 0)
+    if rotated or int8:  # int8 integers (a_mode 0): rotate_quant's, or quantized in the graph
         args = (torch.randint(-8, 8, (m, k), device="cuda", dtype=torch.int8), torch.rand(m, device="cuda") + 0.5)
         kw = dict(a_mode=0, b_mode=2, K=k)
     else:  # float activations quantized in the kernel (a_mode 2), as the backend runs un-rotated layers
@@ -276,17 +297,18 @@ def _gemv_sweep_one(name: str, k: int, n: int, m: int, rotated: bool, w_c: list[
     return rec
 
 
-def gemv_sweep(ms: list[int]) -> list[dict]:
+def gemv_sweep(ms: list[int], int8: bool = False) -> list[dict]:
     """The GEMV's tiles (``gemv.SWEEP``) on the layer's shapes at each M, beside its default tile and qgemm
     on the same inputs: float activations quantized in the kernel (a_mode 2) for the un-rotated linears,
-    rotate_quant's int8 (a_mode 0) for down_proj, as ``TritonBackend`` runs them."""
+    rotate_quant's int8 (a_mode 0) for down_proj, as ``TritonBackend`` runs them; ``int8``: int8 for
+    every linear (a_mode 0), as they run with the quantization in the compiled graph."""
     out = []
     for name, (k, n, rotated) in LAYER.items():
         copies = max(1, min(16, math.ceil(256e6 / (n * k / 2))))
         w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
         w_c = [layout.pack_chunked(w_q, 128) for _ in range(copies)]
         ws = torch.rand(n, 1, device="cuda") * 0.01 + 1e-3
-        out += [_gemv_sweep_one(name, k, n, m, rotated, w_c, ws) for m in ms]
+        out += [_gemv_sweep_one(name, k, n, m, rotated, w_c, ws, int8) for m in ms]
         w_c.clear()
     for m in ms:
         recs = [r for r in out if r["M"] == m]
@@ -325,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="time our GEMM's small-M configs instead")
     ap.add_argument("--gemv-sweep", action="store_true", help="also time the GEMV's tiles (gemv.SWEEP)")
     ap.add_argument("--gemv-ms", default="1,4", help="M values of --gemv-sweep")
+    ap.add_argument("--gemv-int8", action="store_true",
+                    help="--gemv-sweep on int8 activations for every linear (graph-visible quantization)")
     args = ap.parse_args(argv)
     only = {m for m in args.only.split(",") if m} or None
     if only and only - set(METHODS):
@@ -345,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r['linear']} M={r['M']} {meth}: {e}")
         print(table(rows, [m for m in METHODS if only is None or m in only]), flush=True)
     if args.gemv_sweep:
-        recs = gemv_sweep([int(m) for m in args.gemv_ms.split(",")])
+        recs = gemv_sweep([int(m) for m in args.gemv_ms.split(",")], args.gemv_int8)
         (args.out / "gemv_sweep.json").write_text(json.dumps({"env": env, "rows": recs}, indent=2))
     return 0
 

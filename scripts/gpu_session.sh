@@ -18,8 +18,8 @@
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 #   bash scripts/gpu_session.sh tp2                  TP=2 engines vs the simulation (2-GPU machine; not yet run)
 #   bash scripts/gpu_session.sh graphq               served vs simulated with RUQUANT_GRAPH_QUANT=1 (issue 22)
-#   bash scripts/gpu_session.sh gemv                 decode GEMV (issue 22): its GPU tests, then decode_linears.py
-#                                                (gemm / gemv / linear / linear_gemv at M 1-16, and the tile sweep)
+#   bash scripts/gpu_session.sh gemv [ARGS]          decode GEMV (issue 22): its GPU tests, then decode_linears.py ARGS
+#                                                (default: gemm / gemv / linear / linear_gemv at M 1-16, the tile sweep)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
 # graph capture, then the run): 170 s ran out on 2026-11-30. The first engine of a fresh machine
 # spent ~2 more minutes after graph capture (231 s to ready, 253 s with the run, 2026-11-30d):
@@ -112,8 +112,9 @@ case "${1:-}" in
   gemv)
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k gemv 2>&1 | tee "$OUT/gpu_tests_gemv.log" \
       | grep -E "passed|failed|^E |Error" | tail -12
-    python3 benchmarks/decode_linears.py --out "$OUT/lin" --only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 \
-      --gemv-sweep 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
+    shift
+    lin_args=("$@"); [ ${#lin_args[@]} -eq 0 ] && lin_args=(--only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 --gemv-sweep)
+    python3 benchmarks/decode_linears.py --out "$OUT/lin" "${lin_args[@]}" 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
     ;;
   *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | graphq | gemv"; exit 2 ;;
 esac

@@ -47,6 +47,9 @@ problems with the same arguments and returns the same bits, so the backend may s
   order) or the group terms in group order, applies the epilogue and resets the counter to zero.
   Nothing needs zeroing between calls and nothing is allocated per call (a workspace cached per device,
   grown only, outgrown buffers kept alive for graphs captured with them); one launch, no host sync.
+  A program that holds the whole K (``ONE_SPLIT``: K <= BK, per-channel scales) skips all of that and
+  applies the epilogue from registers: the workspace store, the acq_rel counter and the L2 read-back
+  are a dependent round trip of a few microseconds, a third of a small decode linear's time.
 """
 
 from __future__ import annotations
@@ -230,6 +233,7 @@ def _qgemv_kernel(
     SC: tl.constexpr,  # partials (splits, or groups) the last program of a block reads per step
     RB: tl.constexpr,  # K block of the activation absmax pass (A_MODE 2)
     ASM: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,  # SPLIT_K == 1 and GROUP == 0: the epilogue straight from registers
 ):
     """``C[m, n] = epilogue(sum_k A[m, k] * B[n, k])``: one K slice (``pk``) of up to ``NBP`` channel blocks."""
     SHIFT: tl.constexpr = 8 if A_MODE == 1 else 4
@@ -292,43 +296,51 @@ def _qgemv_kernel(
         n_idx = nb * BN + on
         n_ok = (n_idx < N)[None, :]
         n_in = tl.minimum(n_idx, N - 1)
-        if GROUP == 0:
-            tl.store(ws_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], part, mask=m_ok & n_ok)
-        else:
-            # the slice is one group: its fp32 term float(acc_g) * w_scale[:, g], g = pk
-            term = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn + pk)[None, :]
-            tl.store(wsf_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], term, mask=m_ok & n_ok)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
-        if done == SPLIT_K - 1:  # the last program of this block: reduce, epilogue, reset the counter
-            tl.debug_barrier()
-            mn_ok = m_ok & n_ok
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + n_in).to(tl.float32)
-            if GROUP == 0:
-                ws_n = tl.load(bs_ptr + n_in * stride_bsn)
-                tot = tl.zeros((MP, BN), tl.int32)
-                for s0 in range(0, SPLIT_K, SC):
-                    s3 = s0 + tl.arange(0, SC)[:, None, None]
-                    p = tl.load(ws_ptr + (s3 * M + om[None, :, None]) * N + n_idx[None, None, :],
-                                mask=(s3 < SPLIT_K) & mn_ok[None, :, :], other=0, cache_modifier=".cg")
-                    tot += tl.sum(p, axis=0)  # int32: exact in any order
-                y = (tot >> SHIFT).to(tl.float32) * ws_n[None, :]
-            else:
-                # y = 0; y += term_g in group order (the reference's loop). Masked steps past the last
-                # group add +0.0, which changes no y (y starts at +0.0, so it is never -0.0).
-                y = tl.zeros((MP, BN), tl.float32)
-                for g0 in range(0, SPLIT_K, SC):
-                    for u in tl.static_range(SC):
-                        y += tl.load(wsf_ptr + ((g0 + u) * M + om[:, None]) * N + n_idx[None, :],
-                                     mask=mn_ok & (om[:, None] * 0 + (SPLIT_K - g0 - u) > 0), other=0.0,
-                                     cache_modifier=".cg")
+        if ONE_SPLIT:  # the whole K in this program: no workspace round trip, no counter
+            y = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn)[None, :]
             y = y * xs[:, None]
             if HAS_BIAS:
-                y = y + bias[None, :]
+                y = y + tl.load(bias_ptr + n_in).to(tl.float32)[None, :]
             tl.store(c_ptr + om[:, None].to(tl.int64) * stride_cm + n_idx[None, :],
-                     y.to(c_ptr.dtype.element_ty), mask=mn_ok)
-            tl.atomic_xchg(cnt_ptr + nb, 0, sem="relaxed")
+                     y.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
+        else:  # store this slice's partials; the last program of the block reduces them
+            if GROUP == 0:
+                tl.store(ws_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], part, mask=m_ok & n_ok)
+            else:
+                # the slice is one group: its fp32 term float(acc_g) * w_scale[:, g], g = pk
+                term = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn + pk)[None, :]
+                tl.store(wsf_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], term, mask=m_ok & n_ok)
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:  # the last program of this block: reduce, epilogue, reset the counter
+                tl.debug_barrier()
+                mn_ok = m_ok & n_ok
+                if HAS_BIAS:
+                    bias = tl.load(bias_ptr + n_in).to(tl.float32)
+                if GROUP == 0:
+                    ws_n = tl.load(bs_ptr + n_in * stride_bsn)
+                    tot = tl.zeros((MP, BN), tl.int32)
+                    for s0 in range(0, SPLIT_K, SC):
+                        s3 = s0 + tl.arange(0, SC)[:, None, None]
+                        p = tl.load(ws_ptr + (s3 * M + om[None, :, None]) * N + n_idx[None, None, :],
+                                    mask=(s3 < SPLIT_K) & mn_ok[None, :, :], other=0, cache_modifier=".cg")
+                        tot += tl.sum(p, axis=0)  # int32: exact in any order
+                    y = (tot >> SHIFT).to(tl.float32) * ws_n[None, :]
+                else:
+                    # y = 0; y += term_g in group order (the reference's loop). Masked steps past the last
+                    # group add +0.0, which changes no y (y starts at +0.0, so it is never -0.0).
+                    y = tl.zeros((MP, BN), tl.float32)
+                    for g0 in range(0, SPLIT_K, SC):
+                        for u in tl.static_range(SC):
+                            y += tl.load(wsf_ptr + ((g0 + u) * M + om[:, None]) * N + n_idx[None, :],
+                                         mask=mn_ok & (om[:, None] * 0 + (SPLIT_K - g0 - u) > 0), other=0.0,
+                                         cache_modifier=".cg")
+                y = y * xs[:, None]
+                if HAS_BIAS:
+                    y = y + bias[None, :]
+                tl.store(c_ptr + om[:, None].to(tl.int64) * stride_cm + n_idx[None, :],
+                         y.to(c_ptr.dtype.element_ty), mask=mn_ok)
+                tl.atomic_xchg(cnt_ptr + nb, 0, sem="relaxed")
 
 
 # ------------------------------------------------------------------------------ configs
@@ -374,7 +386,7 @@ def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
     return GemvConfig(BN=16, BK=2048, LV=128, ctas_per_sm=3)
 
 
-# Alternatives that ``benchmarks/decode_linears.py --gemv-sweep`` times (<= 12); the first five are
+# Alternatives that ``benchmarks/decode_linears.py --gemv-sweep`` times (16); the first five are
 # ``default_config``'s.
 SWEEP: list[GemvConfig] = [
     GemvConfig(BN=128, BK=256, LV=16),
@@ -389,6 +401,11 @@ SWEEP: list[GemvConfig] = [
     GemvConfig(BN=64, BK=512, LV=16, num_warps=8, ctas_per_sm=2),
     GemvConfig(BN=128, BK=256, LV=16, NBP=8),
     GemvConfig(BN=32, BK=1024, LV=64),
+    # integer activations at M = 1 (the quantization in the compiled graph): more programs in flight
+    GemvConfig(BN=16, BK=4096, LV=128, ctas_per_sm=8),
+    GemvConfig(BN=16, BK=4096, LV=128, NBP=1),
+    GemvConfig(BN=32, BK=4096, LV=128, num_warps=8),
+    GemvConfig(BN=8, BK=2048, LV=128, NBP=1),
 ]
 
 
@@ -528,7 +545,7 @@ def qgemv(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scal
     kwargs = dict(A_MODE=a_mode, QMAX=(1 << (act_bits - 1)) - 1 if a_mode == 2 else 127, B_MODE=b_mode,
                   CHUNK=chunk if b_mode == 2 else 128, GROUP=group, HAS_BIAS=bias is not None, MP=ls["MP"],
                   BN=ls["BN"], BK=ls["BK"], LV=ls["LV"], SC=ls["SC"], RB=ls["RB"], num_warps=cfg.num_warps,
-                  num_stages=1)
+                  num_stages=1, ONE_SPLIT=int(ls["SPLIT_K"] == 1 and not group))
     if not _INTERPRET:
         kwargs["enable_fp_fusion"] = False
     args = (a_arg, b_arg, a_scale, b_scale, bias if bias is not None else b_scale, c, ws, ws.view(torch.float32),
