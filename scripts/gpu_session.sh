@@ -17,7 +17,7 @@
 #   bash scripts/gpu_session.sh kv4serve CONFIGS [TIMEOUT]  sweep the decode tile on "decode 512", then the
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 #   bash scripts/gpu_session.sh tp2                  TP=2 engines vs the simulation (2-GPU machine; not yet run)
-#   bash scripts/gpu_session.sh graphq               served vs simulated with RUQUANT_GRAPH_QUANT=1 (issue 22)
+#   bash scripts/gpu_session.sh graphq               served vs simulated with the quantization in the compiled graph
 #   bash scripts/gpu_session.sh gemv [ARGS]          decode GEMV (issue 22): its GPU tests, then decode_linears.py ARGS
 #                                                (default: gemm / gemv / linear / linear_gemv at M 1-16, the tile sweep)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
@@ -103,8 +103,8 @@ case "${1:-}" in
       | tee "$OUT/gpu_tests_tp2.log" | grep -E "passed|failed|served vs simulation|^E " | tail -12
     ;;
   graphq)
-    # issue 22: served vs simulated with the opt-in graph-visible quantization (RUQUANT_GRAPH_QUANT=1)
-    # and its kernel test; then `RUQUANT_GRAPH_QUANT=1 bash scripts/gpu_session.sh profile ...` times it
+    # issue 22: served vs simulated with the graph-visible quantization (default since gpu-2026-12-04g)
+    # and its kernel test
     RUQUANT_GRAPH_QUANT=1 timeout 330 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging \
       tests/test_serve_openai.py tests/test_kernels_gpu.py -k "openai or quantized_in_the_graph" 2>&1 \
       | tee "$OUT/gpu_tests_graphq.log" | grep -E "passed|failed|serve_openai\[cuda\]|^E " | tail -8

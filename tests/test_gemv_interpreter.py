@@ -108,7 +108,9 @@ def test_supports_and_tiles() -> None:
         assert k % ls["BK"] == 0 and ls["BK"] % 128 == 0 and ls["SPLIT_K"] * ls["BK"] == k
         assert ls["MP"] * ls["BK"] // ls["LV"] <= 64  # activation words in registers
         assert ls["grid0"] * ls["SPLIT_K"] >= 132  # every SM has work
-        assert ls["grid0"] * ls["SPLIT_K"] <= 132 * cfg.ctas_per_sm or ls["NBP"] == 8
+        # within one wave, unless the tile pins its blocks a program (down_proj at M = 1: one block a
+        # program measured faster on the H200 than one wave of four)
+        assert ls["grid0"] * ls["SPLIT_K"] <= 132 * cfg.ctas_per_sm or ls["NBP"] == 8 or cfg.NBP == ls["NBP"] == 1
         assert a_mode != 2 or cfg.BN * ls["NBP"] >= 256 or ls["grid0"] * ls["SPLIT_K"] < 2 * 132
     ls = launch_shape(GemvConfig(BN=64, BK=512, LV=16), 1, 4096, 384, 64, chunk=64)
     assert (ls["BK"], ls["LV"], ls["SPLIT_K"]) == (64, 8, 6)  # group 64: one group a K slice

@@ -346,7 +346,7 @@ def test_triton_backend_replays_in_a_cuda_graph(case: tuple, M: int) -> None:
 @pytest.mark.parametrize("ab,g", [(4, -1), (8, 128)])
 @pytest.mark.parametrize("M", [1, 16])
 def test_triton_backend_on_integers_quantized_in_the_graph(monkeypatch, ab: int, g: int, M: int) -> None:
-    """``apply_quantized`` (the compiled model's path with ``RUQUANT_GRAPH_QUANT=1``: integers from
+    """``apply_quantized`` (the compiled model's path, default on: integers from
     Inductor's quantization) is the reference's integer linear on those integers, bit for bit, at the
     GEMV's and the GEMM's sizes."""
     from vllm_ruquant.kernels import TritonBackend

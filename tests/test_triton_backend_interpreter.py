@@ -217,8 +217,8 @@ class _LayerStub(torch.nn.Module):
 @pytest.mark.parametrize("act_bits,group,tokens", [(4, -1, 1), (4, -1, 5), (8, 128, 3)])
 def test_compiled_layer_quantizes_in_the_graph(triton_interpreter: None, monkeypatch, act_bits: int, group: int,
                                                tokens: int) -> None:
-    """With ``RUQUANT_GRAPH_QUANT=1``, under torch.compile an un-rotated W4A4 / W4A8 layer quantizes its
-    activations with torch ops (for Inductor to fuse into the RMSNorm before it) and runs
+    """By default (``RUQUANT_GRAPH_QUANT=0`` turns it off), under torch.compile an un-rotated W4A4 / W4A8
+    layer quantizes its activations with torch ops (for Inductor to fuse into the RMSNorm before it) and runs
     ``ruquant::int_linear`` on the integers; loading such a layer makes Inductor round like eager, so the
     result is the reference's exactly. Eager it stays one ``ruquant::linear`` call, exactly as well."""
     import torch._inductor.config as inductor_config
@@ -230,7 +230,9 @@ def test_compiled_layer_quantizes_in_the_graph(triton_interpreter: None, monkeyp
 
     k, n = 512, 48
     spec = LinearSpec(k, n, 4, group, act_bits, clip_ratio=0.9)
-    assert not TritonBackend().quantizes_in_graph(spec)  # opt-in
+    assert TritonBackend().quantizes_in_graph(spec) == be.GRAPH_QUANT  # on unless RUQUANT_GRAPH_QUANT=0
+    monkeypatch.setattr(be, "GRAPH_QUANT", False)
+    assert not TritonBackend().quantizes_in_graph(spec)
     monkeypatch.setattr(be, "GRAPH_QUANT", True)
     assert not TritonBackend().quantizes_in_graph(
         LinearSpec(k, n, 4, group, act_bits, rotation=ref.OnlineRotation("hadamard", k)))

@@ -67,14 +67,15 @@ GEMV_MAX_M = gemv.GEMV_MAX_M
 FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX_M if GEMV else 0)))
 
 
-# Opt-in (``RUQUANT_GRAPH_QUANT=1``): under torch.compile, an un-rotated W4A4 / W4A8 layer lets Inductor
-# quantize its activations (fused into the kernel that produces them, ``ops.int_linear_op``) instead of
-# a rotate_quant launch or the GEMV's in-kernel quantization. H200, Llama-3-8B shape, served decode step
-# 3606 -> 3360 us at batch 1, 4344 -> 4013 at batch 16 (gpu-2026-12-04f). Off by default until served
-# vs simulated is checked on the GPU with it: Inductor quantizes the normalized activation before its
-# rounding to bf16 unless its ``emulate_precision_casts`` is set (some integers then differ by one step
-# from the simulation's and the scales by up to 0.3%), which ``prepare`` therefore sets (docs/kernels.md).
-GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "0") == "1"
+# On by default (``RUQUANT_GRAPH_QUANT=0`` turns it off): under torch.compile an un-rotated W4A4 / W4A8
+# layer lets Inductor quantize its activations (fused into the kernel that produces them,
+# ``ops.int_linear_op``) instead of a rotate_quant launch or the GEMV's in-kernel quantization. H200,
+# Llama-3-8B shape, served decode step 3606 -> 3360 us at batch 1, 4344 -> 4013 at batch 16
+# (gpu-2026-12-04f). Fused behind the bf16 RMSNorm, Inductor would quantize the normalized activation
+# before its rounding to bf16 (some integers one step off the simulation's, scales up to 0.3%) unless
+# its ``emulate_precision_casts`` is set, which ``prepare`` therefore sets; with it the served model's
+# greedy output equals the simulation's on the H200 (gpu-2026-12-04g) (docs/kernels.md).
+GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "1") == "1"
 
 
 def padded_k(spec: LinearSpec) -> int | None:
@@ -297,12 +298,13 @@ def _inductor_rounds_like_eager() -> None:
     """Have Inductor round each op's result to its dtype as eager torch does (``emulate_precision_casts``),
     so that a quantization fused behind the bf16 RMSNorm sees the simulation's bf16 activations. Set at
     load time (``prepare``): vLLM compiles at the first forward, after loading. Process-wide, so it also
-    rounds the model's other fused ops like eager; only with ``RUQUANT_GRAPH_QUANT=1``."""
+    rounds the model's other fused ops like eager; not with ``RUQUANT_GRAPH_QUANT=0``."""
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
     if not inductor_config.emulate_precision_casts:
         inductor_config.emulate_precision_casts = True
-        logger.info("ruquant: RUQUANT_GRAPH_QUANT=1: Inductor emulates precision casts (bf16 rounding as eager)")
+        logger.info("ruquant: quantization in the compiled graph: Inductor emulates precision casts (bf16 rounding "
+                    "as eager)")
 
 
 def _padded_buffer(x2: torch.Tensor, k_pad: int, path: str) -> torch.Tensor | None:

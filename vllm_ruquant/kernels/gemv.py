@@ -365,7 +365,8 @@ class GemvConfig:
     ctas_per_sm: int = 4
 
     def short(self) -> str:
-        return f"bn{self.BN}-bk{self.BK}-lv{self.LV}-w{self.num_warps}-nbp{self.NBP or 'auto'}"
+        ctas = "" if self.NBP or self.ctas_per_sm == 4 else f"-c{self.ctas_per_sm}"
+        return f"bn{self.BN}-bk{self.BK}-lv{self.LV}-w{self.num_warps}-nbp{self.NBP or 'auto'}{ctas}"
 
 
 def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
@@ -381,8 +382,10 @@ def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
                 return GemvConfig(BN=32, BK=2048, LV=128, num_warps=8, ctas_per_sm=1)
             return GemvConfig(BN=16, BK=4096, LV=128)
         return GemvConfig(BN=64, BK=512, LV=32, ctas_per_sm=2)
-    if m <= 1:
-        return GemvConfig(BN=16, BK=4096, LV=128)
+    if m <= 1:  # H200 sweep on int8 activations (gpu-2026-12-04g, decode_linears --gemv-int8): 5.1 / 4.3 /
+        if k <= 4096:  # 15.5 us for qkv / o / gate_up (one K slice a program), against 5.6 / 4.5 / 17.8 at BN 16
+            return GemvConfig(BN=8, BK=4096, LV=128)
+        return GemvConfig(BN=16, BK=4096, LV=128, NBP=1)  # down_proj: 11.7 us against 12.9 with NBP auto
     return GemvConfig(BN=16, BK=2048, LV=128, ctas_per_sm=3)
 
 
