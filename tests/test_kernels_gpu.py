@@ -113,6 +113,27 @@ def test_rotate_quant_hadamard(K: int, M: int) -> None:
     _assert_bf16_close(y.cpu(), xr.to(torch.bfloat16), noise=torch.full((), 1e-5))
 
 
+@pytest.mark.parametrize("K", [14336, 12 * 256])
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rotate_quant_kronecker_on_tensor_cores(K: int, M: int, dtype: torch.dtype) -> None:
+    """Decode tokens of a Kronecker layer quantized to int8-held integers (the GEMV's input) take
+    ``_rq_kron_dot_kernel``: the reference's scales to fp32 rounding, its integers up to a rare step."""
+    from vllm_ruquant.kernels import rotate_quant as rq
+
+    rot = ref.OnlineRotation("hadamard", K)
+    x = _randn(M, K, dtype=dtype)
+    assert rq.KRON_DOT and rq._kron_dot_split(*rq.factor_size(K)) is not None and rq.kron_rows_apply(x, rot)
+    for bits in (4, 8):
+        out = torch.full((M, K), 0x5A, dtype=torch.int8, device="cuda")
+        out_s = torch.full((M,), POISON_F, device="cuda")
+        q, s = rq.rotate_quant(x, bits, 0.9, rot, pack=False, out=out, out_scale=out_s)
+        q_ref, s_ref = ref.quantize_activation(rot.apply(x.cpu()), bits, 0.9)
+        diff = (q.cpu().int() - q_ref.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 1e-3, (diff.max().item(), diff.float().mean().item())
+        torch.testing.assert_close(s.cpu(), s_ref.reshape(-1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("b", [64, 128, 96, 256])
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("bits,pack", [(4, True), (8, False)])
@@ -364,6 +385,36 @@ def test_triton_backend_on_integers_quantized_in_the_graph(monkeypatch, ab: int,
     bias = torch.randn(N).to(torch.bfloat16)
     y = tb.apply_quantized(spec, prepared, q.cuda(), s.cuda(), bias.cuda(), torch.bfloat16).cpu()
     _assert_exact(y, ref.int_linear(q, s, w_q, w_s, g, bias, torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits,clip", [(4, 0.9), (4, 1.0), (8, 1.0)])
+def test_compiled_quantization_divides_like_eager(bits: int, clip: float) -> None:
+    """What the compiled model fuses before an un-rotated layer (``reference.quantize_activation`` with the
+    layer's qmax tensor, under the Inductor switches ``prepare`` sets) gives the reference's scales and
+    integers bit for bit, on rows built to sit on the edges: absmax values whose ``absmax * clip / qmax``
+    differs from ``absmax * clip * fl(1 / qmax)`` (Inductor's rewrite of a division by a constant on
+    GPUs), and elements at half steps of that scale and one ulp either side (where Triton's approximate
+    ``/`` rounds the other way). The same with a constant divisor is printed, not asserted."""
+    from vllm_ruquant.kernels import backend as be
+
+    be._inductor_rounds_like_eager()
+    qmax = ref.qmax_for(bits)
+    a = torch.rand(20000, generator=torch.Generator().manual_seed(bits)) * 8 + 0.5
+    a = a[(a * clip / qmax) != (a * clip * torch.tensor(1.0 / qmax))][:256]
+    assert a.numel() == 256  # a reciprocal rounds differently for many scales
+    half = (torch.arange(-qmax, qmax).float() + 0.5)[None, :] * (a * clip / qmax)[:, None]
+    x = torch.cat([half, torch.nextafter(half, half + 1), torch.nextafter(half, half - 1), a[:, None]], dim=1)
+    q_e, s_e = ref.quantize_activation(x, bits, clip)  # CPU eager: IEEE division
+    torch._dynamo.reset()
+    q_c, s_c = torch.compile(lambda t, d: ref.quantize_activation(t, bits, clip, d), fullgraph=True,
+                             dynamic=False)(x.cuda(), torch.tensor(float(qmax), device="cuda"))
+    torch._dynamo.reset()
+    q_k, s_k = torch.compile(lambda t: ref.quantize_activation(t, bits, clip), fullgraph=True, dynamic=False)(x.cuda())
+    print(f"\ncompiled quantization w{bits} clip {clip}: constant divisor {int((s_k.cpu() != s_e).sum())} of "
+          f"{s_e.numel()} scales and {int((q_k.cpu() != q_e).sum())} of {q_e.numel()} integers differ from eager; "
+          f"qmax tensor {int((s_c.cpu() != s_e).sum())} and {int((q_c.cpu() != q_e).sum())}")
+    assert torch.equal(s_c.cpu(), s_e)
+    assert torch.equal(q_c.cpu(), q_e)
 
 
 # ------------------------------------------------------------------------------ decode GEMV

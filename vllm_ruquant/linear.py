@@ -19,7 +19,7 @@ from vllm_ruquant import compat, ops
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format
 from vllm_ruquant.checkpoint.models import ROW_PARALLEL, short_name
-from vllm_ruquant.linear_backend import LinearSpec
+from vllm_ruquant.linear_backend import LinearBackend, LinearSpec
 from vllm_ruquant.logs import log_once
 
 logger = compat.plugin_logger(__name__)
@@ -135,18 +135,10 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
                 f"has no GPU kernel yet; serve with --tensor-parallel-size {self.fmt.tp_size} (the size the "
                 "checkpoint was converted for), where each rank's rotation is a plain Hadamard")
         prepared = backend.prepare(spec, qweight.data, getattr(layer, format.WEIGHT_SCALE).data)
-        # The checkpoint tensors are consumed; registering the prepared ones as parameters
-        # keeps them visible to torch.compile, CUDA graphs and vLLM's device moves.
+        # The checkpoint tensors are consumed; the prepared ones replace them.
         delattr(layer, format.QWEIGHT)
         delattr(layer, format.WEIGHT_SCALE)
-        for key, t in prepared.items():
-            layer.register_parameter(PREPARED_PREFIX + key, torch.nn.Parameter(t, requires_grad=False))
-        layer.ruquant_prepared_keys = tuple(prepared)
-        layer.ruquant_spec = spec
-        layer.ruquant_backend = backend
-        layer.ruquant_graph_quant = backend.quantizes_in_graph(spec)
-        layer.ruquant_kind_id = ops.register_layer(
-            backend, spec, {k: getattr(layer, PREPARED_PREFIX + k) for k in prepared})
+        attach_prepared(layer, backend, spec, prepared)
         log_once(logger, f"backend:{backend.name}",
                  f"ruquant: linear layers run on the {backend.name!r} backend ({self.fmt_summary()})")
 
@@ -167,7 +159,7 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         if layer.ruquant_graph_quant and torch.compiler.is_compiling():
             # compiled: the quantization as torch ops, for Inductor to fuse into the op before (ops.py)
             spec = layer.ruquant_spec
-            q, scale = ref.quantize_activation(x, spec.act_bits, spec.clip_ratio)
+            q, scale = ref.quantize_activation(x, spec.act_bits, spec.clip_ratio, layer.ruquant_qmax)
             return ops.int_linear_op(q, scale, weights, bias, layer.ruquant_kind_id, x.dtype)
         return ops.linear_op(x, weights, bias, layer.ruquant_kind_id)
 
@@ -176,6 +168,25 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
 
 
 compat.register_weight_loader_v2_supported_method(RUQuantLinearMethod)
+
+
+def attach_prepared(layer: torch.nn.Module, backend: LinearBackend, spec: LinearSpec,
+                    prepared: dict[str, torch.Tensor]) -> None:
+    """Leave on ``layer`` what ``RUQuantLinearMethod.apply`` reads: the backend's prepared tensors as
+    parameters (visible to torch.compile, CUDA graphs and vLLM's device moves), the spec, the op's
+    layer kind, and whether the compiled model quantizes the activations in the graph."""
+    for key, t in prepared.items():
+        layer.register_parameter(PREPARED_PREFIX + key, torch.nn.Parameter(t, requires_grad=False))
+    layer.ruquant_prepared_keys = tuple(prepared)
+    layer.ruquant_spec = spec
+    layer.ruquant_backend = backend
+    layer.ruquant_graph_quant = backend.quantizes_in_graph(spec)
+    if layer.ruquant_graph_quant:  # a tensor, not a constant Inductor would turn into a reciprocal
+        device = next(iter(prepared.values())).device
+        layer.register_buffer("ruquant_qmax", torch.tensor(float(ref.qmax_for(spec.act_bits)), device=device),
+                              persistent=False)
+    params = {k: getattr(layer, PREPARED_PREFIX + k) for k in prepared}
+    layer.ruquant_kind_id = ops.register_layer(backend, spec, params)
 
 
 def _qweight_param(n: int, k: int, bits: int, weight_loader) -> torch.nn.Parameter:

@@ -89,16 +89,18 @@ def unpack_weight(stored: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_activation(
-    x: torch.Tensor, bits: int, clip_ratio: float = 1.0
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, qmax_divisor: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token symmetric quantization over the last dim.
 
-    Returns ``(q int8 (..., K), scale fp32 (..., 1))``.
+    Returns ``(q int8 (..., K), scale fp32 (..., 1))``. ``qmax_divisor``: the same qmax as a 0-d fp32
+    tensor, for the same IEEE division; the compiled serving path passes one, because Inductor turns a
+    division by a constant into a multiplication by its reciprocal on GPUs, which rounds differently.
     """
     qmax = qmax_for(bits)
     xf = x.float()
     absmax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp_min(absmax * clip_ratio / qmax, FLT_MIN)
+    scale = torch.clamp_min(absmax * clip_ratio / (qmax if qmax_divisor is None else qmax_divisor), FLT_MIN)
     q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax).to(torch.int8)
     return q, scale
 

@@ -295,16 +295,29 @@ class TritonBackend:
 
 
 def _inductor_rounds_like_eager() -> None:
-    """Have Inductor round each op's result to its dtype as eager torch does (``emulate_precision_casts``),
-    so that a quantization fused behind the bf16 RMSNorm sees the simulation's bf16 activations. Set at
-    load time (``prepare``): vLLM compiles at the first forward, after loading. Process-wide, so it also
-    rounds the model's other fused ops like eager; not with ``RUQUANT_GRAPH_QUANT=0``."""
+    """Have Inductor compute as eager torch does where a quantization fused into its kernels depends on
+    it: round each op's result to its dtype (``emulate_precision_casts``), so that the quantization behind
+    the bf16 RMSNorm sees the simulation's bf16 activations; and divide with IEEE rounding (Triton's
+    ``/`` is an approximate division, ``div.full.f32``), so that ``x / scale`` rounds to the integers the
+    simulation's division gives. Set at load time (``prepare``): vLLM compiles at the first forward, after
+    loading. Process-wide, so the model's other fused ops compute like eager too (a few more instructions
+    per division); not with ``RUQUANT_GRAPH_QUANT=0``. The division switch moved between torch releases:
+    ``emulate_divison_rounding`` (sic) up to 2.11 (the GPU machines), ``eager_numerics.division_rounding``
+    later (the CPU wheel, where the CPU code generator divides exactly anyway)."""
     import torch._inductor.config as inductor_config  # noqa: PLC0415
 
     if not inductor_config.emulate_precision_casts:
         inductor_config.emulate_precision_casts = True
         logger.info("ruquant: quantization in the compiled graph: Inductor emulates precision casts (bf16 rounding "
                     "as eager)")
+    numerics = getattr(inductor_config, "eager_numerics", None)
+    if numerics is not None and hasattr(numerics, "division_rounding"):
+        numerics.division_rounding = True
+    elif hasattr(inductor_config, "emulate_divison_rounding"):
+        inductor_config.emulate_divison_rounding = True
+    else:
+        logger.warning("ruquant: this torch has no Inductor switch for IEEE division; compiled quantization may "
+                       "round a value at a half step differently from the simulation")
 
 
 def _padded_buffer(x2: torch.Tensor, k_pad: int, path: str) -> torch.Tensor | None:
