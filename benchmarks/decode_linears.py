@@ -9,9 +9,8 @@ replays its graph with the weights in device memory):
 
 * ``stream``: the floor, a kernel that only reads the layer's 4-bit weight bytes once (XOR-reduced);
 * ``bf16``: cuBLAS ``x @ W^T``; ``vllm_fp8``: vLLM's ``cutlass_scaled_mm`` (GEMM only);
-* ``rq``: our rotate+quantize alone (int8 out; down_proj: ``_rq_kron_dot_kernel``; ``rq_rows``: its
-  two-kernel predecessor, ``rotate_rows`` + chunked quantization; ``rq_one``: one butterfly program per
-  token; ``rq_rb{1,2,4}``: rows per ``rotate_rows`` program);
+* ``rq``: our rotate+quantize alone, int8 out (``rq_one``: down_proj's Kronecker rotation one program per
+  token instead of ``rotate_rows`` + quantization; ``rq_rb{1,2,4}``: rows per ``rotate_rows`` program);
   ``gemm``: our W4A4 GEMM alone (int8-held int4 activations,
   chunked int4 weights); ``linear``: both, through ``TritonBackend.apply`` (what a layer runs: at decode sizes an
   un-rotated layer quantizes inside the GEMM); ``linear_unfused``: rotate_quant, then the GEMM;
@@ -61,7 +60,7 @@ from vllm_ruquant.linear_backend import LinearSpec
 
 LAYER = {"qkv": (4096, 6144, False), "o": (4096, 4096, False), "gate_up": (4096, 28672, False),
          "down": (14336, 4096, True)}
-METHODS = ["stream", "bf16", "vllm_fp8", "rq", "rq_rows", "rq_one", "rq_rb1", "rq_rb2", "rq_rb4", "gemm", "gemv",
+METHODS = ["stream", "bf16", "vllm_fp8", "rq", "rq_one", "rq_rb1", "rq_rb2", "rq_rb4", "gemm", "gemv",
            "linear", "linear_gemv", "linear_unfused", "marlin_w4a16", "marlin_w4a8"]
 
 
@@ -166,10 +165,8 @@ def row(name: str, k: int, n: int, rotated: bool, m: int, only: set[str] | None 
 
         # down_proj's Kronecker rotation one program per token (before 2026-12-04b), for the A/B
         put("rq_one", lambda i: rq_with(KRON_ROWS_MAX_M=0))
-        # the two-kernel path (rotate_rows + chunked quantization) instead of _rq_kron_dot_kernel
-        put("rq_rows", lambda i: rq_with(KRON_DOT=False))
         for rb in (1, 2, 4):  # rows of H_m^T X per program in rotate_rows
-            put(f"rq_rb{rb}", lambda i, rb=rb: rq_with(KRON_DOT=False, KRON_ROWS_PER_PROGRAM=rb))
+            put(f"rq_rb{rb}", lambda i, rb=rb: rq_with(KRON_ROWS_PER_PROGRAM=rb))
     w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
     w_s = torch.rand(n, 1) * 0.01 + 1e-3
     ws = w_s.cuda()

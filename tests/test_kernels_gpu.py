@@ -113,27 +113,6 @@ def test_rotate_quant_hadamard(K: int, M: int) -> None:
     _assert_bf16_close(y.cpu(), xr.to(torch.bfloat16), noise=torch.full((), 1e-5))
 
 
-@pytest.mark.parametrize("K", [14336, 12 * 256])
-@pytest.mark.parametrize("M", [1, 16])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_rotate_quant_kronecker_on_tensor_cores(K: int, M: int, dtype: torch.dtype) -> None:
-    """Decode tokens of a Kronecker layer quantized to int8-held integers (the GEMV's input) take
-    ``_rq_kron_dot_kernel``: the reference's scales to fp32 rounding, its integers up to a rare step."""
-    from vllm_ruquant.kernels import rotate_quant as rq
-
-    rot = ref.OnlineRotation("hadamard", K)
-    x = _randn(M, K, dtype=dtype)
-    assert rq.KRON_DOT and rq._kron_dot_split(*rq.factor_size(K)) is not None and rq.kron_rows_apply(x, rot)
-    for bits in (4, 8):
-        out = torch.full((M, K), 0x5A, dtype=torch.int8, device="cuda")
-        out_s = torch.full((M,), POISON_F, device="cuda")
-        q, s = rq.rotate_quant(x, bits, 0.9, rot, pack=False, out=out, out_scale=out_s)
-        q_ref, s_ref = ref.quantize_activation(rot.apply(x.cpu()), bits, 0.9)
-        diff = (q.cpu().int() - q_ref.int()).abs()
-        assert diff.max() <= 1 and diff.float().mean() < 1e-3, (diff.max().item(), diff.float().mean().item())
-        torch.testing.assert_close(s.cpu(), s_ref.reshape(-1), rtol=1e-6, atol=0)
-
-
 @pytest.mark.parametrize("b", [64, 128, 96, 256])
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("bits,pack", [(4, True), (8, False)])

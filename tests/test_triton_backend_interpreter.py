@@ -170,38 +170,6 @@ def test_decode_kronecker_rotation_spread_over_programs(triton_interpreter: None
     torch.testing.assert_close(y16.float(), y_ref.to(torch.bfloat16).float(), rtol=2.0**-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [28 * 512, 12 * 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_kronecker_rotation_on_tensor_cores(triton_interpreter: None, monkeypatch, k: int, dtype: torch.dtype) -> None:
-    """int8-held decode tokens under ``H_m (x) H_p`` (p >= 256) take ``_rq_kron_dot_kernel`` (three small
-    matrix products and the quantization in one program a token): the reference's scales to fp32
-    rounding and its integers up to a rare one-step difference, as the two-kernel path it replaces."""
-    from vllm_ruquant.kernels import rotate_quant as rq
-
-    gen = torch.Generator().manual_seed(k)
-    x = (torch.randn(3, k, generator=gen) * (1 + 3 * torch.rand(3, 1, generator=gen))).to(dtype)
-    x[1, 5] = 40.0  # an outlier: its rotation spreads it over every element
-    rot = ref.OnlineRotation("hadamard", k)
-    m, p = rq.factor_size(k)
-    assert rq._kron_dot_split(m, p) is not None and rq.kron_rows_apply(x, rot)
-    launched: list[tuple] = []
-    kernel = rq._rq_kron_dot_kernel
-
-    class Spy:  # records the launches of the kernel it stands in for
-        def __getitem__(self, grid: tuple):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(rq, "_rq_kron_dot_kernel", Spy())
-    for bits in (4, 8):
-        q_ref, s_ref = ref.quantize_activation(rot.apply(x), bits, 0.9)
-        q, s = rq.rotate_quant(x, bits, 0.9, rot, pack=False)
-        diff = (q.int() - q_ref.int()).abs()
-        assert diff.max() <= 1 and diff.float().mean() < 1e-3, (diff.max(), diff.float().mean())
-        torch.testing.assert_close(s, s_ref.reshape(s.shape).float(), rtol=1e-6, atol=0)
-    assert launched == [(3,), (3,)]  # one program a token, for each of the two calls
-
-
 @pytest.mark.parametrize("act_bits", [4, 8])
 def test_decode_token_of_a_kronecker_layer_takes_the_gemv(triton_interpreter: None, monkeypatch,
                                                           act_bits: int) -> None:

@@ -178,62 +178,6 @@ def _kron_rows_kernel(x_ptr, y_ptr, amax_ptr, h_ptr, stride_xm, stride_ym, sqrt_
 
 
 @triton.jit
-def _hadamard_signs(i, j):
-    """Entries of the Sylvester Hadamard matrix, ``H[i, j] = (-1)^popcount(i & j)`` (indices < 2^16), fp32:
-    the matrix ``reference.fwht`` multiplies by (its butterflies give the natural order)."""
-    v = i & j
-    v ^= v >> 8
-    v ^= v >> 4
-    v ^= v >> 2
-    v ^= v >> 1
-    return 1.0 - 2.0 * (v & 1).to(tl.float32)
-
-
-@triton.jit
-def _rq_kron_dot_kernel(x_ptr, q_ptr, s_ptr, hm_t_ptr, stride_xm, stride_qm, clip, sqrt_n,
-                        QMAX: tl.constexpr, HM: tl.constexpr, HM_P2: tl.constexpr, P1: tl.constexpr,
-                        P2: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr):
-    """``H_m (x) H_p`` rotation and int8 quantization of one token per program, on tensor cores.
-
-    The butterflies of ``_rq_hadamard_kernel`` move the whole (m, p) row between threads at each of
-    log2(p) stages; here ``X H_p`` is two small matrix products (``H_p = H_P2 (x) H_P1``, the fast index
-    in ``H_P1``, both made from index bits in registers) and ``H_m^T`` a third, so the row crosses
-    shared memory a few times instead of log2(p). A bf16 / fp16 activation meets ``H_P1`` in its own
-    dtype (products of +-1 are exact, sums fp32); the fp32 products after it run as 3xTF32 (about fp32
-    accuracy). The whole rotated row stays in this program, so the absmax and the quantization follow
-    with no round trip and no second launch. Results agree with the reference to fp32 rounding (another
-    summation order), as every Kronecker kernel here."""
-    row = tl.program_id(0).to(tl.int64)
-    P: tl.constexpr = P1 * P2
-    # X as (HM_P2 * P2, P1): row a * P2 + j2 holds elements a * p + j2 * P1 + (0..P1-1); rows past m zero
-    r = tl.arange(0, HM_P2 * P2)
-    c1 = tl.arange(0, P1)
-    x = tl.load(x_ptr + row * stride_xm + r[:, None] * P1 + c1[None, :], mask=(r < HM * P2)[:, None], other=0.0)
-    h1 = _hadamard_signs(c1[:, None], c1[None, :])
-    if LOWP:
-        t = tl.dot(x, h1.to(x.dtype))
-    else:
-        t = tl.dot(x.to(tl.float32), h1, input_precision=PRECISION)
-    # contract j2: (a, j2, i1) -> (a, i1, j2) rows of P2
-    t = tl.reshape(tl.permute(tl.reshape(t, (HM_P2, P2, P1)), (0, 2, 1)), (HM_P2 * P1, P2))
-    c2 = tl.arange(0, P2)
-    u = tl.dot(t, _hadamard_signs(c2[:, None], c2[None, :]), input_precision=PRECISION)
-    # mix the m rows: Y = H_m^T Z, Z's columns in (i1, i2) order
-    ra = tl.arange(0, HM_P2)
-    hm_t = tl.load(hm_t_ptr + ra[:, None] * HM_P2 + ra[None, :])
-    y = tl.dot(hm_t, tl.reshape(u, (HM_P2, P)), input_precision=PRECISION)
-    y = tl.div_rn(y, sqrt_n)
-    absmax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)  # padded rows are zero
-    scale = tl.maximum(tl.div_rn(absmax * clip, QMAX * 1.0), 1.1754943508222875e-38)
-    q = _rint(tl.div_rn(y, scale))
-    q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0).to(tl.int8)
-    tl.store(s_ptr + row, scale)
-    col = tl.arange(0, P)  # column i1 * P2 + i2 holds element i * p + i2 * P1 + i1
-    flat = ra[:, None] * P + (col % P2)[None, :] * P1 + (col // P2)[None, :]
-    tl.store(q_ptr + row * stride_qm + flat, q, mask=(ra < HM)[:, None])
-
-
-@triton.jit
 def _quantize_chunks_kernel(y_ptr, amax_ptr, q_ptr, s_ptr, stride_ym, stride_qm, K, clip,
                             QMAX: tl.constexpr, MODE: tl.constexpr, NA: tl.constexpr, NA_P2: tl.constexpr,
                             BLOCK: tl.constexpr):
@@ -332,22 +276,6 @@ def _warps_for(numel: int) -> int:
 KRON_ROWS_MAX_M = int(os.environ.get("RUQUANT_KRON_ROWS_MAX_M", "64"))
 # Rows of H_m^T X per program: enough programs to spread a decode step's few tokens over the SMs.
 KRON_ROWS_PER_PROGRAM = int(os.environ.get("RUQUANT_KRON_RB", "0"))  # 0: by the token count
-
-
-# Kronecker rotations of int8-quantized decode tokens as three small tensor-core products in one kernel
-# (``_rq_kron_dot_kernel``) instead of ``rotate_rows`` + ``_quantize_chunks_kernel``; RUQUANT_KRON_DOT=0
-# turns it off.
-KRON_DOT = os.environ.get("RUQUANT_KRON_DOT", "1") == "1"
-KRON_DOT_MAX_ELEMS = 16384  # the padded (m, p) row held by one program (Llama-3-8B's 28 x 512 -> 32 x 512)
-
-
-def _kron_dot_split(m: int, p: int) -> tuple[int, int, int] | None:
-    """``(HM_P2, P1, P2)`` of ``_rq_kron_dot_kernel`` for ``H_m (x) H_p``, or None where it does not
-    apply (every product needs dims >= 16)."""
-    hm_p2 = max(16, triton.next_power_of_2(m))
-    if p < 256 or hm_p2 * p > KRON_DOT_MAX_ELEMS:
-        return None
-    return hm_p2, 16, p // 16
 
 
 def _rows_per_program(tokens: int) -> int:
@@ -466,15 +394,6 @@ def rotate_quant(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
             xr = rotation.apply(x)
             return rotate_quant(xr.to(x.dtype) if mode == 2 else xr, bits, clip_ratio, None, pack,
                                 out=out, out_scale=out_scale)
-        split = _kron_dot_split(m, p) if KRON_DOT and mode == 1 else None
-        if split is not None and kron_rows_apply(x, rotation):
-            hm_p2, p1, p2 = split
-            # the interpreter's dot has no bf16 (numpy): there bf16 meets H_P1 in fp32, the same products
-            lowp = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _INTERPRET)
-            _rq_kron_dot_kernel[(M,)](
-                x, q, s, hadamard_factor_t(m, dev), x.stride(0), q.stride(0), clip, float(math.sqrt(K)),
-                QMAX=qmax, HM=m, HM_P2=hm_p2, P1=p1, P2=p2, LOWP=lowp, PRECISION=_DOT_PRECISION, num_warps=8)
-            return q, s
         if kron_rows_apply(x, rotation):
             y, amax = rotate_rows(x, rotation)
             _quantize_rotated_rows(y, amax, q, s, qmax, mode, clip)
