@@ -51,9 +51,13 @@ ROWS: dict[str, dict] = {
     "gbs_actorder": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
                      "quantizer_options": {"act_order": True}},
     "ostquant_gbs": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs"},
+    # issue 24 item 3: the default recipe with weight groups of 64 (SmolLM2's 576 is not a multiple of 128;
+    # the GEMV / GEMM / W4A16 kernels serve groups of 64 and up)
+    "gbs_actorder_g64": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
+                         "quantizer_options": {"act_order": True}},
     # issue 24 item 4: RUQuant stage 1+2 with the default recipe's quantizer (act order + GBS), vs gbs_actorder
     "ruquant_gbs_actorder": {"rotation": "ruquant", "weight_quantizer": "gptq", "clip": "gbs",
-                             "quantizer_options": {"act_order": True}},
+                            "quantizer_options": {"act_order": True}},
     # OSTQuant's training knobs (module constants of convert/rotations/ostquant.py) under "ostquant"
     "ostquant_clipkv_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                      "quantizer_options": {"act_order": True},

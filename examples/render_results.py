@@ -40,6 +40,7 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "lrq": "Hadamard + LRQ", "gbs": "Hadamard + GPTQ + GBS clipping",
           # issue 24's rows: GPTQ's act order, and GBS clipping after OSTQuant
           "gbs_actorder": "Hadamard + GPTQ act order + GBS clipping",
+          "gbs_actorder_g64": "Hadamard + GPTQ act order + GBS clipping, weight groups of 64",
           "ostquant_gbs": "OSTQuant + GPTQ + GBS clipping",
           "ruquant_gbs_actorder": "RUQuant stage 1+2 + GPTQ act order + GBS clipping",
           "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
