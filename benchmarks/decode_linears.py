@@ -22,7 +22,7 @@ replays its graph with the weights in device memory):
 
 ``--sweep`` instead times our GEMM over a grid of small-M tile configs (tile N, tile K,
 split-K, pipeline stages) on the same shapes, and prints the best per shape: the data behind
-``gemm._CONFIGS["small"]``. ``--gemv-sweep`` times the GEMV's tiles (``gemv.SWEEP``, 16) on the same
+``gemm._CONFIGS["small"]``. ``--gemv-sweep`` times the GEMV's tiles (``gemv.SWEEP``, 19) on the same
 shapes at M = 1 and 4 (``--gemv-ms``), with the activations each layer gives it (float, quantized in the
 kernel, for the un-rotated ones; int8 from rotate_quant for down_proj), and prints the best tile per
 shape, the default tile and qgemm on the same inputs, and the bandwidth reached (4-bit weight bytes and

@@ -48,6 +48,8 @@ def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype
 TILE_SPLIT = dict(BN=16, BK=128, LV=16, NBP=2)  # 2..3 blocks a program, K split in 128s
 TILE_LANES8 = dict(BN=8, BK=256, LV=32, NBP=3, num_warps=2)  # K over 8 lanes
 TILE_TREE = dict(BN=16, BK=512, LV=16, NBP=2)  # 4 lane groups a row (2 with 4 rows held), joined
+TILE_LOOP = dict(BN=16, BK=128, LV=16, NBP=2, k_loop=True)  # every K slice in one program, 2..3 blocks
+TILE_LOOP_TREE = dict(BN=8, BK=256, LV=16, NBP=3, k_loop=True)  # the same, 2 lane groups a row
 CASES = [
     (1, 384, 40, -1, 0, TILE_SPLIT),
     (3, 384, 40, -1, 0, TILE_LANES8),
@@ -65,6 +67,12 @@ CASES = [
     (1, 512, 40, -1, 2, TILE_TREE),
     (3, 512, 40, -1, 0, TILE_TREE),
     (2, 1024, 24, -1, 1, TILE_TREE),
+    (1, 384, 40, -1, 0, TILE_LOOP),
+    (3, 512, 40, -1, 0, TILE_LOOP),
+    (1, 1024, 40, -1, 0, TILE_LOOP_TREE),
+    (2, 1024, 24, -1, 1, TILE_LOOP_TREE),
+    (1, 384, 40, -1, 2, TILE_LOOP),  # float activations: k_loop ignored, K split as before
+    (1, 512, 40, 64, 0, TILE_LOOP),  # weight groups: k_loop ignored
 ]
 
 
@@ -116,6 +124,10 @@ def test_supports_and_tiles() -> None:
     assert (ls["BK"], ls["LV"], ls["SPLIT_K"]) == (64, 8, 6)  # group 64: one group a K slice
     ls = launch_shape(GemvConfig(BN=64, BK=512, LV=32), 8, 4096, 4096, 0)
     assert ls["BK"] == 256 and ls["MP"] == 8
+    loop = GemvConfig(BN=16, BK=4096, LV=128, NBP=1, k_loop=True)
+    ls = launch_shape(loop, 1, 4096, 14336, 0, a_mode=0)  # down_proj: 7 slices of 2048 in one program
+    assert (ls["BK"], ls["KSTEPS"], ls["SPLIT_K"], ls["grid0"]) == (2048, 7, 1, 256)
+    assert launch_shape(loop, 1, 4096, 14336, 0, a_mode=2)["KSTEPS"] == 1  # float activations: split K
 
 
 @pytest.mark.parametrize("case", [

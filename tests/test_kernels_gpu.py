@@ -468,6 +468,26 @@ def test_qgemv_every_config(variant: str, M: int) -> None:
     _assert_exact(qgemv(*args, **kw, asm=False, out=out), yr)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("variant", ["w4a4_int8", "w4a4_packed"])
+def test_qgemv_k_loop_tiles(variant: str, M: int) -> None:
+    """The tiles that walk every K slice in one program (``k_loop``) on down_proj's K = 14336 (7 slices):
+    the reference's bits."""
+    from vllm_ruquant.kernels.gemv import SWEEP, launch_shape, qgemv
+
+    K, N = 14336, 4096
+    args, kw, yr = _gemv_operands(variant, M, K, N, torch.bfloat16)
+    tiles = [cfg for cfg in SWEEP if cfg.k_loop]
+    assert tiles and all(launch_shape(cfg, M, N, K, 0, a_mode=kw["a_mode"])["KSTEPS"] > 1 for cfg in tiles)
+    for cfg in tiles:
+        for _ in range(2):
+            out = torch.full((M, N), POISON_F, dtype=torch.bfloat16, device="cuda")
+            try:
+                _assert_exact(qgemv(*args, **kw, config=cfg, out=out), yr)
+            except AssertionError as e:
+                raise AssertionError(f"config {cfg}: {e}") from e
+
+
 @pytest.mark.parametrize("variant", ["w4a4_fused", "w4a4_int8", "w4a8_g128"])
 def test_qgemv_eight_rows(variant: str) -> None:
     """The most rows the kernel holds (past the backend's default GEMV_MAX_M of 4)."""

@@ -204,6 +204,17 @@ def _quantize_tree(x_ptrs, STEP: tl.constexpr, scale, QMAX: tl.constexpr, A: tl.
 
 
 @triton.jit
+def _int_act_words(act, ASTEP: tl.constexpr, HW: tl.constexpr, A_MODE: tl.constexpr, A: tl.constexpr):
+    """Integer activation words at ``act`` meeting a K slice's low and high nibble planes (A_MODE 0: int8
+    words, the high plane's ``HW`` words on; 1: packed int4, both planes from one word)."""
+    if A_MODE == 1:
+        a_w = _load_tree(act, ASTEP, None, A)
+        return _plane_lo(a_w), _plane_hi(a_w)
+    else:
+        return _load_tree(act, ASTEP, None, A), _load_tree(act + HW, ASTEP, None, A)
+
+
+@triton.jit
 def _row_scales_wide(a_row, rm, K, clip, QMAX: tl.constexpr, MP: tl.constexpr, RB: tl.constexpr,
                      U: tl.constexpr):
     """``gemm._row_scales``' per-token scales (``max(absmax * clip / qmax, FLT_MIN)``, IEEE division;
@@ -234,8 +245,10 @@ def _qgemv_kernel(
     RB: tl.constexpr,  # K block of the activation absmax pass (A_MODE 2)
     ASM: tl.constexpr,
     ONE_SPLIT: tl.constexpr,  # SPLIT_K == 1 and GROUP == 0: the epilogue straight from registers
+    KSTEPS: tl.constexpr,  # K slices one program loops over (integer activations, ONE_SPLIT); else 1
 ):
-    """``C[m, n] = epilogue(sum_k A[m, k] * B[n, k])``: one K slice (``pk``) of up to ``NBP`` channel blocks."""
+    """``C[m, n] = epilogue(sum_k A[m, k] * B[n, k])``: one K slice (``pk``) of up to ``NBP`` channel blocks,
+    or (``KSTEPS`` > 1) every K slice of them, one after the other."""
     SHIFT: tl.constexpr = 8 if A_MODE == 1 else 4
     KW: tl.constexpr = BK // 8  # weight words per row in this K slice
     A: tl.constexpr = KW // LV  # lane groups per row (1, 2 or 4), held in registers
@@ -254,9 +267,9 @@ def _qgemv_kernel(
     # weight tiles (1, BN, LV) of int32 words, one per lane group: LV / 4 lanes of 16-byte loads along
     # a row, the other lanes and the warps along the channels; rows past N repeat the last (not stored)
     inn = tl.arange(0, BN)[None, :, None]
-    w_cols = pk * KW + tl.arange(0, LV)[None, None, :]
+    cols = tl.arange(0, LV)[None, None, :]
     rows = tl.minimum(nb0 * BN + inn, N - 1).to(tl.int64)
-    w_next = _load_tree(b_ptr + rows * stride_bn + w_cols, LV, None, A)  # before the activation work
+    w_next = _load_tree(b_ptr + rows * stride_bn + pk * KW + cols, LV, None, A)  # before the activation work
 
     # activation words meeting lane group 0's low and high nibble planes: (MP, 1, LV)
     rm = tl.minimum(tl.arange(0, MP), M - 1)
@@ -275,72 +288,77 @@ def _qgemv_kernel(
         a_hi = _quantize_tree(x_ptrs + 4 * HW, 4 * ASTEP, s4, QMAX, A)
     else:
         xs = tl.load(as_ptr + rm)
-        act = a_ptr + m3 * stride_am + pk * (A * ASTEP) + lo_w
-        if A_MODE == 1:
-            a_w = _load_tree(act, ASTEP, None, A)
-            a_lo = _plane_lo(a_w)
-            a_hi = _plane_hi(a_w)
-        else:
-            a_lo = _load_tree(act, ASTEP, None, A)
-            a_hi = _load_tree(act + HW, ASTEP, None, A)
+        act = a_ptr + m3 * stride_am + lo_w
+        if KSTEPS == 1:
+            a_lo, a_hi = _int_act_words(act + pk * (A * ASTEP), ASTEP, HW, A_MODE, A)
 
     on = tl.arange(0, BN)
     om = tl.arange(0, MP)
     m_ok = (om < M)[:, None]
-    for nb in range(nb0, nb1):
+    acc = tl.zeros((MP, BN, LV // 4), tl.int32)
+    # steps: (block, K slice) pairs in order, the next step's weight tile loaded before this one's work
+    for it in range(nb0 * KSTEPS, nb1 * KSTEPS):
+        nb = it // KSTEPS
         w = w_next
-        rows = tl.minimum((nb + 1) * BN + inn, N - 1).to(tl.int64)
-        w_next = _load_tree(b_ptr + rows * stride_bn + w_cols, LV, rows * 0 + w_cols * 0 + (nb1 - 1 - nb) > 0, A)
-        acc = _dot_tree(w, a_lo, a_hi, tl.zeros((MP, BN, LV // 4), tl.int32), A, MP, BN, LV, ASM)
-        part = tl.sum(acc, axis=2)  # (MP, BN) int32, exact (across the LV / 4 lanes of a row)
-        n_idx = nb * BN + on
-        n_ok = (n_idx < N)[None, :]
-        n_in = tl.minimum(n_idx, N - 1)
-        if ONE_SPLIT:  # the whole K in this program: no workspace round trip, no counter
-            y = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn)[None, :]
-            y = y * xs[:, None]
-            if HAS_BIAS:
-                y = y + tl.load(bias_ptr + n_in).to(tl.float32)[None, :]
-            tl.store(c_ptr + om[:, None].to(tl.int64) * stride_cm + n_idx[None, :],
-                     y.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
-        else:  # store this slice's partials; the last program of the block reduces them
-            if GROUP == 0:
-                tl.store(ws_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], part, mask=m_ok & n_ok)
-            else:
-                # the slice is one group: its fp32 term float(acc_g) * w_scale[:, g], g = pk
-                term = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn + pk)[None, :]
-                tl.store(wsf_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], term, mask=m_ok & n_ok)
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
-            if done == SPLIT_K - 1:  # the last program of this block: reduce, epilogue, reset the counter
-                tl.debug_barrier()
-                mn_ok = m_ok & n_ok
-                if HAS_BIAS:
-                    bias = tl.load(bias_ptr + n_in).to(tl.float32)
-                if GROUP == 0:
-                    ws_n = tl.load(bs_ptr + n_in * stride_bsn)
-                    tot = tl.zeros((MP, BN), tl.int32)
-                    for s0 in range(0, SPLIT_K, SC):
-                        s3 = s0 + tl.arange(0, SC)[:, None, None]
-                        p = tl.load(ws_ptr + (s3 * M + om[None, :, None]) * N + n_idx[None, None, :],
-                                    mask=(s3 < SPLIT_K) & mn_ok[None, :, :], other=0, cache_modifier=".cg")
-                        tot += tl.sum(p, axis=0)  # int32: exact in any order
-                    y = (tot >> SHIFT).to(tl.float32) * ws_n[None, :]
-                else:
-                    # y = 0; y += term_g in group order (the reference's loop). Masked steps past the last
-                    # group add +0.0, which changes no y (y starts at +0.0, so it is never -0.0).
-                    y = tl.zeros((MP, BN), tl.float32)
-                    for g0 in range(0, SPLIT_K, SC):
-                        for u in tl.static_range(SC):
-                            y += tl.load(wsf_ptr + ((g0 + u) * M + om[:, None]) * N + n_idx[None, :],
-                                         mask=mn_ok & (om[:, None] * 0 + (SPLIT_K - g0 - u) > 0), other=0.0,
-                                         cache_modifier=".cg")
+        nxt = it + 1
+        rows = tl.minimum((nxt // KSTEPS) * BN + inn, N - 1).to(tl.int64)
+        w_next = _load_tree(b_ptr + rows * stride_bn + (pk + nxt % KSTEPS) * KW + cols, LV,
+                            rows * 0 + cols * 0 + (nb1 * KSTEPS - nxt) > 0, A)
+        if KSTEPS == 1:
+            acc = _dot_tree(w, a_lo, a_hi, tl.zeros((MP, BN, LV // 4), tl.int32), A, MP, BN, LV, ASM)
+        else:  # this slice's activation words (L1 / L2 after the first block), added to the block's sums
+            ks_lo, ks_hi = _int_act_words(act + (it % KSTEPS) * (A * ASTEP), ASTEP, HW, A_MODE, A)
+            acc = _dot_tree(w, ks_lo, ks_hi, tl.where(it % KSTEPS == 0, 0, acc), A, MP, BN, LV, ASM)
+        if it % KSTEPS == KSTEPS - 1:  # the block's last slice: its sums are whole (for this program)
+            part = tl.sum(acc, axis=2)  # (MP, BN) int32, exact (across the LV / 4 lanes of a row)
+            n_idx = nb * BN + on
+            n_ok = (n_idx < N)[None, :]
+            n_in = tl.minimum(n_idx, N - 1)
+            if ONE_SPLIT:  # the whole K in this program: no workspace round trip, no counter
+                y = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn)[None, :]
                 y = y * xs[:, None]
                 if HAS_BIAS:
-                    y = y + bias[None, :]
+                    y = y + tl.load(bias_ptr + n_in).to(tl.float32)[None, :]
                 tl.store(c_ptr + om[:, None].to(tl.int64) * stride_cm + n_idx[None, :],
-                         y.to(c_ptr.dtype.element_ty), mask=mn_ok)
-                tl.atomic_xchg(cnt_ptr + nb, 0, sem="relaxed")
+                         y.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
+            else:  # store this slice's partials; the last program of the block reduces them
+                if GROUP == 0:
+                    tl.store(ws_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], part, mask=m_ok & n_ok)
+                else:
+                    # the slice is one group: its fp32 term float(acc_g) * w_scale[:, g], g = pk
+                    term = (part >> SHIFT).to(tl.float32) * tl.load(bs_ptr + n_in * stride_bsn + pk)[None, :]
+                    tl.store(wsf_ptr + (pk * M + om[:, None]) * N + n_idx[None, :], term, mask=m_ok & n_ok)
+                tl.debug_barrier()
+                done = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
+                if done == SPLIT_K - 1:  # the last program of this block: reduce, epilogue, reset the counter
+                    tl.debug_barrier()
+                    mn_ok = m_ok & n_ok
+                    if HAS_BIAS:
+                        bias = tl.load(bias_ptr + n_in).to(tl.float32)
+                    if GROUP == 0:
+                        ws_n = tl.load(bs_ptr + n_in * stride_bsn)
+                        tot = tl.zeros((MP, BN), tl.int32)
+                        for s0 in range(0, SPLIT_K, SC):
+                            s3 = s0 + tl.arange(0, SC)[:, None, None]
+                            p = tl.load(ws_ptr + (s3 * M + om[None, :, None]) * N + n_idx[None, None, :],
+                                        mask=(s3 < SPLIT_K) & mn_ok[None, :, :], other=0, cache_modifier=".cg")
+                            tot += tl.sum(p, axis=0)  # int32: exact in any order
+                        y = (tot >> SHIFT).to(tl.float32) * ws_n[None, :]
+                    else:
+                        # y = 0; y += term_g in group order (the reference's loop). Masked steps past the last
+                        # group add +0.0, which changes no y (y starts at +0.0, so it is never -0.0).
+                        y = tl.zeros((MP, BN), tl.float32)
+                        for g0 in range(0, SPLIT_K, SC):
+                            for u in tl.static_range(SC):
+                                y += tl.load(wsf_ptr + ((g0 + u) * M + om[:, None]) * N + n_idx[None, :],
+                                             mask=mn_ok & (om[:, None] * 0 + (SPLIT_K - g0 - u) > 0), other=0.0,
+                                             cache_modifier=".cg")
+                    y = y * xs[:, None]
+                    if HAS_BIAS:
+                        y = y + bias[None, :]
+                    tl.store(c_ptr + om[:, None].to(tl.int64) * stride_cm + n_idx[None, :],
+                             y.to(c_ptr.dtype.element_ty), mask=mn_ok)
+                    tl.atomic_xchg(cnt_ptr + nb, 0, sem="relaxed")
 
 
 # ------------------------------------------------------------------------------ configs
@@ -354,7 +372,10 @@ class GemvConfig:
     per lane group (``LV / 4`` lanes of 16-byte loads along K: more lanes, fewer registers for the
     activations but more shuffle rounds to reduce); ``NBP`` channel blocks per program, 0 for as many
     as keep the grid within one wave of ``ctas_per_sm`` programs per SM (at most 8). ``BK`` is lowered
-    to divide K and to keep the activation words within 64 registers (``MP * BK / LV``).
+    to divide K and to keep the activation words within 64 registers (``MP * BK / LV``). ``k_loop``:
+    where K is longer than a slice (down_proj's 14336 = 7 x 2048), one program walks every slice of its
+    blocks instead of K being split over programs whose partial sums meet in a workspace (integer
+    activations and per-channel scales only; elsewhere it is ignored).
     """
 
     BN: int = 64
@@ -363,10 +384,12 @@ class GemvConfig:
     num_warps: int = 4
     NBP: int = 0
     ctas_per_sm: int = 4
+    k_loop: bool = False  # integer activations, per-channel scales: a program loops over every K slice
 
     def short(self) -> str:
         ctas = "" if self.NBP or self.ctas_per_sm == 4 else f"-c{self.ctas_per_sm}"
-        return f"bn{self.BN}-bk{self.BK}-lv{self.LV}-w{self.num_warps}-nbp{self.NBP or 'auto'}{ctas}"
+        loop = "-kloop" if self.k_loop else ""
+        return f"bn{self.BN}-bk{self.BK}-lv{self.LV}-w{self.num_warps}-nbp{self.NBP or 'auto'}{ctas}{loop}"
 
 
 def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
@@ -389,7 +412,7 @@ def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
     return GemvConfig(BN=16, BK=2048, LV=128, ctas_per_sm=3)
 
 
-# Alternatives that ``benchmarks/decode_linears.py --gemv-sweep`` times (16); the first five are
+# Alternatives that ``benchmarks/decode_linears.py --gemv-sweep`` times (19); the first five are
 # ``default_config``'s.
 SWEEP: list[GemvConfig] = [
     GemvConfig(BN=128, BK=256, LV=16),
@@ -409,6 +432,10 @@ SWEEP: list[GemvConfig] = [
     GemvConfig(BN=16, BK=4096, LV=128, NBP=1),
     GemvConfig(BN=32, BK=4096, LV=128, num_warps=8),
     GemvConfig(BN=8, BK=2048, LV=128, NBP=1),
+    # down_proj (K = 14336) at M = 1 without split K: a program walks the 7 slices of its block
+    GemvConfig(BN=8, BK=4096, LV=128, NBP=1, k_loop=True),
+    GemvConfig(BN=16, BK=4096, LV=128, NBP=1, k_loop=True),
+    GemvConfig(BN=32, BK=4096, LV=128, num_warps=8, NBP=1, k_loop=True),
 ]
 
 
@@ -458,7 +485,8 @@ def launch_shape(cfg: GemvConfig, m: int, n: int, k: int, group: int, chunk: int
     program per SM."""
     mp = triton.next_power_of_2(max(m, 1))
     bk, lv = _fit(cfg, k, group, mp, chunk)
-    split = k // bk
+    ksteps = k // bk if cfg.k_loop and not group and a_mode != 2 else 1
+    split = k // bk // ksteps
     bn = cfg.BN
     if group:  # one group (LV words) a row: more channels, so that a thread loads >= 16 words a tile
         bn = max(bn, min(256, 16 * 32 * cfg.num_warps // lv))
@@ -472,7 +500,7 @@ def launch_shape(cfg: GemvConfig, m: int, n: int, k: int, group: int, chunk: int
     nbp = max(1, min(nbp, num_nb))
     sc = 8 if group else min(triton.next_power_of_2(split), max(1, 64 // mp))
     assert bk // (8 * lv) in (1, 2, 4) and (not group or bk == group)
-    return dict(MP=mp, BN=bn, BK=bk, LV=lv, SPLIT_K=split, NBP=nbp, SC=sc, RB=max(128, 1024 // mp),
+    return dict(MP=mp, BN=bn, BK=bk, LV=lv, SPLIT_K=split, KSTEPS=ksteps, NBP=nbp, SC=sc, RB=max(128, 1024 // mp),
                 grid0=triton.cdiv(num_nb, nbp), blocks=num_nb)
 
 
@@ -548,7 +576,7 @@ def qgemv(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scal
     kwargs = dict(A_MODE=a_mode, QMAX=(1 << (act_bits - 1)) - 1 if a_mode == 2 else 127, B_MODE=b_mode,
                   CHUNK=chunk if b_mode == 2 else 128, GROUP=group, HAS_BIAS=bias is not None, MP=ls["MP"],
                   BN=ls["BN"], BK=ls["BK"], LV=ls["LV"], SC=ls["SC"], RB=ls["RB"], num_warps=cfg.num_warps,
-                  num_stages=1, ONE_SPLIT=int(ls["SPLIT_K"] == 1 and not group))
+                  num_stages=1, ONE_SPLIT=int(ls["SPLIT_K"] == 1 and not group), KSTEPS=ls["KSTEPS"])
     if not _INTERPRET:
         kwargs["enable_fp_fusion"] = False
     args = (a_arg, b_arg, a_scale, b_scale, bias if bias is not None else b_scale, c, ws, ws.view(torch.float32),
