@@ -42,6 +42,8 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "gbs_actorder": "Hadamard + GPTQ act order + GBS clipping",
           "ostquant_gbs": "OSTQuant + GPTQ + GBS clipping",
           "ruquant_gbs_actorder": "RUQuant stage 1+2 + GPTQ act order + GBS clipping",
+          "ruquant_online_gbs_actorder": "RUQuant online blocks per layer and input + GPTQ act order + GBS",
+          "ruquant_online_pooled_gbs_actorder": "RUQuant stage 1+2 + online blocks + GPTQ act order + GBS",
           "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
           "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
