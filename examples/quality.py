@@ -58,6 +58,9 @@ ROWS: dict[str, dict] = {
     # Hadamard R1 / R2 / R4 (same seed: the Hadamard signs of gbs_actorder), with the default's quantizer
     "ruquant_online_gbs_actorder": {"rotation": "ruquant-online", "weight_quantizer": "gptq", "clip": "gbs",
                                     "quantizer_options": {"act_order": True}},
+    # ... on o_proj's input only
+    "ruquant_online_o_gbs_actorder": {"rotation": "ruquant-online-o", "weight_quantizer": "gptq", "clip": "gbs",
+                                      "quantizer_options": {"act_order": True}},
     # ... and on top of RUQuant stage 1+2 (pooled R1 + reflection) instead of the Hadamard
     "ruquant_online_pooled_gbs_actorder": {"rotation": "ruquant-online-pooled", "weight_quantizer": "gptq",
                                            "clip": "gbs", "quantizer_options": {"act_order": True}},

@@ -85,7 +85,7 @@ def test_fit_site_blocks_are_orthogonal_and_never_worse_on_held_out_rows() -> No
     assert row_quant_mse(block_apply(x[768:], m), 4) == pytest.approx(errs[facts["choice"]])
 
 
-@pytest.mark.parametrize("rotation", ["ruquant-online", "ruquant-online-pooled"])
+@pytest.mark.parametrize("rotation", ["ruquant-online", "ruquant-online-o", "ruquant-online-pooled"])
 def test_absorbed_and_online_blocks_preserve_the_function(llama: Path, rotation: str) -> None:
     """Quantization off: W diag(B) with x -> B(R4(x)) online is the original model (fp32 tolerance)."""
     sink = InMemorySink()
@@ -112,7 +112,10 @@ def test_absorbed_and_online_blocks_preserve_the_function(llama: Path, rotation:
     bare = {n: v for n, v in t.items() if not n.endswith(ONLINE_BLOCKS)}
     assert float((_forward(bare, cfg, fmt, tokens) - want).norm() / want.norm()) > 1e-2
     rep = report["rotation"]["online_blocks"]
-    assert set(rep["choices"]) == {"qkv", "o", "gate_up", "down"} and rep["timings"]["fit_s"] >= 0
+    assert set(rep["choices"]) == ({"o"} if rotation == "ruquant-online-o" else {"qkv", "o", "gate_up", "down"})
+    assert rep["timings"]["fit_s"] >= 0
+    if rotation == "ruquant-online-o":
+        assert {n.split(".")[-2] for n in stored} == {"o_proj"}
 
 
 def test_simulation_rotates_by_the_blocks_before_quantizing() -> None:
