@@ -172,3 +172,26 @@ def test_resume_state_keeps_the_online_blocks() -> None:
     assert back.linear_blocks.keys() == plan.linear_blocks.keys()
     assert all(torch.equal(back.linear_blocks[i][n], t) for i, layer in plan.linear_blocks.items()
                for n, t in layer.items())
+
+
+def test_transfer_script_runs_on_the_tiny_model(llama: Path, tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    from convert import calibration
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "benchmarks" / "online_blocks_transfer.py"
+    spec = importlib.util.spec_from_file_location("online_blocks_transfer", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["online_blocks_transfer"] = mod
+    spec.loader.exec_module(mod)
+    text = calibration.default_calibration_text()
+    calib, other = tmp_path / "calib.txt", tmp_path / "other.txt"
+    calib.write_text(text[: len(text) // 2])
+    other.write_text(text[len(text) // 2:])
+    out = tmp_path / "t.json"
+    assert mod.main([str(llama), "--calib-text", str(calib), "--other-text", str(other), "--layers", "0,1",
+                     "--calib-samples", "8", "--seq-len", "32", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and all(r["calib_held_chosen"] <= r["calib_held_identity"] for r in rows)
