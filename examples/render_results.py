@@ -361,11 +361,13 @@ def _beats(name: str, res: dict[str, list[float]], better: str, worse: str) -> s
     sd = max(statistics.stdev(b), statistics.stdev(w))
     rng = max(max(b) - min(b), max(w) - min(w))
     yes = gap > 2 * sd
+    verdict = ("**yes**, more than twice the seed spread" if yes else
+               f"**no**: {LABELS[better]} is worse, by more than twice the seed spread" if -gap > 2 * sd else
+               "**no**, not more than twice the seed spread")
     return (f"- {name}: mean {statistics.mean(b):.2f} vs {statistics.mean(w):.2f} ({len(b)} and {len(w)} seeds), "
             f"{LABELS[better]} {'lower' if gap >= 0 else 'higher'} by {abs(gap):.2f}; "
             f"twice the larger sample sd is {2 * sd:.2f} (the larger "
-            f"max - min {rng:.2f}): "
-            f"**{'yes' if yes else 'no'}**, {'more' if yes else 'not more'} than twice the seed spread.")
+            f"max - min {rng:.2f}): {verdict}.")
 
 
 def seeds_32k_md(d: Path) -> str | None:
@@ -430,6 +432,8 @@ def seeds_32k_md(d: Path) -> str | None:
                "R1 / R2 / R4 and quantizer, plus stage-1 block transforms fitted per layer and per linear input and "
                "applied online (simulation only: the checkpoint format does not carry them yet), so it differs from "
                "the default recipe by the online blocks alone" if "ruquant_online_gbs_actorder" in rows else "")
+            + ("; the same on o_proj's input only (`ruquant-online-o`)"
+               if "ruquant_online_o_gbs_actorder" in rows else "")
             + ("; and the same online blocks on top of RUQuant stage 1+2 (`ruquant-online-pooled`)"
                if "ruquant_online_pooled_gbs_actorder" in rows else "") + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
