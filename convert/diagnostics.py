@@ -90,6 +90,12 @@ def transformed(x: dict[str, torch.Tensor], plan: RotationPlan, i: int) -> dict[
         out[site] = v
     r4 = plan.down_proj.get(i)
     out["down"] = r4.apply(x["down"]).double() if r4 is not None else x["down"].double()
+    for site, reader in (("qkv", "q_proj"), ("gate_up", "gate_proj"), ("down", "down_proj")):
+        blocks = plan.linear_blocks.get(i, {}).get(reader)  # ruquant-online's blocks after R1 / R4
+        if blocks is not None:
+            nb, b, _ = blocks.shape
+            v = out[site]
+            out[site] = torch.einsum("nka,kab->nkb", v.reshape(-1, nb, b), blocks.to(v)).reshape(v.shape)
     return out
 
 

@@ -29,7 +29,7 @@ from convert.model_io import CheckpointReader, CheckpointWriter, read_source
 from convert.modeling import decoder_layer, dense_linear, rms_norm, rope_tables
 from convert.quantizers import get_quantizer
 from convert.rotations import RotationContext, RotationPlan, get_rotation_method
-from convert.simulate import checkpoint_linear, kv_cache_quantizer
+from convert.simulate import ONLINE_BLOCKS, checkpoint_linear, kv_cache_quantizer
 from vllm_ruquant import __version__
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod
@@ -211,6 +211,11 @@ class Converter:
             r1 = plan.residual.to(self.device)
             eye = torch.eye(self.dims.hidden_size, dtype=torch.float64, device=self.device)
             assert torch.allclose(r1.T @ r1, eye, atol=1e-8), "R1 not orthogonal"
+        for layer in plan.linear_blocks.values():
+            for name, b in layer.items():
+                eye = torch.eye(b.shape[-1], dtype=torch.float64).expand_as(b)
+                assert torch.allclose(b.double().transpose(1, 2) @ b.double(), eye, atol=1e-8), \
+                    f"online blocks of {name} not orthogonal"
         return plan
 
     def _check_tp(self) -> None:
@@ -242,6 +247,13 @@ class Converter:
             elif r.blocks is not None and shard % r.blocks.shape[-1]:
                 raise ConvertError(f"--tp-size {tp}: down_proj rotation blocks of {r.blocks.shape[-1]} "
                                    f"straddle the shards of {shard}", ExitCode.UNSUPPORTED)
+        # row-parallel linears (o_proj, down_proj) quantize each rank's slice of their input
+        k_of = {"o_proj": self.dims.num_heads * self.dims.head_dim, "down_proj": f}
+        for layer in plan.linear_blocks.values():
+            for name, b in layer.items():
+                if name in k_of and (k_of[name] // tp) % b.shape[-1]:
+                    raise ConvertError(f"--tp-size {tp}: {name}'s online blocks of {b.shape[-1]} straddle "
+                                       f"the shards of {k_of[name] // tp}", ExitCode.UNSUPPORTED)
 
     def _expand_dimensions(self, plan: RotationPlan) -> None:
         """``--dimension-expansion``: where down_proj's input size f has no Hadamard, R4 becomes
@@ -326,6 +338,15 @@ class Converter:
             fuse.absorb_online_rotation(sd, f"{p}.mlp.down_proj", r4)
             if r4.blocks is not None:  # block_diagonal: the plugin reads each layer's blocks
                 sd[fmt_mod.tensor_name(f"{p}.mlp.down_proj", fmt_mod.ONLINE_ROTATION)] = r4.blocks.double()
+        # online blocks after R1 / R2 / R4 (``ruquant-online``): W <- W diag(B), B stored beside it
+        for name, blocks in plan.linear_blocks.get(i, {}).items():
+            prefix = next(n[: -len(".weight")] for n in sd if n.endswith(f".{name}.weight"))
+            bd = blocks.double().to(dev)
+            w = sd[f"{prefix}.weight"]
+            nb, b, _ = bd.shape
+            wb = w.reshape(w.shape[0], nb, b).transpose(0, 1) @ bd  # (nb, N, b): each column block times its B
+            sd[f"{prefix}.weight"] = wb.transpose(0, 1).reshape(w.shape)
+            sd[fmt_mod.tensor_name(prefix, ONLINE_BLOCKS)] = bd
         return sd
 
     def _hessians(self, h: torch.Tensor, i: int, sd32: dict[str, torch.Tensor], fmt: fmt_mod.RUQuantFormat,
@@ -386,7 +407,7 @@ class Converter:
 
     def _storage(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Final dtypes: integers stay, scales/rotations fp32, everything else the model dtype."""
-        keep_fp32 = (fmt_mod.WEIGHT_SCALE, fmt_mod.ONLINE_ROTATION)
+        keep_fp32 = (fmt_mod.WEIGHT_SCALE, fmt_mod.ONLINE_ROTATION, ONLINE_BLOCKS)
         out = {}
         for n, t in sd.items():
             t = t.cpu()
@@ -545,6 +566,9 @@ def _plan_tensors(plan: RotationPlan) -> dict[str, torch.Tensor]:
     for i, scales in plan.norm_scales.items():
         for norm, s in scales.items():
             t[f"norm_scales.{i}.{norm}"] = s
+    for i, layer in plan.linear_blocks.items():
+        for name, b in layer.items():
+            t[f"linear_blocks.{i}.{name}"] = b.clone(memory_format=torch.contiguous_format)  # q/k/v share one
     return t
 
 
@@ -552,12 +576,16 @@ def _plan_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
     down = {int(i): ref.OnlineRotation(kind, size, tensors.get(f"down_proj.{i}"), block_size, padded_from)
             for i, (kind, size, block_size, padded_from) in meta["down_proj"].items()}
     scales: dict[int, dict[str, torch.Tensor]] = {}
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
     for name, s in tensors.items():
         if name.startswith("norm_scales."):
             _, i, norm = name.split(".")
             scales.setdefault(int(i), {})[norm] = s
+        elif name.startswith("linear_blocks."):
+            _, i, lin = name.split(".")
+            blocks.setdefault(int(i), {})[lin] = s
     return RotationPlan(residual=tensors.get("residual"), head=tensors.get("head"), down_proj=down,
-                        report=meta["report"], norm_scales=scales)
+                        report=meta["report"], norm_scales=scales, linear_blocks=blocks)
 
 
 def convert(model_dir: Path, out_dir: Path, opts: ConvertOptions, overwrite: bool = False) -> dict[str, Any]:

@@ -16,6 +16,14 @@ from convert.modeling import KVQuantFn, LinearFn
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod
 
+# ``<prefix>.online_blocks``: float32 (nb, b, b), an online block-diagonal rotation of the
+# linear's input applied AFTER the format's online rotation of that site (if any) and before
+# the activation quantization; the weight has it absorbed. Written by ``--rotation
+# ruquant-online``. Not part of the checkpoint format (version 1) yet: ``ruquant-validate`` and
+# the plugin refuse a checkpoint that carries it ("unexpected tensor"), so it is never served
+# without its rotation; this simulation (``ruquant-eval``) applies it.
+ONLINE_BLOCKS = "online_blocks"
+
 
 def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], torch.Tensor],
                       has: Callable[[str], bool], compute_dtype: torch.dtype = torch.float32,
@@ -39,13 +47,17 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
             bias_name = fmt_mod.tensor_name(prefix, fmt_mod.BIAS)
             bias = get(bias_name) if has(bias_name) else None
             qname = fmt_mod.tensor_name(prefix, fmt_mod.QWEIGHT)
+            rot = rotation_of(prefix)
+            blocks_name = fmt_mod.tensor_name(prefix, ONLINE_BLOCKS)
+            if has(blocks_name):  # the site's rotation, then the blocks: one rotation as the kernel sees it
+                rot = BlockAfter(rot, get(blocks_name).float())
             if has(qname):
                 assert fmt is not None
                 w_q = ref.unpack_weight(get(qname), fmt.weight.bits)
                 scale = get(fmt_mod.tensor_name(prefix, fmt_mod.WEIGHT_SCALE)).float()
-                cache[prefix] = ("q", w_q, scale, bias, rotation_of(prefix))
+                cache[prefix] = ("q", w_q, scale, bias, rot)
             else:
-                cache[prefix] = ("fp", get(f"{prefix}.weight").float(), None, bias, rotation_of(prefix))
+                cache[prefix] = ("fp", get(f"{prefix}.weight").float(), None, bias, rot)
         kind, w, scale, bias, rot = cache[prefix]
         xc = x.to(compute_dtype)
         if kind == "q":
@@ -62,6 +74,23 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
         return y + bias.float() if bias is not None else y
 
     return linear
+
+
+class BlockAfter:
+    """``x -> block_diagonal(first(x), blocks)``: an online rotation (or none) followed by a
+    block-diagonal one, with ``reference.OnlineRotation``'s ``apply`` / ``matrix``, so
+    ``reference.quantized_linear`` quantizes what it returns (in fp32, as the block op does)."""
+
+    def __init__(self, first: ref.OnlineRotation | None, blocks: torch.Tensor) -> None:
+        self.first, self.blocks = first, blocks
+        self.size = blocks.shape[0] * blocks.shape[1]
+        self.in_features = first.in_features if first is not None else self.size
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.block_diagonal_rotate(self.first.apply(x) if self.first is not None else x.float(), self.blocks)
+
+    def matrix(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.in_features, dtype=torch.float32))
 
 
 def kv_cache_quantizer(spec: fmt_mod.KVCacheSpec, online_rotation: bool = True,

@@ -57,7 +57,17 @@ ROWS: dict[str, dict] = {
                          "quantizer_options": {"act_order": True}},
     # issue 24 item 4: RUQuant stage 1+2 with the default recipe's quantizer (act order + GBS), vs gbs_actorder
     "ruquant_gbs_actorder": {"rotation": "ruquant", "weight_quantizer": "gptq", "clip": "gbs",
-                            "quantizer_options": {"act_order": True}},
+                             "quantizer_options": {"act_order": True}},
+    # issue 24 item 1: RUQuant stage 1 per layer and per linear input, online blocks on top of the
+    # Hadamard R1 / R2 / R4 (same seed: the Hadamard signs of gbs_actorder), with the default's quantizer
+    "ruquant_online_gbs_actorder": {"rotation": "ruquant-online", "weight_quantizer": "gptq", "clip": "gbs",
+                                    "quantizer_options": {"act_order": True}},
+    # ... on o_proj's input only
+    "ruquant_online_o_gbs_actorder": {"rotation": "ruquant-online-o", "weight_quantizer": "gptq", "clip": "gbs",
+                                      "quantizer_options": {"act_order": True}},
+    # ... and on top of RUQuant stage 1+2 (pooled R1 + reflection) instead of the Hadamard
+    "ruquant_online_pooled_gbs_actorder": {"rotation": "ruquant-online-pooled", "weight_quantizer": "gptq",
+                                           "clip": "gbs", "quantizer_options": {"act_order": True}},
     # OSTQuant's training knobs (module constants of convert/rotations/ostquant.py) under "ostquant"
     "ostquant_clipkv_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                      "quantizer_options": {"act_order": True},

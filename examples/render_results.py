@@ -43,6 +43,9 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "gbs_actorder_g64": "Hadamard + GPTQ act order + GBS clipping, weight groups of 64",
           "ostquant_gbs": "OSTQuant + GPTQ + GBS clipping",
           "ruquant_gbs_actorder": "RUQuant stage 1+2 + GPTQ act order + GBS clipping",
+          "ruquant_online_gbs_actorder": "RUQuant online blocks per layer and input + GPTQ act order + GBS",
+          "ruquant_online_pooled_gbs_actorder": "RUQuant stage 1+2 + online blocks + GPTQ act order + GBS",
+          "ruquant_online_o_gbs_actorder": "RUQuant online blocks on o_proj's input only + GPTQ act order + GBS",
           "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
           "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
@@ -334,7 +337,10 @@ def recipes_md(d: Path) -> str | None:
             "- The chosen default per scheme and the reasoning: `docs/methods.md` (\"Default recipe per scheme\").\n")
 
 
-SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder"]  # issue 24 item 4's rows
+# issue 24 item 4's rows, and item 1's RUQuant with online blocks per layer and input (a row is shown once measured)
+SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder", "ruquant_online_gbs_actorder",
+             "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder"]
+BASE_SEED_ROWS = SEED_ROWS[:3]  # shown (as "not run") even before any of their cells exist
 
 
 def _spread(xs: list[float]) -> tuple[str, str, str]:
@@ -356,11 +362,13 @@ def _beats(name: str, res: dict[str, list[float]], better: str, worse: str) -> s
     sd = max(statistics.stdev(b), statistics.stdev(w))
     rng = max(max(b) - min(b), max(w) - min(w))
     yes = gap > 2 * sd
+    verdict = ("**yes**, more than twice the seed spread" if yes else
+               f"**no**: {LABELS[better]} is worse, by more than twice the seed spread" if -gap > 2 * sd else
+               "**no**, not more than twice the seed spread")
     return (f"- {name}: mean {statistics.mean(b):.2f} vs {statistics.mean(w):.2f} ({len(b)} and {len(w)} seeds), "
             f"{LABELS[better]} {'lower' if gap >= 0 else 'higher'} by {abs(gap):.2f}; "
             f"twice the larger sample sd is {2 * sd:.2f} (the larger "
-            f"max - min {rng:.2f}): "
-            f"**{'yes' if yes else 'no'}**, {'more' if yes else 'not more'} than twice the seed spread.")
+            f"max - min {rng:.2f}): {verdict}.")
 
 
 def seeds_32k_md(d: Path) -> str | None:
@@ -378,11 +386,12 @@ def seeds_32k_md(d: Path) -> str | None:
     if odd:
         raise SystemExit(f"{d}: seed files {odd} were made with other settings than {files[min(files)][0]}")
     seeds = sorted(files)
+    rows = [r for r in SEED_ROWS if r in BASE_SEED_ROWS or any(r in q["results"] for _, q in files.values())]
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | max - min | sample sd | conversion s (mean) |", "|---|" + "---:|" * (len(seeds) + 4)]
     ppl: dict[str, list[float]] = {}
     cells = []
-    for r in SEED_ROWS:
+    for r in rows:
         row = [files[s][1]["results"].get(r, {}).get("w4a4kv4") for s in seeds]
         got = [c for c in row if c]
         cells += got
@@ -391,7 +400,7 @@ def seeds_32k_md(d: Path) -> str | None:
         conv = f"{sum(secs) / len(secs):.0f}" if secs else "-"
         lines.append(f"| {LABELS[r]} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "not run" for c in row)
                      + " | " + " | ".join(_spread(ppl[r])) + f" | {conv} |")
-    missing = [f"{LABELS[r]} seed {s}" for r in SEED_ROWS for s in seeds
+    missing = [f"{LABELS[r]} seed {s}" for r in rows for s in seeds
                if "w4a4kv4" not in files[s][1]["results"].get(r, {})]
     old = d / "recipes_32k.json"
     old_cell = (json.loads(old.read_text())["results"].get("gbs_actorder", {}).get("w4a4kv4")
@@ -406,10 +415,10 @@ def seeds_32k_md(d: Path) -> str | None:
                   "damping), so it is not the same protocol as the cells above.\n")
     n, l = base["calib"]
     cmd = "".join(QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} "
-                  f"--calib-seq-len {l} --rows {','.join(SEED_ROWS)} --schemes w4a4kv4 --seed {s} "
+                  f"--calib-seq-len {l} --rows {','.join(rows)} --schemes w4a4kv4 --seed {s} "
                   f"--json {files[s][0]}\n" for s in seeds)
     return (f"{HEADER}# Three calibration seeds at w4a4kv4 on {base['max_eval_tokens']} held-out tokens: {d.name}\n\n"
-            f"Issue 24 item 4. From {', '.join(f'`{files[s][0]}`' for s in seeds)} (one file per calibration "
+            f"Issue 24 items 4 and 1. From {', '.join(f'`{files[s][0]}`' for s in seeds)} (one file per calibration "
             f"seed): {_settings(base, seed=False)}. Simulated quantization (`convert/evaluate.py`) on the CPU; every "
             "cell is its own conversion with that seed (the calibration windows drawn, the rotations' random signs, "
             "RUQuant's seeded pairings and minibatches). "
@@ -418,11 +427,30 @@ def seeds_32k_md(d: Path) -> str | None:
             + "\n".join(lines) + "\n\n"
             "Spread is over seeds: max - min, and the sample standard deviation (n - 1). The rows: Hadamard + plain "
             "GPTQ (the QuaRot-style baseline), the default recipe (Hadamard + GPTQ act order + GBS clipping), and "
-            "RUQuant stage 1+2 with the default recipe's quantizer, so the last two differ by the rotation alone.\n\n"
+            "RUQuant stage 1+2 with the default recipe's quantizer, so it and the default recipe differ by the "
+            "rotation alone"
+            + ("; RUQuant online blocks (`--rotation ruquant-online`, issue 24 item 1): the default recipe's Hadamard "
+               "R1 / R2 / R4 and quantizer, plus stage-1 block transforms fitted per layer and per linear input and "
+               "applied online (simulation only: the checkpoint format does not carry them yet), so it differs from "
+               "the default recipe by the online blocks alone" if "ruquant_online_gbs_actorder" in rows else "")
+            + ("; the same on o_proj's input only (`ruquant-online-o`)"
+               if "ruquant_online_o_gbs_actorder" in rows else "")
+            + ("; and the same online blocks on top of RUQuant stage 1+2 (`ruquant-online-pooled`)"
+               if "ruquant_online_pooled_gbs_actorder" in rows else "") + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
             + _beats("RUQuant vs the default recipe (the rotation alone)", ppl, "ruquant_gbs_actorder",
-                     "gbs_actorder") + "\n\n" + (notes + "\n" if notes else "")
+                     "gbs_actorder") + "\n"
+            + "".join(_beats(name, ppl, r, worse) + "\n" for name, r, worse in (
+                ("RUQuant online blocks vs Hadamard + GPTQ (issue 24's acceptance line, with act order + GBS)",
+                 "ruquant_online_gbs_actorder", "hadamard_gptq"),
+                ("RUQuant online blocks vs the default recipe (the online blocks alone)",
+                 "ruquant_online_gbs_actorder", "gbs_actorder"),
+                ("RUQuant online blocks on o_proj's input only vs the default recipe",
+                 "ruquant_online_o_gbs_actorder", "gbs_actorder"),
+                ("RUQuant stage 1+2 + online blocks vs the default recipe", "ruquant_online_pooled_gbs_actorder",
+                 "gbs_actorder")) if r in rows)
+            + "\n" + (notes + "\n" if notes else "")
             + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
             "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "
             "front: with torch's default two threads on the 2 shared cores the evaluation ran about 10x slower "

@@ -6,9 +6,11 @@ from convert.rotations.base import RotationContext, RotationMethod, RotationPlan
 from convert.rotations.hadamard import HadamardRotation, NoRotation
 from convert.rotations.ostquant import OSTQuantRotation
 from convert.rotations.ruquant import RUQuantStage1, RUQuantStage12
+from convert.rotations.ruquant_online import RUQuantOnline, RUQuantOnlineO, RUQuantOnlinePooled
 
 METHODS: dict[str, type[RotationMethod]] = {
-    m.name: m for m in (HadamardRotation, NoRotation, OSTQuantRotation, RUQuantStage12, RUQuantStage1)
+    m.name: m for m in (HadamardRotation, NoRotation, OSTQuantRotation, RUQuantStage12, RUQuantStage1,
+                        RUQuantOnline, RUQuantOnlinePooled, RUQuantOnlineO)
 }
 
 

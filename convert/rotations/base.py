@@ -32,6 +32,11 @@ class RotationPlan:
     norm_scales: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     # intermediate plans (e.g. "hadamard", "stage1"), for the Lloyd-Max / QSUR diagnostics
     stages: dict[str, RotationPlan] = field(default_factory=dict)
+    # layer -> {linear's last name (q_proj ... down_proj): B (nb, b, b) float64}: an online
+    # block-diagonal rotation of that linear's input, applied after R1 / R2 / R4 (the served
+    # input is ``blocks(R4(x))``); the converter absorbs it (W -> W diag(B)) and stores B
+    # (``convert.simulate.ONLINE_BLOCKS``). ``ruquant-online`` fits one per layer and input.
+    linear_blocks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
