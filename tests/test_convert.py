@@ -13,10 +13,9 @@ from convert import cli
 from convert.errors import ExitCode
 from convert.evaluate import Evaluator, LoadedModel
 from convert.model_io import read_config
-from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
-from convert.simulate import checkpoint_linear
 from convert.tiny_models import make_tiny_llama
+from convert_helpers import simulated_logits
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.models import model_dims
 from vllm_ruquant.checkpoint.shards import sha256_file
@@ -33,20 +32,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "qwen2": make_tiny_llama(root / "qwen2", arch="qwen2", intermediate_size=344, seed=2),
         "mistral": make_tiny_llama(root / "mistral", arch="mistral", intermediate_size=256, seed=3),
     }
-
-
-def _forward(tensors: dict[str, torch.Tensor], cfg: dict, fmt: fmt_mod.RUQuantFormat, tokens: torch.Tensor):
-    dims = model_dims({**cfg, "tie_word_embeddings": False})
-
-    def get(n: str) -> torch.Tensor:
-        return tensors[n] if tensors[n].dtype in (torch.uint8, torch.int8) else tensors[n].float()
-
-    lin = checkpoint_linear(fmt, get, tensors.__contains__)
-    h = get("model.embed_tokens.weight")[tokens]
-    rope = rope_tables(dims, tokens.shape[-1])
-    for i in range(dims.num_layers):
-        h = decoder_layer(h, i, dims, lin, get, rope)
-    return lm_logits(h, dims, get)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -69,7 +54,7 @@ def test_rotations_preserve_the_function(models, arch: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():
         expect = model(tokens).logits
-    got = _forward(sink.tensors, read_config(src), fmt, tokens)
+    got = simulated_logits(sink.tensors, read_config(src), fmt, tokens)
     rel = float((got - expect).norm() / expect.norm())
     assert rel < 1e-4, rel
 

@@ -12,7 +12,6 @@ import torch
 from convert import cli
 from convert.diagnostics import PLOT_NAME, lloyd_max_stats, qsur
 from convert.evaluate import Evaluator, LoadedModel
-from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.rotations.ostquant import cayley
 from convert.rotations.ruquant import (
@@ -26,10 +25,9 @@ from convert.rotations.ruquant import (
     stage1_blocks,
     uniform_target,
 )
-from convert.simulate import checkpoint_linear
 from convert.tiny_models import make_tiny_llama
+from convert_helpers import simulated_logits
 from vllm_ruquant.checkpoint import format as fmt_mod
-from vllm_ruquant.checkpoint.models import model_dims
 
 FAST = dict(calib_samples=2, calib_seq_len=32)
 
@@ -49,19 +47,6 @@ def short_optimisations(monkeypatch) -> None:
     monkeypatch.setattr(ruquant, "STAGE2", ruquant.Stage2Config(steps=4))
     monkeypatch.setattr(ruquant, "STAGE2_FINETUNE", ruquant.Stage2Config(reflections=2, steps=6, layers=0))
     monkeypatch.setattr(ostquant, "STEPS", 4)
-
-
-def _forward(tensors: dict[str, torch.Tensor], cfg: dict, fmt: fmt_mod.RUQuantFormat, tokens: torch.Tensor):
-    """Logits of an in-memory converted model through the simulated serving linears."""
-    dims = model_dims({**cfg, "tie_word_embeddings": False})
-    get = tensors.__getitem__
-    lin = checkpoint_linear(fmt, lambda n: get(n) if get(n).dtype in (torch.uint8, torch.int8) else get(n).float(),
-                            tensors.__contains__)
-    h = get("model.embed_tokens.weight").float()[tokens]
-    rope = rope_tables(dims, tokens.shape[-1])
-    for i in range(dims.num_layers):
-        h = decoder_layer(h, i, dims, lin, lambda n: get(n).float(), rope)
-    return lm_logits(h, dims, lambda n: get(n).float())
 
 
 def _outlier_activations(n: int = 2048, d: int = 128, seed: int = 0) -> torch.Tensor:
@@ -153,7 +138,7 @@ def test_rotation_preserves_the_function(llama: Path, rotation: str) -> None:
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = Evaluator(LoadedModel.open(llama), torch.device("cpu")).logits(tokens)
     cfg = json.loads((llama / "config.json").read_text())
-    got = _forward(sink.tensors, cfg, fmt, tokens)
+    got = simulated_logits(sink.tensors, cfg, fmt, tokens)
     assert float((got - ref).norm() / ref.norm()) < 1e-4
     diag = report["diagnostics"]["summary"]
     assert set(diag) == {"qkv", "gate_up", "down"} and "none" in diag["qkv"] and "final" in diag["qkv"]

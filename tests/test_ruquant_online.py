@@ -14,16 +14,15 @@ import torch
 
 from convert import cli
 from convert.evaluate import Evaluator, LoadedModel
-from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.rotations import ruquant_online
 from convert.rotations.ruquant_online import block_apply, fit_site
 from convert.simulate import ONLINE_BLOCKS, checkpoint_linear
 from convert.tiny_models import make_tiny_llama
+from convert_helpers import simulated_logits
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.errors import RUQuantError
-from vllm_ruquant.checkpoint.models import model_dims
 from vllm_ruquant.checkpoint.validate import validate
 
 FAST = dict(calib_samples=4, calib_seq_len=32)
@@ -44,19 +43,6 @@ def short_stage1(monkeypatch) -> None:
     monkeypatch.setattr(ruquant_online, "STAGE1", fast)
     monkeypatch.setattr(ruquant, "STAGE1", fast)
     monkeypatch.setattr(ruquant, "STAGE2", ruquant.Stage2Config(steps=3))
-
-
-def _forward(tensors: dict[str, torch.Tensor], cfg: dict, fmt: fmt_mod.RUQuantFormat | None,
-             tokens: torch.Tensor) -> torch.Tensor:
-    dims = model_dims({**cfg, "tie_word_embeddings": False})
-    get = tensors.__getitem__
-    lin = checkpoint_linear(fmt, lambda n: get(n) if get(n).dtype in (torch.uint8, torch.int8) else get(n).float(),
-                            tensors.__contains__)
-    h = get("model.embed_tokens.weight").float()[tokens]
-    rope = rope_tables(dims, tokens.shape[-1])
-    for i in range(dims.num_layers):
-        h = decoder_layer(h, i, dims, lin, lambda n: get(n).float(), rope)
-    return lm_logits(h, dims, lambda n: get(n).float())
 
 
 def _outliers(n: int = 1024, d: int = 128, seed: int = 0) -> torch.Tensor:
@@ -106,11 +92,11 @@ def test_absorbed_and_online_blocks_preserve_the_function(llama: Path, rotation:
     want = Evaluator(LoadedModel.open(llama), torch.device("cpu")).logits(tokens)
     cfg = json.loads((llama / "config.json").read_text())
     fmt = fmt_mod.RUQuantFormat.from_dict(report["format"])
-    got = _forward(t, cfg, fmt, tokens)
+    got = simulated_logits(t, cfg, fmt, tokens)
     assert float((got - want).norm() / want.norm()) < 1e-4
     # ... and without the online blocks (absorbed only) it is not
     bare = {n: v for n, v in t.items() if not n.endswith(ONLINE_BLOCKS)}
-    assert float((_forward(bare, cfg, fmt, tokens) - want).norm() / want.norm()) > 1e-2
+    assert float((simulated_logits(bare, cfg, fmt, tokens) - want).norm() / want.norm()) > 1e-2
     rep = report["rotation"]["online_blocks"]
     assert set(rep["choices"]) == ({"o"} if rotation == "ruquant-online-o" else {"qkv", "o", "gate_up", "down"})
     assert rep["timings"]["fit_s"] >= 0
