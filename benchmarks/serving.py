@@ -302,6 +302,11 @@ def engine_environment() -> dict[str, str]:
     return {**ENGINE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def ruquant_settings() -> str:
+    """The plugin's ``RUQUANT_*`` switches the engine ran under (a row says which variant it timed)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(engine_environment().items()) if k.startswith("RUQUANT_"))
+
+
 def environment() -> dict[str, str]:
     env = {"python": platform.python_version(), "host": platform.node()}
     for mod in ("torch", "vllm", "triton"):
@@ -460,6 +465,7 @@ def run_config(name: str, runs: list[dict[str, Any]], models_dir: Path, timeout:
         row["wall_s"] = done["wall_s"] if done is not None else wall
         row["engine_start_s"] = report.get("engine_start_s")
         row["kv_cache_tokens"] = kv_tokens
+        row["ruquant_env"] = ruquant_settings()
         if evidence is not None:
             row.update({k: v for k, v in evidence.items() if k != "contradiction"})
         rows[r["workload"]] = row

@@ -18,6 +18,9 @@
 #                                                serving rows with the best one (RUQUANT_INT4_KV_DECODE_PLAN)
 #   bash scripts/gpu_session.sh tp2                  TP=2 engines vs the simulation (2-GPU machine; not yet run)
 #   bash scripts/gpu_session.sh graphq               served vs simulated with the quantization in the compiled graph
+#   bash scripts/gpu_session.sh decode               issue 22's newest GPU tests (k_loop GEMV tiles, one-pass norm +
+#                                                quantization), then down_proj's one-token tile sweep; the best tile
+#                                                goes to /tmp/bench/long_k_tile, for RUQUANT_GEMV_LONG_K_TILE in `bench`
 #   bash scripts/gpu_session.sh gemv [ARGS]          decode GEMV (issue 22): its GPU tests, then decode_linears.py ARGS
 #                                                (default: gemm / gemv / linear / linear_gemv at M 1-16, the tile sweep)
 # A ruquant serving config on a fresh machine needs ~240 s (vLLM's first import, torch.compile,
@@ -109,6 +112,20 @@ case "${1:-}" in
       tests/test_serve_openai.py tests/test_kernels_gpu.py -k "openai or quantized_in_the_graph" 2>&1 \
       | tee "$OUT/gpu_tests_graphq.log" | grep -E "passed|failed|serve_openai\[cuda\]|^E " | tail -8
     ;;
+  decode)
+    python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging tests/test_kernels_gpu.py \
+      -k "k_loop or one_pass or divides_like_eager" 2>&1 | tee "$OUT/gpu_tests_decode.log" \
+      | grep -E "passed|failed|^E |Error|norm \+ quantization|constant divisor" | tail -12
+    python3 benchmarks/decode_linears.py --out "$OUT/lin" --only stream,gemv --ms 1 --gemv-sweep --gemv-int8 --gemv-ms 1 \
+      2>&1 | tee "$OUT/decode_linears.log" | tail -12
+    python3 - "$OUT/lin/gemv_sweep.json" <<'EOF' | tee /tmp/bench/long_k_tile.txt
+import json, sys
+row = next(r for r in json.load(open(sys.argv[1]))["rows"] if r["K"] > 4096 and r["M"] == 1)
+best = min(row["tiles"], key=row["tiles"].get)
+print(best, file=open("/tmp/bench/long_k_tile", "w"))
+print(f"down_proj M=1: default {row['default']} {row['default_us']:.1f} us, best {best} {row['tiles'][best]:.1f} us")
+EOF
+    ;;
   gemv)
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py -k gemv 2>&1 | tee "$OUT/gpu_tests_gemv.log" \
       | grep -E "passed|failed|^E |Error" | tail -12
@@ -116,5 +133,5 @@ case "${1:-}" in
     lin_args=("$@"); [ ${#lin_args[@]} -eq 0 ] && lin_args=(--only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 --gemv-sweep)
     python3 benchmarks/decode_linears.py --out "$OUT/lin" "${lin_args[@]}" 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
     ;;
-  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | graphq | gemv"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | graphq | decode | gemv"; exit 2 ;;
 esac

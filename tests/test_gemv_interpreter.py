@@ -130,6 +130,21 @@ def test_supports_and_tiles() -> None:
     assert launch_shape(loop, 1, 4096, 14336, 0, a_mode=2)["KSTEPS"] == 1  # float activations: split K
 
 
+def test_tile_names_and_the_long_k_override(monkeypatch) -> None:
+    """Every swept tile reads back from its name (what the sweep's JSON and ``RUQUANT_GEMV_LONG_K_TILE``
+    carry); the override takes down_proj's decode tile only, and a bad name says what a name looks like."""
+    from vllm_ruquant.kernels import gemv
+
+    for cfg in gemv.SWEEP:
+        assert gemv.GemvConfig.parse(cfg.short()) == cfg
+    loop = gemv.GemvConfig(BN=32, BK=4096, LV=128, num_warps=8, NBP=1, k_loop=True)
+    monkeypatch.setattr(gemv, "LONG_K_TILE", loop.short())
+    assert gemv.default_config(1, 4096, 14336, 0) == loop
+    assert gemv.default_config(1, 6144, 4096, 0) != loop and gemv.default_config(1, 4096, 14336, 2) != loop
+    with pytest.raises(ValueError, match="bn64-bk512"):
+        gemv.GemvConfig.parse("bn16-kloop")
+
+
 @pytest.mark.parametrize("case", [
     (4, -1, None, 172, 48),  # K padded to 256: rotate_quant into a zeroed buffer, then a_mode 0
     (8, -1, "hadamard", 256, 40),  # rotated: rotate_quant, then a_mode 0

@@ -374,9 +374,9 @@ def test_compiled_quantization_divides_like_eager(bits: int, clip: float) -> Non
     differs from ``absmax * clip * fl(1 / qmax)`` (Inductor's rewrite of a division by a constant on
     GPUs), and elements at half steps of that scale and one ulp either side (where Triton's approximate
     ``/`` rounds the other way). The same with a constant divisor is printed, not asserted."""
-    from vllm_ruquant.kernels import backend as be
+    from vllm_ruquant.kernels import inductor_setup
 
-    be._inductor_rounds_like_eager()
+    inductor_setup.rounds_like_eager()
     qmax = ref.qmax_for(bits)
     a = torch.rand(20000, generator=torch.Generator().manual_seed(bits)) * 8 + 0.5
     a = a[(a * clip / qmax) != (a * clip * torch.tensor(1.0 / qmax))][:256]
@@ -394,6 +394,40 @@ def test_compiled_quantization_divides_like_eager(bits: int, clip: float) -> Non
           f"qmax tensor {int((s_c.cpu() != s_e).sum())} and {int((q_c.cpu() != q_e).sum())}")
     assert torch.equal(s_c.cpu(), s_e)
     assert torch.equal(q_c.cpu(), q_e)
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_norm_and_quantization_compile_to_one_pass(tokens: int) -> None:
+    """Under the settings ``prepare`` makes (``inductor_setup``), Inductor compiles what vLLM's graph holds
+    before qkv / gate_up (residual add, bf16 RMSNorm, per-token int4 quantization on the layer's qmax tensor)
+    into persistent kernels: each row read once, not a looped reduction over it three times. The integers
+    and scales are the reference's for the normed row the compiled graph made."""
+    import re
+
+    from torch._inductor.utils import fresh_inductor_cache, run_and_get_code
+
+    from vllm_ruquant.kernels import inductor_setup
+
+    inductor_setup.configure_for_graph_quant()
+    gen = torch.Generator().manual_seed(tokens)
+    h, r = ((torch.randn(tokens, 4096, generator=gen) * 3).to(torch.bfloat16).cuda() for _ in range(2))
+    gamma = (torch.rand(4096, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+    qmax = torch.tensor(7.0, device="cuda")
+
+    def add_norm_quantize(h: torch.Tensor, r: torch.Tensor):
+        s = h.float() + r.float()
+        x = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * gamma
+        return (*ref.quantize_activation(x, 4, 0.9, qmax), x, s.to(torch.bfloat16))
+
+    torch._dynamo.reset()
+    torch._dynamo.mark_dynamic(h, 0)  # vLLM compiles for any number of tokens
+    with fresh_inductor_cache():
+        (q, scale, x, _), codes = run_and_get_code(torch.compile(add_norm_quantize, fullgraph=True), h, r)
+    kernels = re.findall(r"def (triton_\w+)\(", "\n".join(codes))
+    print(f"\nnorm + quantization, {tokens} tokens: {kernels}")
+    assert kernels and all(k.startswith(("triton_per_", "triton_poi_")) for k in kernels), kernels
+    q_ref, s_ref = ref.quantize_activation(x.cpu(), 4, 0.9)  # CPU eager: IEEE division
+    assert torch.equal(scale.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
 
 
 # ------------------------------------------------------------------------------ decode GEMV

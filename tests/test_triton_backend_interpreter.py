@@ -216,9 +216,10 @@ def test_compiled_layer_quantizes_in_the_graph(triton_interpreter: None, monkeyp
     ``ruquant::int_linear`` on the integers; loading such a layer makes Inductor round like eager, so the
     result is the reference's exactly. Eager it stays one ``ruquant::linear`` call, exactly as well."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.virtualized import V
 
     from vllm_ruquant import ops
-    from vllm_ruquant.kernels import TritonBackend
+    from vllm_ruquant.kernels import TritonBackend, inductor_setup
     from vllm_ruquant.kernels import backend as be
     from vllm_ruquant.linear import RUQuantLinearMethod
 
@@ -242,6 +243,7 @@ def test_compiled_layer_quantizes_in_the_graph(triton_interpreter: None, monkeyp
         backend = TritonBackend()
         layer = _LayerStub(backend, spec, backend.prepare(spec, ref.pack_weight(w_q, 4), w_s))
         assert layer.ruquant_graph_quant and inductor_config.emulate_precision_casts  # set at load time
+        assert isinstance(V.choices, inductor_setup.RowPersistentChoices)  # norm + quantization rows in one pass
         backend = ops._KINDS[layer.ruquant_kind_id].backend  # the op runs the first backend of this kind
         paths: list[str] = []
         for name in ("apply", "apply_quantized"):

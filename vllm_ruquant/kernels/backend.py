@@ -73,8 +73,9 @@ FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX
 # Llama-3-8B shape, served decode step 3606 -> 3360 us at batch 1, 4344 -> 4013 at batch 16
 # (gpu-2026-12-04f). Fused behind the bf16 RMSNorm, Inductor would quantize the normalized activation
 # before its rounding to bf16 (some integers one step off the simulation's, scales up to 0.3%) unless
-# its ``emulate_precision_casts`` is set, which ``prepare`` therefore sets; with it the served model's
-# greedy output equals the simulation's on the H200 (gpu-2026-12-04g) (docs/kernels.md).
+# its ``emulate_precision_casts`` is set, which ``prepare`` therefore sets (``inductor_setup``, with the
+# whole-row reductions); with it the served model's greedy output equals the simulation's on the H200
+# (gpu-2026-12-04g) (docs/kernels.md).
 GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "1") == "1"
 
 
@@ -137,7 +138,9 @@ class TritonBackend:
     def prepare(self, spec: LinearSpec, qweight: torch.Tensor, weight_scale: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         if self.quantizes_in_graph(spec):
-            _inductor_rounds_like_eager()
+            from vllm_ruquant.kernels import inductor_setup  # noqa: PLC0415  (torch._inductor, on demand)
+
+            inductor_setup.configure_for_graph_quant()
         path = _path(spec)
         out: dict[str, torch.Tensor] = {}
         if spec.rotation is not None and spec.rotation.kind == "block_diagonal":
@@ -292,32 +295,6 @@ class TritonBackend:
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*lead, spec.out_features)
-
-
-def _inductor_rounds_like_eager() -> None:
-    """Have Inductor compute as eager torch does where a quantization fused into its kernels depends on
-    it: round each op's result to its dtype (``emulate_precision_casts``), so that the quantization behind
-    the bf16 RMSNorm sees the simulation's bf16 activations; and divide with IEEE rounding (Triton's
-    ``/`` is an approximate division, ``div.full.f32``), so that ``x / scale`` rounds to the integers the
-    simulation's division gives. Set at load time (``prepare``): vLLM compiles at the first forward, after
-    loading. Process-wide, so the model's other fused ops compute like eager too (a few more instructions
-    per division); not with ``RUQUANT_GRAPH_QUANT=0``. The division switch moved between torch releases:
-    ``emulate_divison_rounding`` (sic) up to 2.11 (the GPU machines), ``eager_numerics.division_rounding``
-    later (the CPU wheel, where the CPU code generator divides exactly anyway)."""
-    import torch._inductor.config as inductor_config  # noqa: PLC0415
-
-    if not inductor_config.emulate_precision_casts:
-        inductor_config.emulate_precision_casts = True
-        logger.info("ruquant: quantization in the compiled graph: Inductor emulates precision casts (bf16 rounding "
-                    "as eager)")
-    numerics = getattr(inductor_config, "eager_numerics", None)
-    if numerics is not None and hasattr(numerics, "division_rounding"):
-        numerics.division_rounding = True
-    elif hasattr(inductor_config, "emulate_divison_rounding"):
-        inductor_config.emulate_divison_rounding = True
-    else:
-        logger.warning("ruquant: this torch has no Inductor switch for IEEE division; compiled quantization may "
-                       "round a value at a half step differently from the simulation")
 
 
 def _padded_buffer(x2: torch.Tensor, k_pad: int, path: str) -> torch.Tensor | None:
