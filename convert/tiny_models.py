@@ -247,6 +247,11 @@ SHAPES: dict[str, dict[str, Any]] = {
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # Llama-3-70B's proportions at a quarter of its widths (every layer matrix and Hessian 1/16): the
+    # converter's per-layer working set measured on a CPU (benchmarks/convert_scale.py --device cpu)
+    "llama3-70b-quarter": dict(hidden_size=2048, intermediate_size=7168, num_hidden_layers=80,
+                               num_attention_heads=16, num_key_value_heads=2, vocab_size=32768,
+                               rope_theta=500000.0, max_position_embeddings=8192),
     # a smoke-test shape that starts in seconds (CPU tests, quick GPU checks); the vocabulary covers
     # the token ids `vllm bench latency` draws (below 10000)
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
