@@ -20,6 +20,7 @@ the markdown pages are rendered from the JSON files by ``examples/render_results
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -76,7 +77,25 @@ ROWS: dict[str, dict] = {
                                   "quantizer_options": {"act_order": True},
                                   "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True, "SIM_WEIGHTS": False,
                                                "VAL_SEQS": 2}},
+    # issue 24 item 2: the same, trained properly -- all 32 x 256 calibration tokens (4 sequences held out
+    # for the keep decision), 200 Adam steps of 4 sequences, cosine-decayed learning rates
+    "ostquant_long_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                                   "quantizer_options": {"act_order": True},
+                                   "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True, "SIM_WEIGHTS": False,
+                                                "VAL_SEQS": 4, "CALIB_TOKENS": 8192, "STEPS": 200, "BATCH": 4,
+                                                "COSINE": True}},
 }
+
+
+def _knobs(text: str) -> dict:
+    """``KEY=VALUE,...`` -> {KEY: literal VALUE}; keys must be OSTQuant's module constants."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not key.isupper() or not hasattr(ostquant, key):
+            raise SystemExit(f"quality.py: --ostquant {key!r} is not a knob of convert/rotations/ostquant.py")
+        out[key] = ast.literal_eval(value)
+    return out
 
 
 def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work: Path) -> dict:
@@ -88,6 +107,8 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     out = work / f"{row}-{scheme}"
     recipe = dict(ROWS[row])
     knobs = recipe.pop("ostquant", {})
+    if recipe.get("rotation") == "ostquant":
+        knobs = {**knobs, **args.ostquant}
     opts = ConvertOptions(scheme=scheme, calib_text=args.calib_text, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, seed=args.seed, device=args.device, **recipe)
     saved = {k: getattr(ostquant, k) for k in knobs}
@@ -107,8 +128,13 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     res = ppl()
     cell = {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": t_conv,
             "eval_seconds": res["seconds"], "rotation_seconds": report["seconds"].get("rotation_plan"),
+            "device": report.get("device"),
             "diagnostics_down_final_mse": ((report.get("diagnostics") or {}).get("summary", {})
                                            .get("down", {}).get("final", {}).get("mse")), **stamp()}
+    if knobs:  # what OSTQuant trained with, and what it decided
+        cell["ostquant"] = knobs
+        cell["ostquant_report"] = {k: (report.get("rotation") or {}).get(k) for k in
+                                   ("loss_init", "loss_trained", "kept", "train_loss_curve", "seconds")}
     if args.kv_ablation and report["format"]["kv_cache"]["bits"] < 16:  # same checkpoint, only the KV cache differs
         cell["perplexity_kv16"] = ppl(kv_bits=16)["perplexity"]
         cell["perplexity_kv_no_rotation"] = ppl(kv_online_rotation=False)["perplexity"]
@@ -155,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="quality.json", help="results file name under OUT/<model name>/")
     ap.add_argument("--kv-ablation", action="store_true",
                     help="KV4 cells: also score the checkpoint with a 16-bit KV cache and without the Q/K rotation")
+    ap.add_argument("--ostquant", default="", metavar="KEY=VALUE,...",
+                    help="OSTQuant module knobs (convert/rotations/ostquant.py) over the ostquant rows' own, "
+                         "e.g. STEPS=200,CALIB_TOKENS=8192 (screening; the cell records them)")
     args = ap.parse_args(argv)
+    args.ostquant = _knobs(args.ostquant)
     rows = [r for r in args.rows.split(",") if r]
     schemes = [s for s in args.schemes.split(",") if s]
     unknown = [r for r in rows if r not in ROWS] + [s for s in schemes if s not in SCHEMES + EXTRA_SCHEMES]

@@ -47,7 +47,8 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "ruquant_online_pooled_gbs_actorder": "RUQuant stage 1+2 + online blocks + GPTQ act order + GBS",
           "ruquant_online_o_gbs_actorder": "RUQuant online blocks on o_proj's input only + GPTQ act order + GBS",
           "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
-          "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS"}
+          "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS",
+          "ostquant_long_gbs_actorder": "OSTQuant, 200 steps x 4 seqs on 8192 calibration tokens, act order + GBS"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
 EXTRA_SCHEMES = ["w3a3kv3"]  # issue 5's GBS column; shown only where measured
 COLUMN = {"w4a4": "w4a4kv16", "w6a6": "w6a6kv16", "w4a8": "w4a8kv16"}

@@ -63,6 +63,10 @@ SIM_ACT_CLIP = 1.0  # activation clip ratio in the training simulation
 SIM_KV = False  # simulate the KV cache (straight-through) in training
 SIM_WEIGHTS = True  # RTN weights in training (False: fp weights, leaving the weight error to GPTQ)
 VAL_SEQS = 0  # calibration sequences held out of training to decide trained vs init (0: all)
+CALIB_TOKENS = 2048  # calibration tokens OSTQuant trains and selects on (ctx.layer_states' cap)
+COSINE = False  # cosine decay of both learning rates over the steps (False: constant)
+LEARN_SCALES = True  # learn the norm-site scalings (False: the rotation alone, SpinQuant-style)
+CHUNK = 4  # sequences per forward when scoring (fp top-k, held-out loss), to bound memory
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -74,8 +78,18 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
 
 def kl_top(fp_logits: torch.Tensor, q_logits: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
     """KL(p_fp || p_q) over the fp model's top-k tokens (both renormalised over those k)."""
+    return kl_top_of(top_k(fp_logits, k), q_logits)
+
+
+def top_k(fp_logits: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp model's top-k token ids and their log-probabilities renormalised over those k."""
     idx = fp_logits.topk(min(k, fp_logits.shape[-1]), dim=-1).indices
-    logp = F.log_softmax(fp_logits.gather(-1, idx), dim=-1)
+    return idx, F.log_softmax(fp_logits.gather(-1, idx), dim=-1)
+
+
+def kl_top_of(fp_top: tuple[torch.Tensor, torch.Tensor], q_logits: torch.Tensor) -> torch.Tensor:
+    """``kl_top`` from the fp side's ``top_k`` (the full fp logits need not be kept)."""
+    idx, logp = fp_top
     logq = F.log_softmax(q_logits.gather(-1, idx), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
@@ -88,7 +102,7 @@ class _ModelSim:
         self.ctx, self.dims = ctx, ctx.dims
         self.layers = [ctx.layer_tensors(i) for i in range(ctx.dims.num_layers)]
         self.head = ctx.head()
-        self.h0 = ctx.layer_states()[0].to(ctx.device).float()
+        self.h0 = ctx.layer_states(CALIB_TOKENS)[0].to(ctx.device).float()
         self.r4 = r4.matrix().to(ctx.device) if r4 is not None else None
         self.rope = rope_tables(ctx.dims, self.h0.shape[1], ctx.device)
         # V is rotated online in the simulation (the served R2 is a randomized Hadamard, offline)
@@ -138,6 +152,15 @@ class _ModelSim:
                                                device=h.device), "lm_head.weight": head}.__getitem__)
 
 
+def _curve(history: list[float], points: int = 10) -> list[float]:
+    """The training loss at ``points`` evenly spaced steps, each the mean of its stretch (noisy per step)."""
+    if not history:
+        return []
+    n = min(points, len(history))
+    bounds = [round(i * len(history) / n) for i in range(n + 1)]
+    return [sum(history[b:e]) / (e - b) for b, e in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _dense(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
     y = x.float() @ sd[f"{prefix}.weight"].T
     return y + sd[f"{prefix}.bias"] if f"{prefix}.bias" in sd else y
@@ -168,18 +191,25 @@ class OSTQuantRotation:
         all_seqs = torch.arange(n_seq)
         n_val = VAL_SEQS if 0 < VAL_SEQS < n_seq else 0
         train_seqs, val_seqs = (all_seqs[: n_seq - n_val], all_seqs[n_seq - n_val:]) if n_val else (all_seqs, all_seqs)
-        fp_all = sim.fp_logits(all_seqs)
+        chunks = all_seqs.split(CHUNK)
+        fp_top = [top_k(sim.fp_logits(c)) for c in chunks]  # per chunk of CHUNK sequences
+        fp_idx, fp_logp = torch.cat([t[0] for t in fp_top]), torch.cat([t[1] for t in fp_top])
         steps = FINETUNE_STEPS if ctx.finetune else STEPS
         hd32 = hd.float().to(ctx.device)
         a = torch.zeros(d, d, device=ctx.device, requires_grad=True)
-        log_s = torch.zeros(n_layers, 2, d, device=ctx.device, requires_grad=True)
-        opt = torch.optim.Adam([{"params": [a], "lr": LR_ROT}, {"params": [log_s], "lr": LR_SCALE}])
+        log_s = torch.zeros(n_layers, 2, d, device=ctx.device, requires_grad=LEARN_SCALES)
+        groups = [{"params": [a], "lr": LR_ROT}] + ([{"params": [log_s], "lr": LR_SCALE}] if LEARN_SCALES else [])
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if COSINE else None
 
         def loss_on(seqs: torch.Tensor, aa: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
-            return kl_top(fp_all[seqs], sim.q_logits(seqs, hd32 @ cayley(aa), ss))
+            return kl_top_of((fp_idx[seqs], fp_logp[seqs]), sim.q_logits(seqs, hd32 @ cayley(aa), ss))
 
-        with torch.no_grad():
-            loss_init = float(loss_on(val_seqs, torch.zeros_like(a), torch.zeros_like(log_s)))
+        @torch.no_grad()
+        def held_out(aa: torch.Tensor, ss: torch.Tensor) -> float:  # mean over sequences, CHUNK at a time
+            return sum(float(loss_on(c, aa, ss)) * len(c) for c in val_seqs.split(CHUNK)) / len(val_seqs)
+
+        loss_init = held_out(torch.zeros_like(a), torch.zeros_like(log_s))
         history = []
         for _ in range(steps):
             seqs = train_seqs[torch.randperm(len(train_seqs), generator=gen)[:BATCH]]
@@ -187,9 +217,10 @@ class OSTQuantRotation:
             loss = loss_on(seqs, a, log_s)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             history.append(float(loss.detach()))
-        with torch.no_grad():
-            loss_trained = float(loss_on(val_seqs, a, log_s))
+        loss_trained = held_out(a.detach(), log_s.detach())
         keep = loss_trained < loss_init
         a_f = a.detach().double().cpu() if keep else torch.zeros(d, d, dtype=torch.float64)
         s_f = log_s.detach().double().cpu().exp() if keep else torch.ones(n_layers, 2, d, dtype=torch.float64)
@@ -197,10 +228,13 @@ class OSTQuantRotation:
         scales = ({i: {norm: s_f[i, j].clone() for j, norm in enumerate(NORM_READERS)} for i in range(n_layers)}
                   if keep else {})
         report = {"method": "ostquant", "loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH,
-                  "lr": [LR_ROT, LR_SCALE], "sim_act_clip": SIM_ACT_CLIP, "sim_kv": SIM_KV, "sim_weights": SIM_WEIGHTS,
+                  "lr": [LR_ROT, LR_SCALE], "cosine": COSINE,
+                  "learn_scales": LEARN_SCALES, "calib_tokens": n_seq * sim.h0.shape[1],
+                  "sim_act_clip": SIM_ACT_CLIP, "sim_kv": SIM_KV, "sim_weights": SIM_WEIGHTS,
                   "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
                   "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
                   "train_loss_first_last": [history[0], history[-1]] if history else None,
+                  "train_loss_curve": _curve(history),
                   "scale_range": [float(s_f.min()), float(s_f.max())],
                   "down_proj_online": "hadamard" if r4 else "none", "seconds": time.perf_counter() - t0}
         return RotationPlan(residual=r1, head=r2, down_proj={i: r4 for i in range(n_layers)} if r4 else {},
