@@ -37,7 +37,7 @@ all 32 x 256 calibration tokens with 4 sequences held out, 200 Adam steps of 4 s
 sequence on 2048 tokens, RTN weights, selection on the training sequences -- barely moved R1
 and fell back to (or fit past) the Hadamard start; ``examples/quality.py`` pins them
 (``OSTQUANT_V0``) for the rows measured with them. Cost: about 100 s of training on an H200,
-about 30 s per step (1.5-2 hours) on one CPU core.
+about 30 s per step on one CPU core (two timed steps; 1.5-2 hours estimated).
 """
 
 from __future__ import annotations
