@@ -169,9 +169,10 @@ class Converter:
         return torch.cat(out).cpu()
 
     def _layer_states(self, tokens: torch.Tensor, max_tokens: int = 2048) -> list[torch.Tensor]:
-        """fp32 hidden states (n_seq, seq, d) entering each layer of the unrotated fp model (cached)."""
-        if getattr(self, "_states_cache", None) is None:
-            n = max(1, min(tokens.shape[0], max_tokens // tokens.shape[1]))
+        """fp32 hidden states (n_seq, seq, d) entering each layer of the unrotated fp model, for the
+        first ``max_tokens`` // seq_len calibration sequences (cached per count)."""
+        n = max(1, min(tokens.shape[0], max_tokens // tokens.shape[1]))
+        if getattr(self, "_states_n", None) != n:
             h = self.reader.get("model.embed_tokens.weight")[tokens[:n]].float().to(self.device)
             rope = rope_tables(self.dims, tokens.shape[1], self.device)
             states = []
@@ -180,7 +181,7 @@ class Converter:
                 sd = self._layer_tensors(i)
                 h = decoder_layer(h, i, self.dims, dense_linear(sd.__getitem__), sd.__getitem__, rope)
                 _check_finite(h, f"the calibration activations after layer {i}")
-            self._states_cache = states
+            self._states_cache, self._states_n = states, n
         return self._states_cache
 
     def _layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
@@ -199,7 +200,7 @@ class Converter:
     def _context(self, tokens: torch.Tensor) -> RotationContext:
         return RotationContext(dims=self.dims, generator=self.generator, device=self.device,
                                residual_samples=lambda: self._residual_samples(tokens),
-                               layer_states=lambda: self._layer_states(tokens),
+                               layer_states=lambda max_tokens=2048: self._layer_states(tokens, max_tokens),
                                layer_tensors=self._layer_tensors, head=self._head, fmt=self.fmt,
                                finetune=self.opts.finetune)
 
@@ -446,7 +447,7 @@ class Converter:
         t0 = time.perf_counter()
         meta["diagnostics"] = diagnostics.plan_diagnostics(self._context(tokens), plan)
         meta["t_diagnostics"] = time.perf_counter() - t0
-        self._states_cache = None
+        self._states_cache, self._states_n = None, None
         if hasattr(sink, "save_tensors"):
             sink.save_tensors("plan.safetensors", _plan_tensors(plan))
         r1 = plan.residual

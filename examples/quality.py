@@ -20,6 +20,7 @@ the markdown pages are rendered from the JSON files by ``examples/render_results
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -34,6 +35,11 @@ from convert.pipeline import ConvertOptions, convert
 from convert.provenance import stamp
 from convert.rotations import ostquant
 
+# OSTQuant's module defaults before issue 24 item 2 (12 steps of one sequence on 2048 tokens, RTN weights, no
+# activation clip or KV cache in training, kept if better on the training sequences themselves)
+OSTQUANT_V0 = {"STEPS": 12, "BATCH": 1, "CALIB_TOKENS": 2048, "COSINE": False, "VAL_SEQS": 0, "SIM_ACT_CLIP": 1.0,
+               "SIM_KV": False, "SIM_WEIGHTS": True, "LEARN_SCALES": True}
+
 ROWS: dict[str, dict] = {
     "fp16": {},
     "rtn": {"rotation": "none", "weight_quantizer": "rtn"},
@@ -41,7 +47,8 @@ ROWS: dict[str, dict] = {
     "ruquant_stage1": {"rotation": "ruquant-stage1", "weight_quantizer": "gptq"},
     "ruquant_stage12": {"rotation": "ruquant", "weight_quantizer": "gptq"},
     "ruquant_finetune": {"rotation": "ruquant", "weight_quantizer": "gptq", "finetune": True},
-    "ostquant": {"rotation": "ostquant", "weight_quantizer": "gptq"},
+    # the OSTQuant rows before issue 24 item 2 pin the knobs they were measured with (OSTQUANT_V0)
+    "ostquant": {"rotation": "ostquant", "weight_quantizer": "gptq", "ostquant": OSTQUANT_V0},
     # issue 5's options, each on the Hadamard rotation so the row differs by the option alone
     "gptq": {"rotation": "none", "weight_quantizer": "gptq"},
     "septq": {"rotation": "hadamard", "weight_quantizer": "septq"},
@@ -50,7 +57,7 @@ ROWS: dict[str, dict] = {
     # issue 24: GPTQ's act order, and GBS clipping after OSTQuant
     "gbs_actorder": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
                      "quantizer_options": {"act_order": True}},
-    "ostquant_gbs": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs"},
+    "ostquant_gbs": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs", "ostquant": OSTQUANT_V0},
     # issue 24 item 3: the default recipe with weight groups of 64 (SmolLM2's 576 is not a multiple of 128;
     # the GEMV / GEMM / W4A16 kernels serve groups of 64 and up)
     "gbs_actorder_g64": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
@@ -71,12 +78,31 @@ ROWS: dict[str, dict] = {
     # OSTQuant's training knobs (module constants of convert/rotations/ostquant.py) under "ostquant"
     "ostquant_clipkv_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                      "quantizer_options": {"act_order": True},
-                                     "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True}},
+                                     "ostquant": {**OSTQUANT_V0, "SIM_ACT_CLIP": 0.75, "SIM_KV": True}},
     "ostquant_fpw_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                   "quantizer_options": {"act_order": True},
-                                  "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True, "SIM_WEIGHTS": False,
-                                               "VAL_SEQS": 2}},
+                                  "ostquant": {**OSTQUANT_V0, "SIM_ACT_CLIP": 0.75, "SIM_KV": True,
+                                               "SIM_WEIGHTS": False, "VAL_SEQS": 2}},
+    # issue 24 item 2: the same, trained properly -- all 32 x 256 calibration tokens (4 sequences held out
+    # for the keep decision), 200 Adam steps of 4 sequences, cosine-decayed learning rates (now the module
+    # defaults; spelt out so the row stays what was measured)
+    "ostquant_long_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                                   "quantizer_options": {"act_order": True},
+                                   "ostquant": {"SIM_ACT_CLIP": 0.75, "SIM_KV": True, "SIM_WEIGHTS": False,
+                                                "VAL_SEQS": 4, "CALIB_TOKENS": 8192, "STEPS": 200, "BATCH": 4,
+                                                "COSINE": True}},
 }
+
+
+def _knobs(text: str) -> dict:
+    """``KEY=VALUE,...`` -> {KEY: literal VALUE}; keys must be OSTQuant's module constants."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not key.isupper() or not hasattr(ostquant, key):
+            raise SystemExit(f"quality.py: --ostquant {key!r} is not a knob of convert/rotations/ostquant.py")
+        out[key] = ast.literal_eval(value)
+    return out
 
 
 def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work: Path) -> dict:
@@ -88,6 +114,8 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     out = work / f"{row}-{scheme}"
     recipe = dict(ROWS[row])
     knobs = recipe.pop("ostquant", {})
+    if recipe.get("rotation") == "ostquant":
+        knobs = {**knobs, **args.ostquant}
     opts = ConvertOptions(scheme=scheme, calib_text=args.calib_text, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, seed=args.seed, device=args.device, **recipe)
     saved = {k: getattr(ostquant, k) for k in knobs}
@@ -107,8 +135,13 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     res = ppl()
     cell = {"perplexity": res["perplexity"], "tokens": res["tokens"], "convert_seconds": t_conv,
             "eval_seconds": res["seconds"], "rotation_seconds": report["seconds"].get("rotation_plan"),
+            "device": report.get("device"),
             "diagnostics_down_final_mse": ((report.get("diagnostics") or {}).get("summary", {})
                                            .get("down", {}).get("final", {}).get("mse")), **stamp()}
+    if knobs:  # what OSTQuant trained with, and what it decided
+        cell["ostquant"] = knobs
+        cell["ostquant_report"] = {k: (report.get("rotation") or {}).get(k) for k in
+                                   ("loss_init", "loss_trained", "kept", "train_loss_curve", "seconds")}
     if args.kv_ablation and report["format"]["kv_cache"]["bits"] < 16:  # same checkpoint, only the KV cache differs
         cell["perplexity_kv16"] = ppl(kv_bits=16)["perplexity"]
         cell["perplexity_kv_no_rotation"] = ppl(kv_online_rotation=False)["perplexity"]
@@ -155,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="quality.json", help="results file name under OUT/<model name>/")
     ap.add_argument("--kv-ablation", action="store_true",
                     help="KV4 cells: also score the checkpoint with a 16-bit KV cache and without the Q/K rotation")
+    ap.add_argument("--ostquant", default="", metavar="KEY=VALUE,...",
+                    help="OSTQuant module knobs (convert/rotations/ostquant.py) over the ostquant rows' own, "
+                         "e.g. STEPS=200,CALIB_TOKENS=8192 (screening; the cell records them)")
     args = ap.parse_args(argv)
+    args.ostquant = _knobs(args.ostquant)
     rows = [r for r in args.rows.split(",") if r]
     schemes = [s for s in args.schemes.split(",") if s]
     unknown = [r for r in rows if r not in ROWS] + [s for s in schemes if s not in SCHEMES + EXTRA_SCHEMES]

@@ -53,8 +53,9 @@ class RotationContext:
     generator: torch.Generator
     device: torch.device
     residual_samples: Callable[[], torch.Tensor] | None = None
-    # fp32 hidden states (n_seq, seq, d) entering each decoder layer of the unrotated fp model
-    layer_states: Callable[[], list[torch.Tensor]] | None = None
+    # fp32 hidden states (n_seq, seq, d) entering each decoder layer of the unrotated fp model;
+    # called with no argument: at most 2048 calibration tokens; ``layer_states(max_tokens)``: more
+    layer_states: Callable[..., list[torch.Tensor]] | None = None
     # one layer's tensors (fp32, RMSNorm gammas folded into the readers, unrotated)
     layer_tensors: Callable[[int], dict[str, torch.Tensor]] | None = None
     # the fp model's final norm (folded) and lm_head as (vocab, d), for logit-level losses
