@@ -214,6 +214,7 @@ def test_gptq_damping_in_place_equals_adding_a_scaled_identity() -> None:
 def test_gptq_permutes_while_it_copies() -> None:
     """Act order's permuted fp64 Hessian, gathered a block of rows at a time from the caller's (host)
     Hessian, is ``H[perm][:, perm]``: the same factor and dead mask as factorising the permuted copy."""
+    from convert.hessian import float64_copy
     from convert.quantizers import gptq
 
     g = torch.Generator().manual_seed(2)
@@ -221,8 +222,8 @@ def test_gptq_permutes_while_it_copies() -> None:
     x[:, [5, 71]] = 0  # dead input columns
     h = (x.T @ x / 300).float()
     perm = torch.argsort(torch.diag(h), descending=True)
-    assert torch.equal(gptq._float64_copy(h, perm, h.device, rows=7), h[perm][:, perm].double())
-    assert torch.equal(gptq._float64_copy(h, None, h.device, rows=7), h.double())
+    assert torch.equal(float64_copy(h, h.device, perm, rows=7), h[perm][:, perm].double())
+    assert torch.equal(float64_copy(h, h.device, rows=7), h.double())
     got, dead = gptq.inverse_hessian_cholesky(h, 0.01, perm)
     want, want_dead = gptq.inverse_hessian_cholesky(h[perm][:, perm], 0.01)
     assert torch.equal(got, want) and torch.equal(dead, want_dead) and int(dead.sum()) == 2

@@ -15,6 +15,7 @@ import torch
 
 from convert.clip import static_scale
 from convert.errors import ConvertError, ExitCode
+from convert.hessian import float64_copy
 from vllm_ruquant.reference import qmax_for
 
 
@@ -36,7 +37,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, perm: torch.Ten
     dead = (diag if perm is None else diag[perm]) == 0
     extra = 0.0  # the harder damping of earlier failed attempts, in units of the damped mean diagonal
     for attempt in range(5):
-        h = _float64_copy(hessian, perm, device)
+        h = float64_copy(hessian, device, perm)
         h[dead, dead] = 1.0
         h.diagonal().add_(damp * torch.diag(h).mean())
         if extra:
@@ -51,19 +52,6 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, perm: torch.Ten
             extra += 10**attempt * damp
     raise ConvertError("GPTQ: the calibration Hessian is singular; use more calibration text",
                        ExitCode.NUMERICS)
-
-
-def _float64_copy(hessian: torch.Tensor, perm: torch.Tensor | None, device: torch.device,
-                  rows: int = 1024) -> torch.Tensor:
-    """``hessian`` (or ``hessian[perm][:, perm]``) as a new fp64 matrix on ``device``, gathered a block of
-    rows at a time: the same values, with temporaries of ``rows`` rows only."""
-    k = hessian.shape[0]
-    out = torch.empty(k, k, dtype=torch.float64, device=device)
-    cols = None if perm is None else perm.to(hessian.device)
-    for r0 in range(0, k, rows):
-        block = hessian[r0:r0 + rows] if cols is None else hessian[cols[r0:r0 + rows]][:, cols]
-        out[r0:r0 + rows] = block.to(device)
-    return out
 
 
 ScaleColumns = Callable[[int, int], torch.Tensor]
