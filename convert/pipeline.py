@@ -356,7 +356,7 @@ class Converter:
         Memory (a 70B layer: an 8192-wide Hessian is 0.5 GB in fp64, down_proj's 28672-wide one 6.6 GB):
         each Hessian is summed in fp64 from one fp64 copy of its input, which is freed before the sum is
         divided in place and stored in fp32, so one fp64 Hessian and no fp64 temporary beside it is alive
-        at a time; the fp32 Hessians wait on the host (``_hessian_home``) until their linear is quantized;
+        at a time; the fp32 Hessians wait on the host (``_host``) until their linear is quantized;
         linears fed the very same input tensor (q / k / v, gate / up) share one Hessian object instead of
         three and two equal copies.
         """
@@ -374,7 +374,7 @@ class Converter:
             xd = x2.double()
             h64 = xd.T @ xd
             del xd
-            hess[prefix] = h64.div_(x2.shape[0]).to(self._hessian_home, torch.float32)
+            hess[prefix] = h64.div_(x2.shape[0]).to(self._host, torch.float32)
             del h64
             last.update(x=x2, prefix=prefix)
 
@@ -383,10 +383,11 @@ class Converter:
         return out, hess
 
     @property
-    def _hessian_home(self) -> torch.device:
-        """Where a layer's fp32 Hessians wait: the host. On a GPU they would sit beside the layer and the
-        GPTQ factorisation of the biggest one (4.1 GB for a 70B layer, of which 3.3 GB down_proj's);
-        each is moved to the device when its linear is quantized (the quantizers take it there)."""
+    def _host(self) -> torch.device:
+        """Where a layer's fp32 Hessians and its fp32 weights wait while the quantizers run: on a GPU they
+        would sit beside GPTQ's factorisation of the biggest Hessian (for a 70B layer 4.1 GB of Hessians,
+        3.3 GB of them down_proj's, and 3.4 GB of weights); the quantizers take each linear's weight and
+        Hessian to the device when they quantize it."""
         return torch.device("cpu")
 
     def _quantize_layer(self, sd: dict[str, torch.Tensor], hess: dict[str, torch.Tensor],
@@ -508,6 +509,7 @@ class Converter:
                     _check_finite(fp_out, f"the calibration activations after layer {i}")
                     report = LayerReport(layer=i, seconds=0.0, output_rel_error=0.0)
                     if opts.quantize:
+                        sd32 = {k: v.to(self._host) for k, v in sd32.items()}
                         qsd = self._quantize_layer(sd32, hess, fmt, report)
                         qsd32 = {k: v.to(self.device) for k, v in qsd.items()}
                         q_linear = checkpoint_linear(fmt, qsd32.__getitem__, qsd32.__contains__)
