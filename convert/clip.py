@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from convert.hessian import float64_copy
 from vllm_ruquant import reference as ref
 
 CLIP_METHODS = ("none", "gbs")
@@ -69,7 +70,7 @@ def search_weight_clip(w: torch.Tensor, bits: int, group_size: int, hessian: tor
                        **search: float) -> torch.Tensor:
     """Per-output-channel clip ratios ``(N, 1)`` for RTN under the Hessian-weighted error."""
     wd = w.double()
-    h = None if hessian is None else hessian.to(w.device).double()
+    h = None if hessian is None else float64_copy(hessian, w.device)
 
     def objective(r: torch.Tensor) -> torch.Tensor:
         q, s = ref.quantize_weight(w, bits, group_size, clip_ratio=r.float().unsqueeze(1))

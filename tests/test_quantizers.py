@@ -211,6 +211,24 @@ def test_gptq_damping_in_place_equals_adding_a_scaled_identity() -> None:
         assert torch.equal(got, want) and torch.equal(got_dead, dead)
 
 
+def test_gptq_permutes_while_it_copies() -> None:
+    """Act order's permuted fp64 Hessian, gathered a block of rows at a time from the caller's (host)
+    Hessian, is ``H[perm][:, perm]``: the same factor and dead mask as factorising the permuted copy."""
+    from convert.hessian import float64_copy
+    from convert.quantizers import gptq
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 100, generator=g) * (1 + 3 * torch.rand(100, generator=g))
+    x[:, [5, 71]] = 0  # dead input columns
+    h = (x.T @ x / 300).float()
+    perm = torch.argsort(torch.diag(h), descending=True)
+    assert torch.equal(float64_copy(h, h.device, perm, rows=7), h[perm][:, perm].double())
+    assert torch.equal(float64_copy(h, h.device, rows=7), h.double())
+    got, dead = gptq.inverse_hessian_cholesky(h, 0.01, perm)
+    want, want_dead = gptq.inverse_hessian_cholesky(h[perm][:, perm], 0.01)
+    assert torch.equal(got, want) and torch.equal(dead, want_dead) and int(dead.sum()) == 2
+
+
 @pytest.mark.parametrize("group,act_order", [(-1, False), (-1, True), (32, True)])
 def test_gptq_block_scales_equal_the_full_scale_matrix(group: int, act_order: bool) -> None:
     """GPTQ reads each block's scales from the (N, G) per-group scales (``group_scale_columns``) instead of

@@ -15,23 +15,29 @@ import torch
 
 from convert.clip import static_scale
 from convert.errors import ConvertError, ExitCode
+from convert.hessian import float64_copy
 from vllm_ruquant.reference import qmax_for
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of H^-1 after damping; also the mask of dead input columns.
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
+                             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of H^-1 after damping, on ``device`` (default: the Hessian's); also the
+    mask of dead input columns. ``perm`` (act order, on ``device``): of ``H[perm][:, perm]``.
 
-    Memory: at a 70B down_proj (K = 28672) one fp64 K x K matrix is 6.6 GB. The damped copy is made once
-    (``to(float64, copy=True)``; ``.double().clone()`` made two of an fp32 Hessian), freed as soon as its
-    lower factor exists, and the lower factor once inverted: at most two fp64 matrices alive, besides the
-    caller's Hessian (the 35 GiB GPU peak of benchmarks/results/gpu-2026-12-04d/scale had ~6). Same
-    values as adding ``damp * I``: the off-diagonal entries only ever had zeros added. A Hessian that is
-    not positive definite after damping is damped harder (x1, x10, ... the mean diagonal) from a fresh copy.
+    Memory: at a 70B down_proj (K = 28672) one fp64 K x K matrix is 6.6 GB. The damped copy is made once,
+    a block of rows at a time from the caller's Hessian wherever it is (the host, in the converter), so
+    no fp32 or permuted copy of the Hessian sits on the device beside it; it is freed as soon as its lower
+    factor exists, and the lower factor once inverted: at most two fp64 matrices alive (the 35 GiB GPU
+    peak of benchmarks/results/gpu-2026-12-04d/scale had ~6). Same values as adding ``damp * I``: the
+    off-diagonal entries only ever had zeros added. A Hessian that is not positive definite after
+    damping is damped harder (x1, x10, ... the mean diagonal) from a fresh copy.
     """
-    dead = torch.diag(hessian) == 0
+    device = hessian.device if device is None else device
+    diag = torch.diag(hessian).to(device)
+    dead = (diag if perm is None else diag[perm]) == 0
     extra = 0.0  # the harder damping of earlier failed attempts, in units of the damped mean diagonal
     for attempt in range(5):
-        h = hessian.to(torch.float64, copy=True)
+        h = float64_copy(hessian, device, perm)
         h[dead, dead] = 1.0
         h.diagonal().add_(damp * torch.diag(h).mean())
         if extra:
@@ -115,14 +121,12 @@ class GPTQQuantizer:
         scale = static_scale(w, bits, group_size, hessian, self.clip)  # static, from the original weights
         g = k if group_size == -1 else group_size
         qmax = qmax_for(bits)
-        hessian = hessian.to(w.device)
         wq = w.double().clone()
         perm = None
         if self.act_order:
-            perm = torch.argsort(torch.diag(hessian), descending=True)
-            hessian, wq = hessian[perm][:, perm], wq[:, perm]
-        u, dead = inverse_hessian_cholesky(hessian, self.damp)
-        del hessian  # this function's reference (the permuted copy under act order)
+            perm = torch.argsort(torch.diag(hessian).to(w.device), descending=True)
+            wq = wq[:, perm]
+        u, dead = inverse_hessian_cholesky(hessian, self.damp, perm, w.device)
         wq[:, dead] = 0
         q = gptq_sweep(wq, u, group_scale_columns(scale, g, perm), qmax, self.block_size)
         if self.act_order:
