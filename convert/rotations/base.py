@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from convert.modeling import attention_block, dense_linear, rms_norm, rope_tables
+from convert.modeling import decoder_layer, dense_linear, rope_tables
 from vllm_ruquant.checkpoint.format import RUQuantFormat
 from vllm_ruquant.checkpoint.models import ModelDims
 from vllm_ruquant.reference import OnlineRotation
@@ -83,28 +82,40 @@ def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
 
 
-@torch.no_grad()
-def site_inputs(ctx: RotationContext, max_tokens: int = 1024) -> list[dict[str, torch.Tensor]]:
-    """Unrotated fp inputs of every site, per layer: {"qkv": (N, d), "gate_up": (N, d), "down": (N, I)}.
+# The first linear that reads each site's input (q / k / v share one input, gate / up another).
+SITE_READERS: dict[str, str] = {"qkv": "q_proj", "o": "o_proj", "gate_up": "gate_proj", "down": "down_proj"}
 
-    Computed once from the fp model's layer input states (attention is run to get the MLP
-    input); rotations are applied afterwards, so every stage sees the same tokens.
-    """
+
+@torch.no_grad()
+def captured_site_inputs(ctx: RotationContext, max_tokens: int,
+                         sites: tuple[str, ...] = tuple(SITE_READERS)) -> list[dict[str, torch.Tensor]]:
+    """Per layer, the fp model's input (unrotated, norms folded) of each of ``sites``: (n_seq, seq, k) fp32
+    on the CPU, from the first ``max_tokens`` tokens of the layer's input states, captured through the
+    linear callback of one fp forward of the layer (``decoder_layer``), so no site's input is rebuilt by
+    hand. Rotations are applied afterwards, so every stage sees the same tokens."""
     assert ctx.layer_states is not None and ctx.layer_tensors is not None
-    dims = ctx.dims
+    readers = {SITE_READERS[s]: s for s in sites}
     out = []
     for i, h in enumerate(ctx.layer_states()):
         n = max(1, min(h.shape[0], max_tokens // h.shape[1]))
         h = h[:n].to(ctx.device).float()
         sd = ctx.layer_tensors(i)
-        lin = dense_linear(sd.__getitem__)
-        p = dims.layer_prefix(i)
-        rope = rope_tables(dims, h.shape[1], ctx.device)
-        x_attn = rms_norm(h, None, dims.rms_norm_eps)
-        h_mid = h + attention_block(h, p, dims, lin, sd.__getitem__, rope)
-        x_mlp = rms_norm(h_mid, None, dims.rms_norm_eps)
-        x_down = F.silu(lin(f"{p}.mlp.gate_proj", x_mlp)) * lin(f"{p}.mlp.up_proj", x_mlp)
-        out.append({"qkv": x_attn.reshape(-1, dims.hidden_size).cpu(),
-                    "gate_up": x_mlp.reshape(-1, dims.hidden_size).cpu(),
-                    "down": x_down.reshape(-1, dims.intermediate_size).cpu()})
+        dense = dense_linear(sd.__getitem__)
+        seen: dict[str, torch.Tensor] = {}
+
+        def capture(prefix: str, x: torch.Tensor, dense=dense, seen=seen) -> torch.Tensor:  # noqa: ANN001
+            site = readers.get(prefix.rsplit(".", 1)[-1])
+            if site is not None:
+                seen[site] = x.float().cpu()
+            return dense(prefix, x)
+
+        decoder_layer(h, i, ctx.dims, capture, sd.__getitem__, rope_tables(ctx.dims, h.shape[1], ctx.device))
+        out.append(seen)
     return out
+
+
+def site_inputs(ctx: RotationContext, max_tokens: int = 1024) -> list[dict[str, torch.Tensor]]:
+    """Unrotated fp inputs of the three sites the residual and down_proj rotations act on, per layer:
+    {"qkv": (N, d), "gate_up": (N, d), "down": (N, I)} (``captured_site_inputs``, tokens flattened)."""
+    return [{s: x.reshape(-1, x.shape[-1]) for s, x in layer.items()}
+            for layer in captured_site_inputs(ctx, max_tokens, ("qkv", "gate_up", "down"))]

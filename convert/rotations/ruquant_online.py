@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from convert.modeling import decoder_layer, dense_linear, rope_tables
-from convert.rotations.base import RotationContext, RotationPlan
+from convert.rotations.base import RotationContext, RotationPlan, captured_site_inputs
 from convert.rotations.hadamard import HadamardRotation
 from convert.rotations.ruquant import STAGE1, RUQuantStage12, Stage1Config, pick_block, row_quant_mse, stage1_blocks
 from vllm_ruquant.hadamard import hadamard_matrix, is_hadamard_size
@@ -47,30 +46,10 @@ MAX_TOKENS = 2048  # calibration tokens per layer (as ``ruquant``'s stage 1)
 HOLDOUT = 0.25  # fraction of the calibration sequences that only choose among the candidates
 
 
-@torch.no_grad()
 def linear_inputs(ctx: RotationContext, max_tokens: int = MAX_TOKENS) -> list[dict[str, torch.Tensor]]:
     """The fp model's (unrotated, norms folded) input of every site, per layer: {site: (n_seq, seq, k)} fp32
-    on the CPU, captured through the linear callback of one fp forward per layer."""
-    assert ctx.layer_states is not None and ctx.layer_tensors is not None
-    dims = ctx.dims
-    first = {names[0]: site for site, names in SITES.items()}
-    out = []
-    for i, h in enumerate(ctx.layer_states()):
-        n = max(1, min(h.shape[0], max_tokens // h.shape[1]))
-        h = h[:n].to(ctx.device).float()
-        sd = ctx.layer_tensors(i)
-        dense = dense_linear(sd.__getitem__)
-        seen: dict[str, torch.Tensor] = {}
-
-        def capture(prefix: str, x: torch.Tensor, dense=dense, seen=seen) -> torch.Tensor:
-            short = prefix.rsplit(".", 1)[-1]
-            if short in first:
-                seen[first[short]] = x.float().cpu()
-            return dense(prefix, x)
-
-        decoder_layer(h, i, dims, capture, sd.__getitem__, rope_tables(dims, h.shape[1], ctx.device))
-        out.append(seen)
-    return out
+    on the CPU (``base.captured_site_inputs`` over all of ``SITES``)."""
+    return captured_site_inputs(ctx, max_tokens, tuple(SITES))
 
 
 def served_basis(x: dict[str, torch.Tensor], plan: RotationPlan, i: int, head_dim: int) -> dict[str, torch.Tensor]:
