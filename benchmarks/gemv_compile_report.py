@@ -2,6 +2,7 @@
 
     python benchmarks/gemv_compile_report.py            # default tiles, Llama-3-8B shapes, M = 1, 2, 4, 8
     python benchmarks/gemv_compile_report.py --sweep    # every tile of gemv.SWEEP at M = 1 and 4
+    python benchmarks/gemv_compile_report.py --rotation # down_proj's decode rotation (_kron_rows_kernel)
 
 Per build: registers and stack (spills) per thread, and the SASS of the weight loop (from the loop's
 head to its block-counter atomic): instructions per weight word a thread streams, ``IDP`` (dp4a) and
@@ -28,6 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from vllm_ruquant.kernels import gemv  # noqa: E402
+from vllm_ruquant.kernels import rotate_quant as rq  # noqa: E402
 
 LAYER = {"qkv": (4096, 6144, 2), "o": (4096, 4096, 2), "gate_up": (4096, 28672, 2), "down": (14336, 4096, 0)}
 POINTERS = {"a_ptr": "*i32", "b_ptr": "*i32", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
@@ -79,11 +81,40 @@ def report(cfg: gemv.GemvConfig, m: int, k: int, n: int, a_mode: int, group: int
             f"{ops['SHFL']}, {words:.0f} words) | prologue {prologue}")
 
 
+def report_rotation(p: int, rb: int, warps: int, m: int = 28) -> str:
+    """``_kron_rows_kernel`` (H_m (x) H_p, ``rb`` rows a program): barriers and shared-memory round trips
+    of its butterflies, instructions in all."""
+    fn = rq._kron_rows_kernel
+    const = dict(HM=m, RB=rb, P=p, LOG_P=p.bit_length() - 1, NA=-(-m // rb))
+    ptrs = {"x_ptr": "*bf16", "y_ptr": "*fp32", "amax_ptr": "*fp32", "h_ptr": "*fp32"}
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "sqrt_n" else "i32") for a in fn.arg_names}
+    aligned = {*ptrs, "stride_xm", "stride_ym"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()}, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(t.split(".")[0] for t in
+                              re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    chosen = " (rotate_rows' choice)" if warps == rq._kron_rows_warps(p) else ""
+    return (f"kron rows m={m} P={p} RB={rb} warps {warps}{chosen}: {sum(ops.values())} instructions, BAR {ops['BAR']}, "
+            f"STS {ops['STS']}, LDS {ops['LDS']}, SHFL {ops['SHFL']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="every tile of gemv.SWEEP at M = 1 and 4")
+    ap.add_argument("--rotation", action="store_true", help="down_proj's decode rotation at 4 / 8 / 16 warps")
     args = ap.parse_args()
     print(f"triton {triton.__version__}")
+    if args.rotation:
+        for p, rb in ((512, 1), (512, 2), (1024, 1)):
+            for warps in (4, 8, 16):
+                print(report_rotation(p, rb, warps), flush=True)
+        return 0
     if args.sweep:
         for cfg in gemv.SWEEP:
             for m in (1, 4):
