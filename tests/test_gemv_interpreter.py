@@ -186,3 +186,17 @@ def test_backend_routes_decode_sizes_through_the_gemv(triton_interpreter: None, 
             want = ReferenceBackend().apply(spec, ReferenceBackend().prepare(spec, qweight, w_s), x, bias)
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert calls == [1, max_m]
+
+
+@pytest.mark.parametrize("m", [3, 16])
+def test_every_small_gemm_tile_gives_the_same_bits(triton_interpreter: None, m: int) -> None:
+    """Every tile the autotuner may pick for a few tokens (wgmma's 64 / 128 channels, mma.sync's 32; split
+    K 1, 2, 4) gives ``qgemm`` the same output, bit for bit, and that is the reference's."""
+    from vllm_ruquant.kernels.gemm import configs_for, qgemm
+
+    args, kw, expected = _problem(m, 1024, 64, -1, 0, torch.float16, seed=m)
+    configs = configs_for(m, 1024, kw["group_size"], kw["b_mode"], kw["chunk"])
+    assert {c.kwargs["BN"] for c in configs} == {32, 64, 128} and {c.kwargs["SPLIT_K"] for c in configs} == {1, 2, 4}
+    for cfg in configs:
+        got = qgemm(*args, **kw, config=cfg)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=lambda s, cfg=cfg: f"{cfg}: {s}")

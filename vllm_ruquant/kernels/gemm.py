@@ -327,6 +327,10 @@ _CONFIGS: dict[str, list[triton.Config]] = {
     "small": [  # M <= 16: weight streaming; split K to fill the SMs; SWAP puts N on wgmma's M
         _cfg(16, 64, 256, 4, 4, 2, 1), _cfg(16, 64, 256, 4, 4, 4, 1), _cfg(16, 128, 256, 4, 4, 2, 1),
         _cfg(16, 64, 256, 4, 4, 1, 1),
+        # 32 channels a tile: mma.sync instead of wgmma, so no wait after each MMA (Triton waits for every
+        # integer wgmma: benchmarks/gemm_compile_report.py); for the autotuner to time against the above
+        # (the 12-04g profile: 62 us a Llama-3-8B layer at M = 16 against a 34 us weight-read floor)
+        _cfg(16, 32, 256, 2, 4, 2, 1), _cfg(16, 32, 256, 2, 4, 4, 1),
     ],
     "mid": [  # 32..128
         _cfg(64, 128, 128, 4, 4, 1, 1), _cfg(64, 128, 128, 4, 4), _cfg(32, 128, 256, 4, 3, 1, 1),
