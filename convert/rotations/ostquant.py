@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from convert.modeling import decoder_layer, lm_logits, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan
@@ -217,7 +218,9 @@ class OSTQuantRotation:
 
         loss_init = held_out(torch.zeros_like(a), torch.zeros_like(log_s))
         history = []
-        for _ in range(steps):
+        # minutes on a GPU, hours on a CPU: say how far it is
+        bar = tqdm(range(steps), desc="ostquant training", unit="step", leave=False)
+        for _ in bar:
             seqs = train_seqs[torch.randperm(len(train_seqs), generator=gen)[:BATCH]]
             opt.zero_grad()
             loss = loss_on(seqs, a, log_s)
@@ -226,6 +229,7 @@ class OSTQuantRotation:
             if sched is not None:
                 sched.step()
             history.append(float(loss.detach()))
+            bar.set_postfix(kl_top=f"{history[-1]:.4f}", refresh=False)
         loss_trained = held_out(a.detach(), log_s.detach())
         keep = loss_trained < loss_init
         a_f = a.detach().double().cpu() if keep else torch.zeros(d, d, dtype=torch.float64)
