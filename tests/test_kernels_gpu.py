@@ -420,7 +420,8 @@ def test_norm_and_quantization_compile_to_one_pass(tokens: int) -> None:
         return (*ref.quantize_activation(x, 4, 0.9, qmax), x, s.to(torch.bfloat16))
 
     torch._dynamo.reset()
-    torch._dynamo.mark_dynamic(h, 0)  # vLLM compiles for any number of tokens
+    for t in (h, r):  # vLLM compiles for any number of tokens
+        torch._dynamo.mark_dynamic(t, 0)
     with fresh_inductor_cache():
         (q, scale, x, _), codes = run_and_get_code(torch.compile(add_norm_quantize, fullgraph=True), h, r)
     kernels = re.findall(r"def (triton_\w+)\(", "\n".join(codes))
