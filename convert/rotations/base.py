@@ -16,7 +16,7 @@ import torch
 
 from convert.modeling import decoder_layer, dense_linear, rope_tables
 from vllm_ruquant.checkpoint.format import RUQuantFormat
-from vllm_ruquant.checkpoint.models import ModelDims
+from vllm_ruquant.checkpoint.models import NORM_READERS, ModelDims
 from vllm_ruquant.reference import OnlineRotation
 
 
@@ -102,6 +102,11 @@ def captured_site_inputs(ctx: RotationContext, max_tokens: int,
         sd = ctx.layer_tensors(i)
         dense = dense_linear(sd.__getitem__)
         seen: dict[str, torch.Tensor] = {}
+        # the gammas are folded into the readers: a context may leave the (all-ones) norm weights out
+        folded = {f"{ctx.dims.layer_prefix(i)}.{norm}.weight" for norm in NORM_READERS}
+
+        def get(name: str, sd=sd, folded=folded) -> torch.Tensor | None:  # noqa: ANN001
+            return sd.get(name) if name in folded else sd[name]
 
         def capture(prefix: str, x: torch.Tensor, dense=dense, seen=seen) -> torch.Tensor:  # noqa: ANN001
             site = readers.get(prefix.rsplit(".", 1)[-1])
@@ -109,7 +114,7 @@ def captured_site_inputs(ctx: RotationContext, max_tokens: int,
                 seen[site] = x.float().cpu()
             return dense(prefix, x)
 
-        decoder_layer(h, i, ctx.dims, capture, sd.__getitem__, rope_tables(ctx.dims, h.shape[1], ctx.device))
+        decoder_layer(h, i, ctx.dims, capture, get, rope_tables(ctx.dims, h.shape[1], ctx.device))
         out.append(seen)
     return out
 
