@@ -19,7 +19,7 @@
 #   bash scripts/gpu_session.sh tp2                  TP=2 engines vs the simulation (2-GPU machine; not yet run)
 #   bash scripts/gpu_session.sh graphq               served vs simulated with the quantization in the compiled graph
 #   bash scripts/gpu_session.sh decode               issue 22's newest GPU tests (k_loop GEMV tiles, one-pass norm +
-#                                                quantization), then down_proj's one-token tile sweep; the best tile
+#                                                quantization, rotate_rows, every small GEMM tile), then down_proj's tile sweep; the best tile
 #                                                goes to /tmp/bench/long_k_tile, for RUQUANT_GEMV_LONG_K_TILE in `bench`
 #   bash scripts/gpu_session.sh gemv [ARGS]          decode GEMV (issue 22): its GPU tests, then decode_linears.py ARGS
 #                                                (default: gemm / gemv / linear / linear_gemv at M 1-16, the tile sweep)
@@ -114,9 +114,9 @@ case "${1:-}" in
     ;;
   decode)
     python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging tests/test_kernels_gpu.py \
-      -k "k_loop or one_pass or divides_like_eager or kronecker" 2>&1 | tee "$OUT/gpu_tests_decode.log" \
+      -k "k_loop or one_pass or divides_like_eager or rotate_quant_hadamard or qgemm_every_config" 2>&1 | tee "$OUT/gpu_tests_decode.log" \
       | grep -E "passed|failed|^E |Error|norm \+ quantization|constant divisor" | tail -12
-    python3 benchmarks/decode_linears.py --out "$OUT/lin" --only stream,gemv,rq_rows --ms 1,16 --gemv-sweep --gemv-int8 --gemv-ms 1 \
+    python3 benchmarks/decode_linears.py --out "$OUT/lin" --only stream,gemv,rq --ms 1,16 --gemv-sweep --gemv-int8 --gemv-ms 1 \
       2>&1 | tee "$OUT/decode_linears.log" | tail -12
     python3 - "$OUT/lin/gemv_sweep.json" <<'EOF' | tee /tmp/bench/long_k_tile.txt
 import json, sys
