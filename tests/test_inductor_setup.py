@@ -21,7 +21,7 @@ def _features(hint: ReductionHint, numel: object) -> SimpleNamespace:
 @pytest.fixture
 def inductor_says_no(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inductor's own heuristic declines every reduction: what is left is the handler's widening."""
-    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a: False))
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a, **k: False))
 
 
 def test_rows_up_to_the_limit_reduce_in_one_pass(inductor_says_no: None) -> None:
@@ -32,10 +32,12 @@ def test_rows_up_to_the_limit_reduce_in_one_pass(inductor_says_no: None) -> None
     assert not choices.should_use_persistent_reduction(_features(ReductionHint.OUTER, 4096), False)
     assert not choices.should_use_persistent_reduction(_features(ReductionHint.INNER, sympy.Symbol("s0")), False)
     assert not choices.should_use_persistent_reduction(_features(ReductionHint.INNER, 4096), True)  # cooperative
+    assert choices.should_use_persistent_reduction(features=_features(ReductionHint.INNER, 2048),
+                                                   cooperative_reduction=False)  # by name
 
 
 def test_inductors_yes_stands(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a: True))
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *a, **k: True))
     assert inductor_setup.RowPersistentChoices(0).should_use_persistent_reduction(
         _features(ReductionHint.OUTER, 1 << 20), False)
 

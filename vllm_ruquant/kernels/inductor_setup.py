@@ -92,10 +92,15 @@ class RowPersistentChoices(InductorChoices):
         super().__init__()
         self.row_max = row_max
 
-    def should_use_persistent_reduction(self, features, cooperative_reduction: bool) -> bool:  # noqa: ANN001
-        if super().should_use_persistent_reduction(features, cooperative_reduction):
+    def should_use_persistent_reduction(self, *args, **kwargs) -> bool:  # noqa: ANN002, ANN003
+        """Inductor's answer, widened to whole rows of up to ``row_max``. Takes Inductor's arguments as they
+        come ``(features, cooperative_reduction)``, by position or name, so that a torch whose call differs
+        falls back to Inductor's own answer instead of failing the model's compilation."""
+        if super().should_use_persistent_reduction(*args, **kwargs):
             return True
-        if cooperative_reduction or not inductor_config.triton.persistent_reductions:
+        features = args[0] if args else kwargs.get("features")
+        cooperative = args[1] if len(args) > 1 else kwargs.get("cooperative_reduction", False)
+        if cooperative or not inductor_config.triton.persistent_reductions:
             return False
         try:
             inner = features.get_reduction_hint() == ReductionHint.INNER
