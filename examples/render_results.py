@@ -374,22 +374,20 @@ def _beats(name: str, res: dict[str, list[float]], better: str, worse: str) -> s
             f"max - min {rng:.2f}): {verdict}.")
 
 
-def seeds_32k_md(d: Path) -> str | None:
-    """Issue 24 item 4: three calibration seeds of the compared rows at w4a4kv4 on 32768 held-out tokens, one JSON
-    file per seed (``quality.py`` keeps one seed per file)."""
+def _seed_files(d: Path, pattern: str) -> dict[int, tuple[str, dict]]:
+    """The per-seed result files matching ``pattern``: {seed: (file name, contents)}."""
     files = {}
-    for f in sorted(d.glob("seeds_32k_s*.json")):
+    for f in sorted(d.glob(pattern)):
         q = json.loads(f.read_text())
         files[q["seed"]] = (f.name, q)
-    if not files:
-        return None
-    base = files[min(files)][1]
-    keys = ("eval_text", "calib_text", "max_eval_tokens", "seq_len", "stride", "calib")
-    odd = [name for name, q in files.values() if any(Path(str(q[k])).name != Path(str(base[k])).name for k in keys)]
-    if odd:
-        raise SystemExit(f"{d}: seed files {odd} were made with other settings than {files[min(files)][0]}")
+    return files
+
+
+def _seed_table(files: dict[int, tuple[str, dict]], rows: list[str],
+                ) -> tuple[list[str], dict[str, list[float]], list[dict]]:
+    """The w4a4kv4 table of ``rows`` over the seeds of ``files`` (markdown lines), each row's perplexities,
+    and every cell shown."""
     seeds = sorted(files)
-    rows = [r for r in SEED_ROWS if r in BASE_SEED_ROWS or any(r in q["results"] for _, q in files.values())]
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | max - min | sample sd | conversion s (mean) |", "|---|" + "---:|" * (len(seeds) + 4)]
     ppl: dict[str, list[float]] = {}
@@ -403,6 +401,32 @@ def seeds_32k_md(d: Path) -> str | None:
         conv = f"{sum(secs) / len(secs):.0f}" if secs else "-"
         lines.append(f"| {LABELS[r]} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "not run" for c in row)
                      + " | " + " | ".join(_spread(ppl[r])) + f" | {conv} |")
+    return lines, ppl, cells
+
+
+def _seed_commands(files: dict[int, tuple[str, dict]], rows: list[str]) -> str:
+    """The ``quality.py`` command that remakes each seed's file (the settings of the first seed's)."""
+    base = files[min(files)][1]
+    n, l = base["calib"]
+    return "".join(QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} "
+                   f"--calib-seq-len {l} --rows {','.join(rows)} --schemes w4a4kv4 --seed {s} "
+                   f"--json {files[s][0]}\n" for s in sorted(files))
+
+
+def seeds_32k_md(d: Path) -> str | None:
+    """Issue 24 item 4: three calibration seeds of the compared rows at w4a4kv4 on 32768 held-out tokens, one JSON
+    file per seed (``quality.py`` keeps one seed per file)."""
+    files = _seed_files(d, "seeds_32k_s*.json")
+    if not files:
+        return None
+    base = files[min(files)][1]
+    keys = ("eval_text", "calib_text", "max_eval_tokens", "seq_len", "stride", "calib")
+    odd = [name for name, q in files.values() if any(Path(str(q[k])).name != Path(str(base[k])).name for k in keys)]
+    if odd:
+        raise SystemExit(f"{d}: seed files {odd} were made with other settings than {files[min(files)][0]}")
+    seeds = sorted(files)
+    rows = [r for r in SEED_ROWS if r in BASE_SEED_ROWS or any(r in q["results"] for _, q in files.values())]
+    lines, ppl, cells = _seed_table(files, rows)
     missing = [f"{LABELS[r]} seed {s}" for r in rows for s in seeds
                if "w4a4kv4" not in files[s][1]["results"].get(r, {})]
     old = d / "recipes_32k.json"
@@ -416,10 +440,7 @@ def seeds_32k_md(d: Path) -> str | None:
                   f"settings, converted at {old_cell.get('commit', '?')}) is not in the table: the converter has "
                   "changed since (fp64 rotations on the conversion device, fp32-stored Hessians, in-place GPTQ "
                   "damping), so it is not the same protocol as the cells above.\n")
-    n, l = base["calib"]
-    cmd = "".join(QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} "
-                  f"--calib-seq-len {l} --rows {','.join(rows)} --schemes w4a4kv4 --seed {s} "
-                  f"--json {files[s][0]}\n" for s in seeds)
+    cmd = _seed_commands(files, rows)
     return (f"{HEADER}# Three calibration seeds at w4a4kv4 on {base['max_eval_tokens']} held-out tokens: {d.name}\n\n"
             f"Issue 24 items 4 and 1. From {', '.join(f'`{files[s][0]}`' for s in seeds)} (one file per calibration "
             f"seed): {_settings(base, seed=False)}. Simulated quantization (`convert/evaluate.py`) on the CPU; every "
@@ -466,35 +487,16 @@ GPU_SEED_ROWS = ["gbs_actorder", "ostquant_long_gbs_actorder"]
 def seeds_32k_gpu_md(d: Path) -> str | None:
     """Issue 24 item 2: OSTQuant trained long enough (200 steps) against the default recipe, three seeds at
     w4a4kv4 on 32768 tokens, both rows converted and scored on a GPU (``seeds_32k_gpu_s<S>.json``)."""
-    files = {}
-    for f in sorted(d.glob("seeds_32k_gpu_s*.json")):
-        q = json.loads(f.read_text())
-        files[q["seed"]] = (f.name, q)
+    files = _seed_files(d, "seeds_32k_gpu_s*.json")
     if not files:
         return None
     seeds = sorted(files)
     base = files[seeds[0]][1]
-    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds)
-             + " | mean | max - min | sample sd | conversion s (mean) |", "|---|" + "---:|" * (len(seeds) + 4)]
-    ppl: dict[str, list[float]] = {}
-    cells = []
-    for r in GPU_SEED_ROWS:
-        row = [files[s][1]["results"].get(r, {}).get("w4a4kv4") for s in seeds]
-        got = [c for c in row if c]
-        cells += got
-        ppl[r] = [c["perplexity"] for c in got]
-        secs = [c["convert_seconds"] for c in got]
-        conv = f"{sum(secs) / len(secs):.0f}" if secs else "-"
-        lines.append(f"| {LABELS[r]} | " + " | ".join(f"{c['perplexity']:.2f}" if c else "not run" for c in row)
-                     + " | " + " | ".join(_spread(ppl[r])) + f" | {conv} |")
-    cpu = {json.loads(f.read_text())["seed"]: json.loads(f.read_text()) for f in d.glob("seeds_32k_s*.json")}
-    cpu_default = [q["results"]["gbs_actorder"]["w4a4kv4"]["perplexity"] for _, q in sorted(cpu.items())
-                   if "w4a4kv4" in q["results"].get("gbs_actorder", {})]
-    ppl["cpu_default"] = cpu_default
-    n, l = base["calib"]
-    cmd = "".join(QUALITY_CMD + f"        --max-eval-tokens {base['max_eval_tokens']} --calib-samples {n} "
-                  f"--calib-seq-len {l} --rows {','.join(GPU_SEED_ROWS)} --schemes w4a4kv4 --seed {s} "
-                  f"--json {files[s][0]}\n" for s in seeds)
+    lines, ppl, cells = _seed_table(files, GPU_SEED_ROWS)
+    cpu = _seed_files(d, "seeds_32k_s*.json")
+    ppl["cpu_default"] = [q["results"]["gbs_actorder"]["w4a4kv4"]["perplexity"] for _, (_, q) in sorted(cpu.items())
+                          if "w4a4kv4" in q["results"].get("gbs_actorder", {})]
+    cmd = _seed_commands(files, GPU_SEED_ROWS)
     return (f"{HEADER}# OSTQuant vs the default recipe, three seeds at w4a4kv4 on {base['max_eval_tokens']} "
             f"held-out tokens, on a GPU: {d.name}\n\n"
             f"Issue 24 item 2. From {', '.join(f'`{files[s][0]}`' for s in seeds)} (one file per calibration seed): "
