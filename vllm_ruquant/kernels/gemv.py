@@ -469,6 +469,16 @@ def _fit(cfg: GemvConfig, k: int, group: int, mp: int, chunk: int) -> tuple[int,
     return bk, min(lv, bk // 8)
 
 
+def kernel_constexprs(ls: dict, a_mode: int, b_mode: int, chunk: int, group: int, act_bits: int,
+                      has_bias: bool) -> dict:
+    """``_qgemv_kernel``'s constexprs (all but ``ASM``) for a ``launch_shape``: what ``qgemv`` launches and
+    what ``benchmarks/gemv_compile_report.py`` builds offline."""
+    return dict(A_MODE=a_mode, QMAX=(1 << (act_bits - 1)) - 1 if a_mode == 2 else 127, B_MODE=b_mode,
+                CHUNK=chunk if b_mode == 2 else 128, GROUP=group, HAS_BIAS=has_bias, MP=ls["MP"], BN=ls["BN"],
+                BK=ls["BK"], LV=ls["LV"], SC=ls["SC"], RB=ls["RB"], ONE_SPLIT=int(ls["SPLIT_K"] == 1 and not group),
+                KSTEPS=ls["KSTEPS"])
+
+
 def supports(m: int, k: int, group_size: int, a_mode: int, b_mode: int) -> bool:
     """Whether ``qgemv`` serves this problem (else ``qgemm`` does)."""
     group = 0 if group_size in (-1, k) else group_size
@@ -590,10 +600,8 @@ def qgemv(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scal
     b_arg = b.view(torch.uint8).view(torch.int32)
     ws, cnt = _workspace(a.device, ls["SPLIT_K"] * M * N, ls["blocks"])
     grid = (ls["grid0"], ls["SPLIT_K"])
-    kwargs = dict(A_MODE=a_mode, QMAX=(1 << (act_bits - 1)) - 1 if a_mode == 2 else 127, B_MODE=b_mode,
-                  CHUNK=chunk if b_mode == 2 else 128, GROUP=group, HAS_BIAS=bias is not None, MP=ls["MP"],
-                  BN=ls["BN"], BK=ls["BK"], LV=ls["LV"], SC=ls["SC"], RB=ls["RB"], num_warps=cfg.num_warps,
-                  num_stages=1, ONE_SPLIT=int(ls["SPLIT_K"] == 1 and not group), KSTEPS=ls["KSTEPS"])
+    kwargs = dict(kernel_constexprs(ls, a_mode, b_mode, chunk, group, act_bits, bias is not None),
+                  num_warps=cfg.num_warps, num_stages=1)
     if not _INTERPRET:
         kwargs["enable_fp_fusion"] = False
     args = (a_arg, b_arg, a_scale, b_scale, bias if bias is not None else b_scale, c, ws, ws.view(torch.float32),
