@@ -19,42 +19,25 @@ memory unchanged. Runs with ``TRITON_INTERPRET`` unset.
 
 from __future__ import annotations
 
-import collections
-import os
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
+try:  # run as a script, or imported with benchmarks/ on sys.path
+    import sm90_build
+except ModuleNotFoundError:  # imported as benchmarks.gemm_compile_report from the repository root
+    from benchmarks import sm90_build
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from vllm_ruquant.kernels import gemm  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
 DIVISIBLE_BY_16 = ("a_ptr", "b_ptr", "as_ptr", "bs_ptr", "bias_ptr", "c_ptr", "ws_ptr", "cnt_ptr", "N", "K",
                    "stride_am", "stride_bn", "stride_cm")
 
 
-def _compile(fn, pointers: dict[str, str], const: dict, num_warps: int, num_stages: int):
-    sig = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "clip" else "i32") for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in DIVISIBLE_BY_16}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def _sass(kernel) -> tuple[str, str]:
-    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        res = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    return res, sass
+def _compile(fn, pointers: dict[str, str], const: dict, num_warps: int, num_stages: int):  # noqa: ANN001, ANN202
+    return sm90_build.build(fn, const, pointers, DIVISIBLE_BY_16, ("clip",), num_warps=num_warps,
+                            num_stages=num_stages)
 
 
 def waits(ttgir: str) -> list[int]:
@@ -70,14 +53,12 @@ def report_config(cfg: triton.Config) -> str:
                 "c_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
     kernel = _compile(gemm._qgemm_kernel, pointers, const, cfg.num_warps, cfg.num_stages)
     ttgir = kernel.asm["ttgir"]
-    res, sass = _sass(kernel)
-    ops = collections.Counter(m.split(".")[0] for m in
-                              re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
-    regs = re.search(r"REG:(\d+)", res)
+    res, sass = sm90_build.cuobjdump(kernel)
+    ops = sm90_build.opcodes(sass)
     return (f"BM {kw['BM']:3d} BN {kw['BN']:3d} BK {kw['BK']} SWAP {kw['SWAP']} warps {cfg.num_warps} stages "
             f"{cfg.num_stages}: wgmma waits {waits(ttgir)} | cp.async {ttgir.count('async_copy_global_to_local')} | "
             f"SASS GMMA {sum(v for o, v in ops.items() if 'GMMA' in o)} STS {ops['STS']} LDS {ops['LDS']} | "
-            f"regs {regs.group(1) if regs else '?'}")
+            f"regs {sm90_build.resource(res, 'REG')}")
 
 
 @triton.jit

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
+try:  # run as a script, or imported with benchmarks/ on sys.path
+    import sm90_build
+except ModuleNotFoundError:  # imported as benchmarks.gemv_compile_report from the repository root
+    from benchmarks import sm90_build
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from vllm_ruquant.kernels import gemv  # noqa: E402
 from vllm_ruquant.kernels import rotate_quant as rq  # noqa: E402
@@ -56,28 +53,16 @@ def _sass_loop(sass: str) -> tuple[int, int, collections.Counter]:
 def report(cfg: gemv.GemvConfig, m: int, k: int, n: int, a_mode: int, group: int = 0) -> str:
     ls = gemv.launch_shape(cfg, m, n, k, group, 128 if a_mode != 1 else 8, a_mode=a_mode)
     fn = gemv._qgemv_kernel
-    const = dict(A_MODE=a_mode, QMAX=7 if a_mode == 2 else 127, B_MODE=1 if a_mode == 1 else 2, CHUNK=128,
-                 GROUP=group, HAS_BIAS=False, MP=ls["MP"], BN=ls["BN"], BK=ls["BK"], LV=ls["LV"], SC=ls["SC"],
-                 RB=ls["RB"], ASM=1)
+    const = dict(gemv.kernel_constexprs(ls, a_mode, 1 if a_mode == 1 else 2, 128, group, 4, False), ASM=1)
     ptrs = dict(POINTERS, a_ptr="*bf16") if a_mode == 2 else POINTERS
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "clip" else "i32") for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in DIVISIBLE_BY_16}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": 1, "enable_fp_fusion": False})
-    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        res = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", res)
-    stack = re.search(r"STACK:(\d+)", res)
+    kernel = sm90_build.build(fn, const, ptrs, DIVISIBLE_BY_16, ("clip",), num_warps=cfg.num_warps, num_stages=1,
+                              enable_fp_fusion=False)
+    res, sass = sm90_build.cuobjdump(kernel)
     prologue, loop, ops = _sass_loop(sass)
     words = ls["BN"] * ls["BK"] / 8 / (32 * cfg.num_warps)  # weight words a thread streams per tile
     return (f"{cfg.short():30s} M={m} K={k} N={n} a_mode {a_mode}: BK {ls['BK']} LV {ls['LV']} split {ls['SPLIT_K']} "
-            f"grid {ls['grid0']}x{ls['SPLIT_K']} | regs {regs.group(1) if regs else '?'} stack "
-            f"{stack.group(1) if stack else '?'} | loop {loop / words:.1f} instr/word (IDP {ops['IDP']}, SHFL "
+            f"grid {ls['grid0']}x{ls['SPLIT_K']} | regs {sm90_build.resource(res, 'REG')} stack "
+            f"{sm90_build.resource(res, 'STACK')} | loop {loop / words:.1f} instr/word (IDP {ops['IDP']}, SHFL "
             f"{ops['SHFL']}, {words:.0f} words) | prologue {prologue}")
 
 
@@ -87,18 +72,8 @@ def report_rotation(p: int, rb: int, warps: int, m: int = 28) -> str:
     fn = rq._kron_rows_kernel
     const = dict(HM=m, RB=rb, P=p, LOG_P=p.bit_length() - 1, NA=-(-m // rb))
     ptrs = {"x_ptr": "*bf16", "y_ptr": "*fp32", "amax_ptr": "*fp32", "h_ptr": "*fp32"}
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "sqrt_n" else "i32") for a in fn.arg_names}
-    aligned = {*ptrs, "stride_xm", "stride_ym"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    ops = collections.Counter(t.split(".")[0] for t in
-                              re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    kernel = sm90_build.build(fn, const, ptrs, {*ptrs, "stride_xm", "stride_ym"}, ("sqrt_n",), num_warps=warps)
+    ops = sm90_build.opcodes(sm90_build.cuobjdump(kernel)[1])
     chosen = " (rotate_rows' choice)" if warps == rq._kron_rows_warps(p) else ""
     return (f"kron rows m={m} P={p} RB={rb} warps {warps}{chosen}: {sum(ops.values())} instructions, BAR {ops['BAR']}, "
             f"STS {ops['STS']}, LDS {ops['LDS']}, SHFL {ops['SHFL']}")

@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import re
-import subprocess
-import tempfile
-from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+try:  # run as a script, or imported with benchmarks/ on sys.path
+    import sm90_build
+except ModuleNotFoundError:  # imported as benchmarks.kv4_compile_report from the repository root
+    from benchmarks import sm90_build
 
 from vllm_ruquant.kernels import int4_kv_attention as kv4
 
@@ -49,22 +43,13 @@ def report(lp: kv4.LaunchPlan, per_sequence: bool) -> str:
                  FP32_DOTS=False, PRECISION=None, PER_SEQUENCE=per_sequence,
                  SKIP_Q_LEN_UPTO=0 if per_sequence else 4, CACHE_OFFSETS_INT32=True,
                  PREFETCH_KV=lp.prefetch_kv)
-    sig = {n: "constexpr" if n in const else POINTERS.get(n, "fp32" if n == "qk_scale_log2" else "i32")
-           for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in DIVISIBLE_BY_16}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": lp.num_warps, "num_stages": lp.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-        res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", res)
+    k = sm90_build.build(fn, const, POINTERS, DIVISIBLE_BY_16, ("qk_scale_log2",), num_warps=lp.num_warps,
+                         num_stages=lp.num_stages)
+    regs = sm90_build.resource(sm90_build.cuobjdump(k)[0], "REG")
     ptx = k.asm["ptx"]
-    per_sm = min(65536 // (int(regs.group(1)) * 32 * lp.num_warps) if regs else 0,
+    per_sm = min(65536 // (int(regs) * 32 * lp.num_warps) if regs != "?" else 0,
                  233472 // max(k.metadata.shared, 1), 32)
-    return (f"{'decode ' if per_sequence else 'prefill'} {lp}: regs {regs.group(1) if regs else '?'}, "
+    return (f"{'decode ' if per_sequence else 'prefill'} {lp}: regs {regs}, "
             f"shared {k.metadata.shared} B -> {per_sm} CTAs/SM ({per_sm * lp.num_warps} warps); "
             f"PTX cvt {ptx.count('cvt.')}, mma {ptx.count('mma.sync') + ptx.count('wgmma.mma_async')}, "
             f"cp.async {ptx.count('cp.async.c')}, bar.sync {ptx.count('bar.sync')}")
