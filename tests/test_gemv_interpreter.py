@@ -138,7 +138,7 @@ def test_tile_names_and_the_long_k_override(monkeypatch) -> None:
     for cfg in gemv.SWEEP:
         assert gemv.GemvConfig.parse(cfg.short()) == cfg
     loop = gemv.GemvConfig(BN=32, BK=4096, LV=128, num_warps=8, NBP=1, k_loop=True)
-    monkeypatch.setattr(gemv, "LONG_K_TILE", loop.short())
+    monkeypatch.setattr(gemv, "LONG_K_TILE", gemv.GemvConfig.parse(loop.short()))
     assert gemv.default_config(1, 4096, 14336, 0) == loop
     assert gemv.default_config(1, 6144, 4096, 0) != loop and gemv.default_config(1, 4096, 14336, 2) != loop
     with pytest.raises(ValueError, match="bn64-bk512"):

@@ -74,10 +74,6 @@ logger = logging.getLogger(__name__)
 # 60.1 us) but not at M = 2 (67.3 / 60.1) or 4 (63.9 / 60.5) (benchmarks/results/gpu-2026-12-04d, -e).
 GEMV_MAX_M = int(os.environ.get("RUQUANT_GEMV_MAX_M", "1"))
 MAX_ROWS = 8  # the kernel holds up to 8 activation rows in registers
-# The tile (``GemvConfig.short()`` name) for one token on integer activations with K > 4096 (down_proj),
-# in place of ``default_config``'s: how a sweep's best tile is timed in a served engine
-# (``scripts/gpu_session.sh decode``) before it becomes the default.
-LONG_K_TILE = os.environ.get("RUQUANT_GEMV_LONG_K_TILE", "")
 _LO_MASK = tl.constexpr(-252645136)  # 0xF0F0F0F0 as an int32
 
 
@@ -407,6 +403,14 @@ class GemvConfig:
                    ctas_per_sm=int(ctas or 4), k_loop=loop is not None)
 
 
+# The tile for one token on integer activations with K > 4096 (down_proj) in place of ``default_config``'s,
+# from its ``GemvConfig.short()`` name in ``RUQUANT_GEMV_LONG_K_TILE``: how a sweep's best tile is timed in
+# a served engine (``scripts/gpu_session.sh decode``) before it becomes the default. Parsed once, here (a bad
+# name fails the import with the form a name takes), not at every launch.
+LONG_K_TILE: GemvConfig | None = (GemvConfig.parse(os.environ["RUQUANT_GEMV_LONG_K_TILE"])
+                                  if os.environ.get("RUQUANT_GEMV_LONG_K_TILE") else None)
+
+
 def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
     """The tile per shape class (rows held, activation mode); offline sm_90 builds (Triton 3.6 and 3.9
     alike), no spills. Integer activations (a_mode 0 / 1): a warp along K (LV = 128, reduced with
@@ -423,8 +427,8 @@ def default_config(m: int, n: int, k: int, a_mode: int = 0) -> GemvConfig:
     if m <= 1:  # H200 sweep on int8 activations (gpu-2026-12-04g, decode_linears --gemv-int8): 5.1 / 4.3 /
         if k <= 4096:  # 15.5 us for qkv / o / gate_up (one K slice a program), against 5.6 / 4.5 / 17.8 at BN 16
             return GemvConfig(BN=8, BK=4096, LV=128)
-        if LONG_K_TILE:
-            return GemvConfig.parse(LONG_K_TILE)
+        if LONG_K_TILE is not None:
+            return LONG_K_TILE
         return GemvConfig(BN=16, BK=4096, LV=128, NBP=1)  # down_proj: 11.7 us against 12.9 with NBP auto
     return GemvConfig(BN=16, BK=2048, LV=128, ctas_per_sm=3)
 
