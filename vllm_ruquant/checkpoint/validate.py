@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_ruquant import settings
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.errors import CheckpointError, ExitCode
 from vllm_ruquant.checkpoint.models import CONFIG_FILE, ModelDims, model_dims, short_name
@@ -62,7 +63,7 @@ SKIP_CHECKSUM_ENV = "RUQUANT_SKIP_CHECKSUM"
 SKIP_VALIDATE_ENV = "RUQUANT_SKIP_VALIDATE"
 # Set after a successful validation so that child processes (vLLM's engine core / workers
 # inherit the environment) do not validate and hash the same checkpoint again.
-VALIDATED_ENV = "RUQUANT_VALIDATED_CHECKPOINT"
+VALIDATED_ENV = settings.VALIDATED_ENV
 
 _QUANT_SUFFIXES = (fmt_mod.QWEIGHT, fmt_mod.WEIGHT_SCALE, fmt_mod.ONLINE_ROTATION)
 # tensors some HF exports carry that no loader reads
