@@ -4,6 +4,8 @@
 #                                                reference, KV4 served vs simulated)
 #   bash scripts/gpu_session.sh bench CONFIGS WORKLOADS [TIMEOUT]  serving benchmark rows (one engine per
 #                                                config, TIMEOUT s each), accumulated in /tmp/bench
+#   bash scripts/gpu_session.sh bisect [CONFIG WORKLOAD VARIANTS...]  one serving row per RUQUANT_* variant (default:
+#                                                ruquant-w4a4 tp-1024-256 under default / PERSISTENT_ROW_MAX=0 / GRAPH_QUANT=0)
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
 #   bash scripts/gpu_session.sh smollm2 SCHEMES      SmolLM2-135M served perplexity through the endpoint (ckpts in /tmp/ckpts)
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
@@ -72,6 +74,19 @@ case "${1:-}" in
     done
     python3 benchmarks/serving.py --report --results /tmp/bench/serving.json
     ;;
+  bisect)
+    # one config and workload under each variant of the plugin's switches, an engine each (vLLM's compile
+    # cache keys on RUQUANT_* since af039ec, so every variant compiles its own graph); a variant is
+    # "default" or NAME=VALUE[,NAME=VALUE]
+    cfg=${2:-ruquant-w4a4}; wl=${3:-tp-1024-256}
+    variants=("${@:4}"); [ ${#variants[@]} -eq 0 ] && variants=(default RUQUANT_PERSISTENT_ROW_MAX=0 RUQUANT_GRAPH_QUANT=0)
+    for v in "${variants[@]}"; do
+      tag=${v//[^A-Za-z0-9_=]/_}; envs=(); [ "$v" != default ] && envs=(${v//,/ })
+      env "${envs[@]}" python3 benchmarks/serving.py --only "$cfg" --workloads "$wl" --results "$OUT/bisect_$tag.json" \
+        --models-dir /tmp/bench/models --timeout 240 2>&1 | grep -E "^$cfg " | tail -1 | sed "s|^|$v: |"
+      tail -c 20000 /tmp/bench/models/"$cfg".log > "$OUT/bisect_$tag.log"
+    done
+    ;;
   serve)
     python3 benchmarks/serving.py --only "$2" --workloads tp-1024-256 --dry-run --models-dir /tmp/bench/models >/dev/null
     python3 benchmarks/serve_openai.py /tmp/bench/models/"$2" --rates "$3" --num-prompts "${4:-256}" \
@@ -133,5 +148,5 @@ EOF
     lin_args=("$@"); [ ${#lin_args[@]} -eq 0 ] && lin_args=(--only gemm,gemv,linear,linear_gemv --ms 1,2,4,8,16 --gemv-sweep)
     python3 benchmarks/decode_linears.py --out "$OUT/lin" "${lin_args[@]}" 2>&1 | tee "$OUT/decode_linears_gemv.log" | tail -40
     ;;
-  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | graphq | decode | gemv"; exit 2 ;;
+  *) echo "usage: $0 tests [FILES] | smollm2 SCHEMES | bench CONFIGS WORKLOADS [TIMEOUT] | serve CONFIG RATES [PROMPTS] | stage1 | scale [ARGS] | profile [ARGS] | kv4 [SCENARIOS] | kv4serve CONFIGS [TIMEOUT] | tp2 | graphq | decode | gemv | bisect [CONFIG WORKLOAD VARIANTS...]"; exit 2 ;;
 esac
