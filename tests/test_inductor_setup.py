@@ -67,3 +67,28 @@ def test_installed_once_and_never_over_someone_elses() -> None:
 
     assert _in_fresh_thread(over_theirs) == (False, Theirs)
     assert _in_fresh_thread(lambda: (inductor_setup.persistent_rows(0), type(V.choices))) == (False, InductorChoices)
+
+
+
+def _division_switch() -> str:
+    """The IEEE-division switch's config key in this torch (see ``rounds_like_eager``)."""
+    import torch._inductor.config as cfg
+
+    numerics = getattr(cfg, "eager_numerics", None)
+    return ("eager_numerics.division_rounding" if numerics is not None and hasattr(numerics, "division_rounding")
+            else "emulate_divison_rounding")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_exact_division_is_a_choice(exact: bool) -> None:
+    """``RUQUANT_EXACT_DIVISION=0`` (``exact_division=False``) leaves Inductor's division switch off; the
+    bf16 rounding of every op is set either way (it decides the integers far more often)."""
+    import torch._inductor.config as cfg
+
+    key = _division_switch()
+    before = cfg.get_config_copy()[key]
+    with cfg.patch({key: False, "emulate_precision_casts": False}):
+        inductor_setup.rounds_like_eager(exact_division=exact)
+        assert cfg.get_config_copy()[key] is exact
+        assert cfg.emulate_precision_casts is True
+    assert cfg.get_config_copy()[key] is before  # restored for the tests after this one

@@ -31,15 +31,21 @@ logger = logging.getLogger(__name__)
 # time: 4.8 us against 2.7 for vLLM's bf16 norm kernel at batch 1 on the H200 (gpu-2026-12-04g profile).
 # ``RUQUANT_PERSISTENT_ROW_MAX=0`` keeps Inductor's choice.
 PERSISTENT_ROW_MAX = int(os.environ.get("RUQUANT_PERSISTENT_ROW_MAX", "8192"))
+# IEEE division in every division Inductor fuses (see ``rounds_like_eager``). ``RUQUANT_EXACT_DIVISION=0``
+# leaves Triton's approximate division, which can put an element at a half step of its scale on the
+# other integer than the simulation's. To be measured: between two H200 profiles (gpu-2026-12-04g ->
+# 12-04h) that added this switch and the whole-row reductions, the small latency-bound Inductor kernels
+# of a batch-1 step got slower (SiLU-and-mul 1.3 -> 2.5 us, o_proj's quantization 1.8 -> 4.3).
+EXACT_DIVISION = os.environ.get("RUQUANT_EXACT_DIVISION", "1") != "0"
 
 
 def configure_for_graph_quant() -> None:
     """Both settings (idempotent)."""
-    rounds_like_eager()
+    rounds_like_eager(exact_division=EXACT_DIVISION)
     persistent_rows(PERSISTENT_ROW_MAX)
 
 
-def rounds_like_eager() -> None:
+def rounds_like_eager(exact_division: bool = True) -> None:
     """Have Inductor compute as eager torch does where a quantization fused into its kernels depends on
     it: round each op's result to its dtype (``emulate_precision_casts``), so that the quantization behind
     the bf16 RMSNorm sees the simulation's bf16 activations; and divide with IEEE rounding (Triton's
@@ -47,11 +53,16 @@ def rounds_like_eager() -> None:
     simulation's division gives. Process-wide, so the model's other fused ops compute like eager too (a
     few more instructions per division). The division switch moved between torch releases:
     ``emulate_divison_rounding`` (sic) up to 2.11 (the GPU machines), ``eager_numerics.division_rounding``
-    later (the CPU wheel, where the CPU code generator divides exactly anyway)."""
+    later (the CPU wheel, where the CPU code generator divides exactly anyway). ``exact_division=False``
+    leaves the division switch as it is."""
     if not inductor_config.emulate_precision_casts:
         inductor_config.emulate_precision_casts = True
         logger.info("ruquant: quantization in the compiled graph: Inductor emulates precision casts (bf16 rounding "
                     "as eager)")
+    if not exact_division:
+        logger.warning("ruquant: RUQUANT_EXACT_DIVISION=0: compiled quantization divides approximately; an "
+                       "element at a half step of its scale may round to another integer than the simulation's")
+        return
     numerics = getattr(inductor_config, "eager_numerics", None)
     if numerics is not None and hasattr(numerics, "division_rounding"):
         numerics.division_rounding = True
