@@ -113,7 +113,7 @@ def test_supports_and_tiles() -> None:
                               (1, (14336, 4096), 0)]:
         cfg = default_config(m, n, k, a_mode)
         ls = launch_shape(cfg, m, n, k, 0, a_mode=a_mode)
-        assert k % ls["BK"] == 0 and ls["BK"] % 128 == 0 and ls["SPLIT_K"] * ls["BK"] == k
+        assert k % ls["BK"] == 0 and ls["BK"] % 128 == 0 and ls["SPLIT_K"] * ls["BK"] * ls.get("KSTEPS", 1) == k
         assert ls["MP"] * ls["BK"] // ls["LV"] <= 64  # activation words in registers
         assert ls["grid0"] * ls["SPLIT_K"] >= 132  # every SM has work
         # within one wave, unless the tile pins its blocks a program (down_proj at M = 1: one block a
