@@ -59,10 +59,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: the repository's packages next to it
-    sys.path.insert(0, str(ROOT))
-
 GIB = 1 << 30
 TARGET_LAYERS = 80
 INIT_STD = 0.02

@@ -4,7 +4,6 @@ held-out selection, the rotation-only variant, the fp top-k KL-Top, and quality.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,19 +82,17 @@ def test_rotation_only_learns_no_scales(llama: Path, monkeypatch) -> None:
     assert rep["kept"] == "trained" and rep["scale_range"] != [1.0, 1.0]
 
 
-def _quality_module():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        spec = importlib.util.spec_from_file_location("quality_for_test", ROOT / "examples" / "quality.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+def _quality_module(monkeypatch: pytest.MonkeyPatch):
+    """examples/quality.py as a module; its sibling imports resolve through pytest's scoped path entry."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("quality_for_test", ROOT / "examples" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def test_quality_ostquant_knobs_parse_and_refuse_unknown_names() -> None:
-    q = _quality_module()
+def test_quality_ostquant_knobs_parse_and_refuse_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = _quality_module(monkeypatch)
     assert q._knobs("STEPS=5,COSINE=False,LR_ROT=3e-4") == {"STEPS": 5, "COSINE": False, "LR_ROT": 3e-4}
     assert q._knobs("") == {}
     with pytest.raises(SystemExit):
