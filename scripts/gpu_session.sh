@@ -98,6 +98,13 @@ case "${1:-}" in
   profile)
     shift
     python3 benchmarks/decode_profile.py --out "$OUT/decode_profile" "$@" 2>&1 | tee "$OUT/decode_profile.log" | tail -40
+    # the source of each Inductor kernel the profile names (and its autotuned config), from the compile caches
+    mkdir -p "$OUT/inductor_kernels"
+    for k in $(grep -ohE "triton_(per|red|poi)_fused[A-Za-z0-9_]*" "$OUT/decode_profile/decode_profile.md" | sort -u); do
+      f=$(grep -rlE "^def $k\(" /root/.cache/vllm/torch_compile_cache /tmp/torchinductor_* --include=*.py 2>/dev/null | head -1)
+      [ -n "$f" ] && cp "$f" "$OUT/inductor_kernels/$k.py" && cp "${f%.py}.best_config" "$OUT/inductor_kernels/$k.best_config" 2>/dev/null
+    done
+    ls "$OUT/inductor_kernels" | wc -l | sed 's/$/ Inductor kernel files kept/'
     ;;
   scale)
     # issue 25 item 3: peak GPU memory / host RSS / seconds per layer of the default recipe at 70B dims,
