@@ -9,6 +9,8 @@ reference's result exactly wherever the rotation is exact (none, or a power-of-t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -301,3 +303,74 @@ def test_compiled_norm_then_quantization_against_eager(emulate: bool) -> None:
         assert mismatched == 0 and torch.equal(s, s_eager)
     else:  # measured: 173 of 65536 integers, scales up to 0.3% off
         assert 0 < mismatched < q.numel() // 100 and (q.int() - q_eager.int()).abs().max() <= 1
+
+
+def _random_weights(spec: LinearSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    w_q, w_s = ref.quantize_weight(torch.randn(spec.out_features, spec.in_features), spec.weight_bits,
+                                   spec.group_size)
+    return ref.pack_weight(w_q, spec.weight_bits), w_s
+
+
+def _recording_backend(monkeypatch):
+    """A TritonBackend whose matrix kernels only record what they were called with."""
+    from vllm_ruquant.kernels import TritonBackend, gemm
+    from vllm_ruquant.kernels import backend as be
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(gemm, "_autotune_enabled", lambda: True)  # as on a GPU (the interpreter never tunes)
+    monkeypatch.setattr(be, "_PRETUNED", set())
+    monkeypatch.setattr(TritonBackend, "_int_gemm", lambda self, spec, a, s, prepared, **kw: calls.append(
+        ("int", tuple(a.shape), a.dtype, s.dtype, kw["a_mode"], kw["b_mode"], kw["out_dtype"], kw["bias"] is None)))
+    monkeypatch.setattr(be, "w4a16_gemm", lambda x, w, s, **kw: calls.append(("w4a16", tuple(x.shape), x.dtype)))
+    return TritonBackend(), calls
+
+
+def test_warm_up_tunes_every_bucket_a_step_reaches_once_per_shape(triton_interpreter: None, monkeypatch) -> None:
+    """At load, each layer shape's GEMM runs once in every M bucket up to the engine's largest step, with the
+    arguments a served call passes (int8 rows, fp32 scales, the model dtype): the autotuner's keys are then
+    the served ones and no request waits for it. Once per shape; nothing when autotuning or the switch is off."""
+    from vllm_ruquant.kernels import backend as be
+
+    backend, calls = _recording_backend(monkeypatch)
+    w4a4 = LinearSpec(in_features=256, out_features=128, weight_bits=4, group_size=-1, act_bits=4)
+    prepared = backend.prepare(w4a4, *_random_weights(w4a4))
+    assert backend.warm_up(w4a4, prepared, max_tokens=3000, dtype=torch.bfloat16) == 9
+    assert [c[1] for c in calls] == [(m, 256) for m in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)]
+    assert all(c[2:] == (torch.int8, torch.float32, 0, 2, torch.bfloat16, True) for c in calls)
+    assert backend.warm_up(w4a4, prepared, max_tokens=3000, dtype=torch.bfloat16) == 0  # this shape is tuned
+    other = LinearSpec(in_features=256, out_features=384, weight_bits=4, group_size=-1, act_bits=4)
+    assert backend.warm_up(other, backend.prepare(other, *_random_weights(other)), max_tokens=16,
+                           dtype=torch.bfloat16) == 1
+    w4a16 = LinearSpec(in_features=256, out_features=128, weight_bits=4, group_size=128, act_bits=16)
+    calls.clear()
+    assert backend.warm_up(w4a16, backend.prepare(w4a16, *_random_weights(w4a16)), max_tokens=100,
+                           dtype=torch.float16) == 4
+    assert calls == [("w4a16", (m, 256), torch.float16) for m in (16, 32, 64, 128)]
+    assert backend.warm_up(dataclasses.replace(w4a16, out_features=64), {}, max_tokens=16, dtype=torch.float32) == 0
+    monkeypatch.setattr(be, "PRETUNE", False)  # RUQUANT_PRETUNE=0
+    assert backend.warm_up(other, {}, max_tokens=16, dtype=torch.float16) == 0
+
+
+def test_loading_a_layer_warms_it_up_for_the_engines_batch(vllm_ctx, monkeypatch) -> None:
+    """``process_weights_after_loading`` hands the backend the step size and dtype of the engine config it
+    loads under (vLLM's --max-num-batched-tokens, --dtype)."""
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from vllm_ruquant import ops
+    from vllm_ruquant.checkpoint.format import scheme_format
+    from vllm_ruquant.config import RUQuantConfig
+
+    seen: list[tuple] = []
+
+    class Recording(ReferenceBackend):
+        def warm_up(self, spec, prepared, *, max_tokens, dtype, bias=None):
+            seen.append((spec.in_features, max_tokens, dtype))
+            return 0
+
+    monkeypatch.setattr(ops, "select_backend", lambda device: Recording())
+    get_current_vllm_config().scheduler_config.max_num_batched_tokens = 4096
+    cfg = RUQuantConfig.from_config(scheme_format("w4a8").to_dict())
+    layer = RowParallelLinear(256, 64, bias=False, quant_config=cfg, prefix="model.layers.0.self_attn.o_proj")
+    layer.quant_method.process_weights_after_loading(layer)
+    assert seen == [(256, 4096, torch.bfloat16)]

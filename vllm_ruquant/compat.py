@@ -41,6 +41,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import torch
 import vllm
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
@@ -137,6 +138,25 @@ def install_kv_cache_dtype_resolver(resolve: Any) -> None:
 
     resolve_kv_cache_dtype_string._ruquant_wrapped = True  # type: ignore[attr-defined]
     arg_utils.resolve_kv_cache_dtype_string = resolve_kv_cache_dtype_string
+
+
+def max_batched_tokens(default: int = 16384) -> int:
+    """The most tokens one engine step schedules (``--max-num-batched-tokens``), from the config vLLM is
+    building the model under; ``default`` outside that context (unit tests)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    tokens = getattr(getattr(cfg, "scheduler_config", None), "max_num_batched_tokens", None)
+    return int(tokens) if tokens else default
+
+
+def model_dtype(default: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The dtype vLLM runs the model in (``--dtype``, resolved), from the config it is building the model
+    under; ``default`` outside that context."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    dtype = getattr(getattr(get_current_vllm_config_or_none(), "model_config", None), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else default
 
 
 def add_compile_cache_factor(name: str, read: Callable[[], str]) -> None:

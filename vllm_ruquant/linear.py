@@ -139,6 +139,8 @@ class RUQuantLinearMethod(compat.LinearMethodBase):
         delattr(layer, format.QWEIGHT)
         delattr(layer, format.WEIGHT_SCALE)
         attach_prepared(layer, backend, spec, prepared)
+        backend.warm_up(spec, prepared, max_tokens=compat.max_batched_tokens(), dtype=compat.model_dtype(),
+                        bias=getattr(layer, "bias", None))
         log_once(logger, f"backend:{backend.name}",
                  f"ruquant: linear layers run on the {backend.name!r} backend ({self.fmt_summary()})")
 

@@ -52,6 +52,12 @@ class LinearBackend(Protocol):
         """The layer on given per-token integers ``q (..., K)`` and scales ``(..., 1)``."""
         ...
 
+    def warm_up(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], *, max_tokens: int,
+                dtype: torch.dtype, bias: torch.Tensor | None = None) -> int:
+        """Whatever the layer's kernels would otherwise do at their first call of each size (autotuning),
+        done at load time for steps of up to ``max_tokens`` tokens; returns the sizes run."""
+        ...
+
 
 class ReferenceBackend:
     """Plain torch: unpacks the weights to int8 once and runs ``reference.quantized_linear``."""
@@ -84,3 +90,7 @@ class ReferenceBackend:
         y = ref.int_linear(q.reshape(-1, q.shape[-1]), scale.reshape(-1), prepared["w_q"], prepared["w_scale"],
                            spec.group_size, bias, out_dtype)
         return y.reshape(*q.shape[:-1], spec.out_features)
+
+    def warm_up(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], *, max_tokens: int,
+                dtype: torch.dtype, bias: torch.Tensor | None = None) -> int:
+        return 0  # torch picks its kernels per call

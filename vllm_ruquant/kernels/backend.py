@@ -37,11 +37,12 @@ import dataclasses
 import logging
 import math
 import os
+import time
 
 import torch
 
 from vllm_ruquant import reference as ref
-from vllm_ruquant.kernels import gemv, layout
+from vllm_ruquant.kernels import gemm, gemv, layout
 from vllm_ruquant.kernels.dequant_gemm import w4a16_gemm
 from vllm_ruquant.kernels.gemm import qgemm
 from vllm_ruquant.kernels.rotate_quant import hadamard_factor_t, rotate_quant
@@ -77,6 +78,15 @@ FUSED_QUANT_MAX_M = int(os.environ.get("RUQUANT_FUSED_QUANT_MAX_M", str(GEMV_MAX
 # whole-row reductions); with it the served model's greedy output equals the simulation's on the H200
 # (gpu-2026-12-04g) (docs/kernels.md).
 GRAPH_QUANT = os.environ.get("RUQUANT_GRAPH_QUANT", "1") == "1"
+
+# The GEMMs' autotuner times every candidate config of an M bucket (``gemm.m_bucket``) the first time a
+# layer shape meets that bucket: ~50 ms a config (Triton's warmup 10 + rep 40 ms) on the serving stream,
+# 0.1-0.3 s a bucket and shape. vLLM's own warm-up meets only the CUDA-graph sizes (<= 512 tokens) and
+# the largest batch, so a server met the buckets in between (prefill chunks of 1024 to 8192 tokens
+# mixed with decodes) while serving -- inside a benchmark's clock. ``warm_up`` runs each layer shape's
+# GEMM once per bucket at load time instead; ``RUQUANT_PRETUNE=0`` leaves them to their first use.
+PRETUNE = os.environ.get("RUQUANT_PRETUNE", "1") == "1"
+_PRETUNED: set[tuple] = set()  # layer shapes warmed in this process (a backend is made per layer)
 
 
 def padded_k(spec: LinearSpec) -> int | None:
@@ -181,6 +191,46 @@ class TritonBackend:
             # factors copied on first use: make that use now, never inside CUDA-graph capture
             spec.rotation.apply(torch.zeros(1, spec.rotation.in_features, device=qweight.device))
         return out
+
+    def warm_up(self, spec: LinearSpec, prepared: dict[str, torch.Tensor], *, max_tokens: int,
+                dtype: torch.dtype, bias: torch.Tensor | None = None) -> int:
+        """Run this layer shape's GEMM once in every M bucket a step of up to ``max_tokens`` tokens reaches
+        (zero activations, the arguments ``apply`` / ``apply_quantized`` pass, so the autotuner's keys are
+        the served ones): its configs are timed now, at load, not at the first request of each size.
+        Returns the buckets run: 0 for a shape warmed before, a path that does not autotune, or
+        ``RUQUANT_PRETUNE=0``."""
+        path = _path(spec)
+        if not PRETUNE or path in ("reference", "dequant_matmul") or not gemm.autotunes():
+            return 0
+        if path == "w4a16" and dtype not in (torch.bfloat16, torch.float16):
+            return 0  # served by torch (``_weight_only_torch``), nothing to tune
+        key = (path, spec.in_features, spec.out_features, spec.group_size, bias is not None, dtype)
+        if key in _PRETUNED:
+            return 0
+        _PRETUNED.add(key)
+        k, k_pad = spec.in_features, padded_k(spec)
+        assert k_pad is not None
+        g = k_pad if spec.group_size == k else spec.group_size
+        chunk = layout.chunk_for(k_pad, g) or TILE_K
+        device = prepared["w"].device
+        buckets = gemm.buckets_up_to(max_tokens)
+        t0 = time.perf_counter()
+        for m in buckets:
+            if path == "w4a16":
+                w4a16_gemm(torch.zeros(m, k_pad, dtype=dtype, device=device), prepared["w"], prepared["w_scale"],
+                           K=k_pad, group_size=g, chunk=chunk, bias=bias)
+                continue
+            packed = path == "w4a4"
+            q = torch.zeros(m, k_pad // 2 if packed else k_pad, dtype=torch.uint8 if packed else torch.int8,
+                            device=device)
+            self._int_gemm(spec, q, torch.ones(m, dtype=torch.float32, device=device), prepared,
+                           a_mode=1 if packed else 0, b_mode={"w4a4": 1, "w4a8": 2, "int8": 0}[path], K=k_pad,
+                           group_size=g, chunk=chunk, bias=bias, out_dtype=dtype, use_fp8=packed and self.w4a4_fp8)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        logger.info("ruquant: layer K=%d N=%d: GEMM autotuned for M buckets %d..%d at load (%.1f s)", k,
+                    spec.out_features, buckets[0], buckets[-1], time.perf_counter() - t0)
+        return len(buckets)
 
     def _log_once(self, spec: LinearSpec, reason: str) -> None:
         key = (spec.in_features, spec.out_features, reason)

@@ -59,6 +59,19 @@ def m_bucket(m: int) -> int:
     return min(16384, max(16, triton.next_power_of_2(max(m, 1))))
 
 
+def buckets_up_to(max_rows: int) -> list[int]:
+    """Every ``m_bucket`` a call of 1..``max_rows`` rows falls in: 16, 32, ..., ``m_bucket(max_rows)``."""
+    out = [16]
+    while out[-1] < m_bucket(max_rows):
+        out.append(out[-1] * 2)
+    return out
+
+
+def autotunes() -> bool:
+    """Whether ``qgemm`` (and ``dequant_gemm.w4a16_gemm``) pick their configs by timing them."""
+    return _autotune_enabled()
+
+
 # ------------------------------------------------------------------------------ kernel
 
 
