@@ -137,7 +137,7 @@ case "${1:-}" in
     ;;
   decode)
     python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging tests/test_kernels_gpu.py \
-      -k "k_loop or one_pass or divides_like_eager or rotate_quant_hadamard or qgemm_every_config" 2>&1 | tee "$OUT/gpu_tests_decode.log" \
+      -k "k_loop or one_pass or divides_like_eager or rotate_quant_hadamard or qgemm_every_config or warm_up" 2>&1 | tee "$OUT/gpu_tests_decode.log" \
       | grep -E "passed|failed|^E |Error|norm \+ quantization|constant divisor" | tail -12
     python3 benchmarks/decode_linears.py --out "$OUT/lin" --only stream,gemv,rq --ms 1,16 --gemv-sweep --gemv-int8 --gemv-ms 1 \
       2>&1 | tee "$OUT/decode_linears.log" | tail -12

@@ -366,6 +366,30 @@ def test_triton_backend_on_integers_quantized_in_the_graph(monkeypatch, ab: int,
     _assert_exact(y, ref.int_linear(q, s, w_q, w_s, g, bias, torch.bfloat16))
 
 
+def test_warm_up_leaves_nothing_to_tune_at_served_sizes(monkeypatch) -> None:
+    """After ``warm_up`` (load time) a layer meets no new autotuner key at any served number of tokens up
+    to the engine's largest step: the calls of a throughput run's mixed steps time nothing. The outputs
+    stay the reference's (a warmed config is an autotuned one)."""
+    from vllm_ruquant.kernels import TritonBackend, gemm
+    from vllm_ruquant.kernels import backend as be
+
+    monkeypatch.setattr(be, "_PRETUNED", set())
+    monkeypatch.setenv("RUQUANT_AUTOTUNE", "1")
+    K, N = 4096, 1536  # a shape no other test tunes
+    spec = LinearSpec(K, N, 4, -1, 4, clip_ratio=0.9)
+    tb = TritonBackend()
+    w_q, w_s = ref.quantize_weight(torch.randn(N, K), 4, -1)
+    prepared = tb.prepare(spec, ref.pack_weight(w_q, 4).cuda(), w_s.cuda())
+    assert tb.warm_up(spec, prepared, max_tokens=2048, dtype=torch.bfloat16) == 8  # buckets 16 .. 2048
+    tuned = gemm._tuned_kernel(gemm._ASM["ok"])
+    keys = set(tuned.cache)
+    for m in (2, 17, 100, 300, 1000, 2048):
+        q, s = ref.quantize_activation((torch.randn(m, K) * 2).to(torch.bfloat16), 4, 0.9)
+        y = tb.apply_quantized(spec, prepared, q.cuda(), s.cuda(), None, torch.bfloat16).cpu()
+        _assert_exact(y, ref.int_linear(q, s, w_q, w_s, -1, None, torch.bfloat16))
+    assert set(tuned.cache) == keys, f"tuned while serving: {set(tuned.cache) - keys}"
+
+
 @pytest.mark.parametrize("bits,clip", [(4, 0.9), (4, 1.0), (8, 1.0)])
 def test_compiled_quantization_divides_like_eager(bits: int, clip: float) -> None:
     """What the compiled model fuses before an un-rotated layer (``reference.quantize_activation`` with the
