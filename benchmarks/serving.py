@@ -150,6 +150,21 @@ def expected_model_gib(shape: dict[str, Any], weight_bits: int) -> float:
 MEMORY_TOLERANCE = 0.12  # relative; group scales add ~3% at g128, vLLM's own buffers a little
 
 
+ENGINE_READY = "init engine (profile, create kv cache, warmup model) took"
+
+
+def autotune_seconds(log_text: str) -> dict[str, float]:
+    """Seconds Triton's autotuner spent (``TRITON_PRINT_AUTOTUNING``) before the engine was ready
+    (load, profile run, graph capture: outside any benchmark clock) and after (while serving: inside)."""
+    import re
+
+    ready = log_text.rfind(ENGINE_READY)
+    split = ready if ready >= 0 else len(log_text)
+    seconds = [(m.start() < split, float(m.group(1))) for m in re.finditer(r"finished after ([\d.]+)s", log_text)]
+    return {"at_start": round(sum(t for before, t in seconds if before), 2),
+            "while_serving": round(sum(t for before, t in seconds if not before), 2)}
+
+
 def row_evidence(log_text: str, qc: QuantConfig, shape: dict[str, Any], on_gpu: bool = True) -> dict[str, Any]:
     """What the engine log proves about a row: model memory, the kernel line, and any contradiction.
 
@@ -176,7 +191,7 @@ def row_evidence(log_text: str, qc: QuantConfig, shape: dict[str, Any], on_gpu: 
     elif qc.kernel is not None and kernel_line is None:
         contradiction = f"the engine log never names the kernel /{qc.kernel}/"
     return {"model_gib": model_gib, "expected_model_gib": round(expected, 3), "kernel_line": kernel_line,
-            "contradiction": contradiction}
+            "autotune_s": autotune_seconds(log_text), "contradiction": contradiction}
 
 
 @dataclass(frozen=True)
@@ -295,7 +310,10 @@ class Results:
 # FlashInfer's sampling kernels: ~2 minutes after graph capture for the first engine of
 # each lease (2026-11-30d: 125 s; with it off, 19 s in 2026-11-30e). Off by default here;
 # the environment may set it back.
-ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+ENGINE_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0",
+              # Triton prints each autotuning it does (which kernel, key, seconds): the log then shows
+              # how much of a row's clock the autotuner took (``autotune_seconds``)
+              "TRITON_PRINT_AUTOTUNING": "1"}
 
 
 def engine_environment() -> dict[str, str]:

@@ -86,6 +86,8 @@ case "${1:-}" in
       env "${envs[@]}" python3 benchmarks/serving.py --only "$cfg" --workloads "$wl" --results "$OUT/bisect_$tag.json" \
         --models-dir /tmp/bench/models --timeout 240 2>&1 | grep -E "^$cfg " | tail -1 | sed "s|^|$v: |"
       tail -c 20000 /tmp/bench/models/"$cfg".log > "$OUT/bisect_$tag.log"
+      python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][sys.argv[2]][sys.argv[3]]; \
+print('  autotune s (start / serving):', r.get('autotune_s'))" "$OUT/bisect_$tag.json" "$cfg" "$wl" 2>/dev/null
     done
     ;;
   serve)

@@ -165,7 +165,7 @@ def test_engine_runs_without_the_flashinfer_sampler_unless_asked(tmp_path: Path,
     with log_path.open("w") as log:
         assert serving.run_to_completion(cmd, log, timeout=10) == 0
     assert log_path.read_text().strip() == "sampler=0"
-    assert serving.environment()["engine_env"] == "VLLM_USE_FLASHINFER_SAMPLER=0"
+    assert serving.environment()["engine_env"].split()[0] == "VLLM_USE_FLASHINFER_SAMPLER=0"
     monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
     with log_path.open("w") as log:
         assert serving.run_to_completion(cmd, log, timeout=10) == 0
@@ -243,6 +243,22 @@ def test_a_peer_row_that_ran_bf16_is_failed_not_reported() -> None:
     no_kernel = "INFO [model_runner.py:305] Model loading took 5.48 GiB and 2.5 seconds\n"
     assert "never names the kernel" in serving.row_evidence(no_kernel, qc, shape)["contradiction"]
     assert "no 'Model loading took'" in serving.row_evidence("", qc, shape)["contradiction"]
+
+
+def test_rows_say_how_long_the_autotuner_ran_inside_their_clock() -> None:
+    """Triton's autotuning prints (on in every engine: TRITON_PRINT_AUTOTUNING) before the engine's ready
+    line count as start-up, after it as serving time."""
+    def tuned(seconds: float) -> str:
+        return ("(EngineCore pid=7) Triton autotuning for function _qgemm_kernel,\n(EngineCore pid=7) with key as "
+                f"(2048, 4096),\n(EngineCore pid=7) finished after {seconds:.2f}s,\n(EngineCore pid=7) best config "
+                "selected: BM: 128;\n")
+    ready = f"(EngineCore pid=7) INFO [core.py:340] {serving.ENGINE_READY} 48.91 s (compilation: 6.93 s)\n"
+    log = tuned(0.25) + tuned(1.5) + ready + tuned(0.4) + tuned(0.05)
+    assert serving.autotune_seconds(log) == {"at_start": 1.75, "while_serving": 0.45}
+    assert serving.autotune_seconds(tuned(2.0)) == {"at_start": 2.0, "while_serving": 0.0}  # never ready
+    assert serving.ENGINE_ENV["TRITON_PRINT_AUTOTUNING"] == "1"
+    qc = serving.quant_configs(serving.SHAPES["llama3-8b"])["ruquant-w4a4"]
+    assert serving.row_evidence(log, qc, serving.SHAPES["llama3-8b"])["autotune_s"]["while_serving"] == 0.45
 
 
 def test_gptq_config_names_its_quantized_modules() -> None:
