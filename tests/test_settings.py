@@ -52,3 +52,16 @@ def test_switches_change_vllms_compile_cache_key(clean_env: pytest.MonkeyPatch) 
 
     vllm_ruquant.register()  # idempotent: one factor, the same getter
     assert envs.environment_variables[settings.COMPILE_FACTOR] is settings.compile_factor
+
+
+def test_every_switch_the_plugin_reads_is_listed() -> None:
+    """``settings.SWITCHES`` is the user's list: the code reads no ``RUQUANT_*`` name it lacks, and lists
+    none it does not read."""
+    import re
+    from pathlib import Path
+
+    root = Path(vllm_ruquant.__file__).parent
+    read = {name for f in root.rglob("*.py") if f.name != "settings.py"
+            for name in re.findall(r"\"(RUQUANT_[A-Z0-9_]+)\"", f.read_text())}
+    internal = settings.BOOKKEEPING | {settings.COMPILE_FACTOR}
+    assert read - internal == set(settings.SWITCHES), (read - internal) ^ set(settings.SWITCHES)
