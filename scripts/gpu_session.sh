@@ -5,8 +5,8 @@
 #   bash scripts/gpu_session.sh bench CONFIGS WORKLOADS [TIMEOUT]  serving benchmark rows (one engine per
 #                                                config, TIMEOUT s each), accumulated in /tmp/bench
 #   bash scripts/gpu_session.sh bisect [CONFIG WORKLOAD VARIANTS...]  one serving row per RUQUANT_* variant (default:
-#                                                ruquant-w4a4 tp-1024-256 under default / PRETUNE=0 / PERSISTENT_ROW_MAX=0 / EXACT_DIVISION=0 /
-#                                                GRAPH_QUANT=0)
+#                                                ruquant-w4a4 tp-1024-256 under default / PRETUNE=0 / EXACT_DIVISION=0; ~100 s
+#                                                an engine, so at most five variants fit one call)
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
 #   bash scripts/gpu_session.sh smollm2 SCHEMES      SmolLM2-135M served perplexity through the endpoint (ckpts in /tmp/ckpts)
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
@@ -80,7 +80,7 @@ case "${1:-}" in
     # cache keys on RUQUANT_* since af039ec, so every variant compiles its own graph); a variant is
     # "default" or NAME=VALUE[,NAME=VALUE]
     cfg=${2:-ruquant-w4a4}; wl=${3:-tp-1024-256}
-    variants=("${@:4}"); [ ${#variants[@]} -eq 0 ] && variants=(default RUQUANT_PRETUNE=0 RUQUANT_PERSISTENT_ROW_MAX=0 RUQUANT_EXACT_DIVISION=0 RUQUANT_GRAPH_QUANT=0)
+    variants=("${@:4}"); [ ${#variants[@]} -eq 0 ] && variants=(default RUQUANT_PRETUNE=0 RUQUANT_EXACT_DIVISION=0)
     for v in "${variants[@]}"; do
       tag=${v//[^A-Za-z0-9_=]/_}; envs=(); [ "$v" != default ] && envs=(${v//,/ })
       env "${envs[@]}" python3 benchmarks/serving.py --only "$cfg" --workloads "$wl" --results "$OUT/bisect_$tag.json" \
