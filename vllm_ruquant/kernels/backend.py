@@ -228,6 +228,7 @@ class TritonBackend:
                            group_size=g, chunk=chunk, bias=bias, out_dtype=dtype, use_fp8=packed and self.w4a4_fp8)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # the zero rows and outputs (up to ~1 GB) are not the model's memory
         logger.info("ruquant: layer K=%d N=%d: GEMM autotuned for M buckets %d..%d at load (%.1f s)", k,
                     spec.out_features, buckets[0], buckets[-1], time.perf_counter() - t0)
         return len(buckets)
