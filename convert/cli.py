@@ -29,7 +29,7 @@ from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 # ``--act-order`` left unset pick them. Other schemes: no clipping, GPTQ in natural order.
 GBS_ACT_ORDER = {"clip": "gbs", "act_order": True}
 DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": GBS_ACT_ORDER, "w4a4": GBS_ACT_ORDER, "w4a8": GBS_ACT_ORDER,
-                                   "w4a16": GBS_ACT_ORDER, "w3a3kv3": {"clip": "gbs"}}
+                                   "w4a8kv4": GBS_ACT_ORDER, "w4a16": GBS_ACT_ORDER, "w3a3kv3": {"clip": "gbs"}}
 DEFAULT_CLIP = {k: v["clip"] for k, v in DEFAULT_RECIPE.items() if "clip" in v}
 
 

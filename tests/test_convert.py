@@ -496,6 +496,8 @@ def test_qsur_of_fewer_samples_than_dimensions_uses_the_small_gram_matrix() -> N
     (["--scheme", "w4a16"], "gbs", True),
     (["--scheme", "w4a8"], "gbs", True),
     (["--scheme", "w4a4"], "gbs", True),  # the CLI's and the quickstart's default scheme
+    (["--scheme", "w4a8kv4"], "gbs", True),
+    (["--scheme", "w8a8"], "none", False),
     ([], "gbs", True),
     (["--scheme", "w6a6"], "none", False),
     (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "none", True),  # a given ratio is kept, not searched
