@@ -104,6 +104,19 @@ def padded_k(spec: LinearSpec) -> int | None:
     return -(-k // step) * step
 
 
+def _tiling(spec: LinearSpec) -> tuple[int, int, int]:
+    """What the matrix kernels are launched with for this layer: K padded to whole tiles, the weight
+    group (the padded K for per-channel weights) and the chunk of the weights' layout."""
+    k_pad = padded_k(spec)
+    assert k_pad is not None
+    g = k_pad if spec.group_size == spec.in_features else spec.group_size
+    return k_pad, g, layout.chunk_for(k_pad, g) or TILE_K
+
+
+# the weight layout ``prepare`` leaves for each integer-activation path, as ``qgemm``'s b_mode
+_B_MODE = {"w4a4": 1, "w4a8": 2, "int8": 0}
+
+
 def _path(spec: LinearSpec) -> str:
     """Which kernel path serves this layer (see the module table)."""
     k = padded_k(spec)
@@ -208,10 +221,7 @@ class TritonBackend:
         if key in _PRETUNED:
             return 0
         _PRETUNED.add(key)
-        k, k_pad = spec.in_features, padded_k(spec)
-        assert k_pad is not None
-        g = k_pad if spec.group_size == k else spec.group_size
-        chunk = layout.chunk_for(k_pad, g) or TILE_K
+        k_pad, g, chunk = _tiling(spec)
         device = prepared["w"].device
         buckets = gemm.buckets_up_to(max_tokens)
         t0 = time.perf_counter()
@@ -223,13 +233,12 @@ class TritonBackend:
             packed = path == "w4a4"
             q = torch.zeros(m, k_pad // 2 if packed else k_pad, dtype=torch.uint8 if packed else torch.int8,
                             device=device)
-            self._int_gemm(spec, q, torch.ones(m, dtype=torch.float32, device=device), prepared,
-                           a_mode=1 if packed else 0, b_mode={"w4a4": 1, "w4a8": 2, "int8": 0}[path], K=k_pad,
-                           group_size=g, chunk=chunk, bias=bias, out_dtype=dtype, use_fp8=packed and self.w4a4_fp8)
+            self._gemm_on_integers(spec, path, q, torch.ones(m, dtype=torch.float32, device=device), prepared,
+                                   bias, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()  # the zero rows and outputs (up to ~1 GB) are not the model's memory
-        logger.info("ruquant: layer K=%d N=%d: GEMM autotuned for M buckets %d..%d at load (%.1f s)", k,
+        logger.info("ruquant: layer K=%d N=%d: GEMM autotuned for M buckets %d..%d at load (%.1f s)", spec.in_features,
                     spec.out_features, buckets[0], buckets[-1], time.perf_counter() - t0)
         return len(buckets)
 
@@ -248,8 +257,8 @@ class TritonBackend:
         if path in ("w4a16", "dequant_matmul") and x.dtype not in (torch.bfloat16, torch.float16):
             return self._weight_only_torch(spec, prepared, x, bias)
         lead = x.shape[:-1]
-        k, k_pad = spec.in_features, padded_k(spec)
-        assert k_pad is not None
+        k = spec.in_features
+        k_pad, g, chunk = _tiling(spec)
         rotation = spec.rotation
         x2 = x.reshape(-1, x.shape[-1])
         if rotation is not None and rotation.padded_from is not None:
@@ -257,8 +266,6 @@ class TritonBackend:
             x2 = rotation.pad(x2)
             rotation = dataclasses.replace(rotation, padded_from=None)
         blocks = prepared.get("rot_blocks")
-        g = k_pad if spec.group_size == k else spec.group_size
-        chunk = layout.chunk_for(k_pad, g) or TILE_K
         if path in ("w4a16", "dequant_matmul"):
             buf = _padded_buffer(x2, k_pad, path)
             xr, _ = rotate_quant(x2, 16, rotation=rotation, blocks=blocks, out=_first_columns(buf, x2))
@@ -280,12 +287,20 @@ class TritonBackend:
             buf = _padded_buffer(x2, k_pad, path)
             q, s = rotate_quant(x2, spec.act_bits, spec.clip_ratio, rotation, pack=packed, blocks=blocks,
                                 out=_first_columns(buf, x2))
-            q = q if buf is None else buf
-            b_mode = {"w4a4": 1, "w4a8": 2, "int8": 0}[path]
-            y = self._int_gemm(spec, q, s, prepared, a_mode=1 if packed else 0, b_mode=b_mode, K=k_pad,
-                               group_size=g, chunk=chunk, bias=bias, out_dtype=x.dtype,
-                               use_fp8=packed and self.w4a4_fp8)
+            y = self._gemm_on_integers(spec, path, q if buf is None else buf, s, prepared, bias, x.dtype)
         return y.reshape(*lead, spec.out_features)
+
+    def _gemm_on_integers(self, spec: LinearSpec, path: str, q: torch.Tensor, s: torch.Tensor,
+                          prepared: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+        """The layer's GEMM (or GEMV) on quantized activation rows ``q`` (packed int4 on the ``w4a4`` path,
+        int8 otherwise, K padded) and their scales ``s``: what ``apply`` launches after rotate_quant and
+        ``warm_up`` times at load, so both meet the same autotuner keys."""
+        k_pad, g, chunk = _tiling(spec)
+        packed = path == "w4a4"
+        return self._int_gemm(spec, q, s, prepared, a_mode=1 if packed else 0, b_mode=_B_MODE[path], K=k_pad,
+                              group_size=g, chunk=chunk, bias=bias, out_dtype=out_dtype,
+                              use_fp8=packed and self.w4a4_fp8)
 
     def quantizes_in_graph(self, spec: LinearSpec) -> bool:
         """Un-rotated layers on the int8-activation kernels whose K tiles (no padding): see GRAPH_QUANT."""
