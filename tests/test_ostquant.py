@@ -4,6 +4,7 @@ held-out selection, the rotation-only variant, the fp top-k KL-Top, and quality.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.rotations import ostquant
 from convert.tiny_models import make_tiny_llama
+from vllm_ruquant.reference import OnlineRotation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +51,72 @@ def test_kl_top_from_the_fp_top_k_equals_kl_top() -> None:
     fp, q = torch.randn(2, 5, 300, generator=g), torch.randn(2, 5, 300, generator=g)
     assert float(ostquant.kl_top_of(ostquant.top_k(fp), q)) == pytest.approx(float(ostquant.kl_top(fp, q)), rel=1e-6)
     assert float(ostquant.kl_top_of(ostquant.top_k(fp), fp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _absorbed_logits(sim, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor,
+                     layers: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The quantized model as the converter writes it: R1 and the scalings absorbed into every weight
+    and the head, the residual stream in the R1 basis (the training simulation's reference)."""
+    from convert.modeling import decoder_layer, lm_logits
+    from convert.rotations.fake_quant import fake_quant
+    from vllm_ruquant.checkpoint.models import NORM_READERS, WRITERS
+
+    dims, fmt = sim.dims, sim.ctx.fmt
+    wb = fmt.weight.bits if ostquant.SIM_WEIGHTS else 16
+    q4 = sim.r4.matrix()
+    h = sim.h0[seqs] @ r
+    for i, sd in enumerate(layers):
+        p, w = dims.layer_prefix(i), dict(sd)
+        for j, (norm, readers) in enumerate(NORM_READERS.items()):
+            w[f"{p}.{norm}.weight"] = 1.0 / log_s[i, j].exp()
+            for name in readers:
+                w[f"{p}.{name}.weight"] = fake_quant((sd[f"{p}.{name}.weight"] @ r) * log_s[i, j].exp(), wb)
+        for name in WRITERS:
+            wt = r.T @ sd[f"{p}.{name}.weight"]
+            w[f"{p}.{name}.weight"] = fake_quant(wt @ q4 if name == "mlp.down_proj" else wt, wb)
+
+        def linear(prefix: str, x: torch.Tensor, w=w) -> torch.Tensor:
+            x = x @ q4 if prefix.endswith("down_proj") else x
+            return fake_quant(x, fmt.activation.bits, clip_ratio=ostquant.SIM_ACT_CLIP) @ w[f"{prefix}.weight"].T
+
+        h = decoder_layer(h, i, dims, linear, w.__getitem__, sim.rope, sim.kv_quant)
+    return lm_logits(h, replace(dims, tie_word_embeddings=False),
+                     {"model.norm.weight": torch.ones(dims.hidden_size), "lm_head.weight": sim.head @ r}.__getitem__)
+
+
+@pytest.mark.parametrize("sim_weights", [False, True])
+def test_training_simulation_equals_the_absorbed_model(llama: Path, monkeypatch, sim_weights: bool) -> None:
+    """The training keeps the residual in the original basis and reads only the top-k head rows; its
+    loss and its gradient must be those of the model with R1 and the scalings absorbed, as written."""
+    monkeypatch.setattr(ostquant, "SIM_WEIGHTS", sim_weights)
+    # K and V are the same function of (R1, s) in both forms, but their 4-bit rounding is where float
+    # differences of 1e-7 flip an integer most visibly (one flip moves later tokens' attention): off here
+    monkeypatch.setattr(ostquant, "SIM_KV", False)
+    conv = Converter(llama, ConvertOptions(rotation="ostquant", scheme="w4a4kv4", calib_samples=4, calib_seq_len=32))
+    ctx = conv._context(_tokens(4, 32))
+    sim = ostquant._ModelSim(ctx, OnlineRotation("hadamard", conv.dims.intermediate_size))
+    layers = [ctx.layer_tensors(i) for i in range(conv.dims.num_layers)]
+    d = conv.dims.hidden_size
+    seqs = torch.arange(3)
+    idx, fp_logp = ostquant.top_k(sim.fp_logits(seqs), 16)
+
+    def loss_and_grad(absorbed: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+        a = (0.05 * torch.randn(d, d, generator=torch.Generator().manual_seed(5))).requires_grad_()
+        log_s = (0.1 * torch.randn(conv.dims.num_layers, 2, d, generator=torch.Generator().manual_seed(6)))
+        log_s.requires_grad_()
+        r = ostquant.cayley(a)
+        q = (_absorbed_logits(sim, seqs, r, log_s, layers).gather(-1, idx) if absorbed
+             else sim.q_top_logits(seqs, r, log_s, idx))
+        loss = ostquant.kl_top_gathered(fp_logp, q)
+        loss.backward()
+        return float(loss.detach()), a.grad, log_s.grad
+
+    fast, absorbed = loss_and_grad(False), loss_and_grad(True)
+    assert fast[0] > 1e-4  # quantization is on: the loss is not trivially zero
+    assert fast[0] == pytest.approx(absorbed[0], rel=1e-4)
+    for got, want in zip(fast[1:], absorbed[1:], strict=True):
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert float(cos) > 0.999 and float(got.norm() / want.norm()) == pytest.approx(1.0, rel=1e-2)
 
 
 def _plan_report(llama: Path, **opts) -> dict:

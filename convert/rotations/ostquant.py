@@ -36,13 +36,20 @@ all 32 x 256 calibration tokens with 4 sequences held out, 200 Adam steps of 4 s
 1e-3 for A and 1e-2 for sigma, cosine-decayed. The earlier defaults -- 12 steps of one
 sequence on 2048 tokens, RTN weights, selection on the training sequences -- barely moved R1
 and fell back to (or fit past) the Hadamard start; ``examples/quality.py`` pins them
-(``OSTQUANT_V0``) for the rows measured with them. Cost: about 100 s of training on an H200,
-about 30 s per step on one CPU core (two timed steps; 1.5-2 hours estimated).
+(``OSTQUANT_V0``) for the rows measured with them.
+
+Cost: about 100 s of training on an H200 (200 steps, fp32, the weights rotated every step). On the
+CPU a step is a forward + backward of 4 x 256 tokens through the whole model, so it is bound by
+matmul throughput: 11 s a step on 2 cores with the weights and the head rotated every step; 6.7 s
+with the residual kept in the original basis (``_ModelSim``: only the two norm sites' inputs are
+rotated, no weight gradient, the head read at the top-k ids only, R4 as two small products); 4.4 s
+with the matmuls in bf16 (``SIM_BF16``; this CPU's bf16 matmul runs at 2.3x its fp32 rate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -50,13 +57,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from convert.modeling import decoder_layer, lm_logits, rope_tables
+from convert.modeling import decoder_layer, rms_norm, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan
 from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
 from convert.simulate import kv_cache_quantizer
-from vllm_ruquant.checkpoint.models import NORM_READERS, WRITERS
-from vllm_ruquant.hadamard import is_hadamard_size
+from vllm_ruquant.checkpoint.models import NORM_READERS
+from vllm_ruquant.hadamard import factor_size, is_hadamard_size, small_hadamard
 from vllm_ruquant.reference import OnlineRotation
 
 TOP_K = 64
@@ -73,6 +80,7 @@ VAL_SEQS = 4  # calibration sequences held out of training to decide trained vs 
 CALIB_TOKENS = 8192  # calibration tokens OSTQuant trains and selects on (ctx.layer_states' cap)
 COSINE = True  # cosine decay of both learning rates over the steps (False: constant)
 LEARN_SCALES = True  # learn the norm-site scalings (False: the rotation alone, SpinQuant-style)
+SIM_BF16 = True  # the training forward's matmuls in bf16 (autocast); the fp targets and the keep decision stay fp32
 CHUNK = 4  # sequences per forward when scoring (fp top-k, held-out loss), to bound memory
 
 
@@ -97,12 +105,26 @@ def top_k(fp_logits: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.
 def kl_top_of(fp_top: tuple[torch.Tensor, torch.Tensor], q_logits: torch.Tensor) -> torch.Tensor:
     """``kl_top`` from the fp side's ``top_k`` (the full fp logits need not be kept)."""
     idx, logp = fp_top
-    logq = F.log_softmax(q_logits.gather(-1, idx), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return kl_top_gathered(logp, q_logits.gather(-1, idx))
+
+
+def kl_top_gathered(fp_logp: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
+    """``kl_top`` from the fp top-k log-probabilities and the quantized logits at those k ids."""
+    logq = F.log_softmax(q_top, dim=-1)
+    return (fp_logp.exp() * (fp_logp - logq)).sum(-1).mean()
 
 
 class _ModelSim:
-    """The whole model on calibration embeddings: fp, or quantized under (R1, scales)."""
+    """The whole model on calibration embeddings: fp, or quantized under (R1, scales).
+
+    Why the residual stream stays in the original basis: RMSNorm (gamma folded) commutes with an
+    orthogonal R1 and lm_head is not quantized, so R1 only matters where an activation is
+    quantized -- the two norm sites' readers. There the input is rotated, scaled, quantized and
+    rotated back, ``Q(n R / s) s R^T``, the same function of ``(R, s)`` as the absorbed weights
+    ``W R s`` the converter writes, at two ``d x d`` products per layer instead of rotating every
+    weight and the head each step. With fp weights (``SIM_WEIGHTS`` off) no weight gradient is
+    formed at all, and the loss reads only the head rows of the fp model's top-k tokens.
+    """
 
     def __init__(self, ctx: RotationContext, r4: OnlineRotation | None) -> None:
         assert ctx.layer_states is not None and ctx.layer_tensors is not None and ctx.head is not None
@@ -110,53 +132,78 @@ class _ModelSim:
         self.layers = [ctx.layer_tensors(i) for i in range(ctx.dims.num_layers)]
         self.head = ctx.head()
         self.h0 = ctx.layer_states(CALIB_TOKENS)[0].to(ctx.device).float()
-        self.r4 = r4.matrix().to(ctx.device) if r4 is not None else None
+        self.r4 = r4
+        if r4 is not None:  # down_proj's input is rotated online by R4, absorbed in its weight once
+            assert r4.kind == "hadamard" and r4.block_size is None and r4.padded_from is None, r4
+            # x @ (H_m (x) H_p) / sqrt(n) as two small dense products: the reference's butterfly
+            # is slicing-heavy, and its backward (zero-filled slice gradients) dominated a step
+            m, p = factor_size(r4.size)
+            self.r4_factors = (small_hadamard(m).to(ctx.device) / math.sqrt(m),
+                               small_hadamard(p).to(ctx.device) / math.sqrt(p))
+            q4 = r4.matrix().to(ctx.device)
+            for i, sd in enumerate(self.layers):
+                name = f"{self.dims.layer_prefix(i)}.mlp.down_proj.weight"
+                sd[name] = sd[name] @ q4
         self.rope = rope_tables(ctx.dims, self.h0.shape[1], ctx.device)
         # V is rotated online in the simulation (the served R2 is a randomized Hadamard, offline)
         kv = dataclasses.replace(ctx.fmt.kv_cache, value_rotation="online")
         self.kv_quant = kv_cache_quantizer(kv, straight_through=True) if SIM_KV else None
+        self.site_of = {name: j for j, readers in enumerate(NORM_READERS.values()) for name in readers}
+
+    def _rotate_down_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ R4`` (``R4 = H_m (x) H_p / sqrt(n)``): ``H_m^T X H_p`` on ``x`` viewed as ``(m, p)``."""
+        hm, hp = self.r4_factors
+        y = x.float().reshape(*x.shape[:-1], hm.shape[0], hp.shape[0]) @ hp
+        return torch.einsum("...ap,ai->...ip", y, hm).reshape(x.shape)
+
+    def _features(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, None, self.dims.rms_norm_eps)
 
     @torch.no_grad()
     def fp_logits(self, seqs: torch.Tensor) -> torch.Tensor:
         h = self.h0[seqs]
         for i, sd in enumerate(self.layers):
-            h = decoder_layer(h, i, self.dims, lambda p, x, sd=sd: _dense(sd, p, x), sd.__getitem__, self.rope)
-        return lm_logits(h, _tied(self.dims), {"model.norm.weight": torch.ones(self.dims.hidden_size,
-                                               device=h.device), "lm_head.weight": self.head}.__getitem__)
+            linear = self._linear(i, sd, None, None)
+            h = decoder_layer(h, i, self.dims, linear, sd.__getitem__, self.rope)
+        return self._features(h) @ self.head.T
 
-    def q_logits(self, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-        """Quantized forward in the R1 basis; ``log_s (L, 2, d)`` the norm-site scalings."""
-        wb, ab = self.ctx.fmt.weight.bits if SIM_WEIGHTS else 16, self.ctx.fmt.activation.bits
-        h = self.h0[seqs] @ r
+    def q_top_logits(self, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor,
+                     idx: torch.Tensor) -> torch.Tensor:
+        """The quantized model's logits at token ids ``idx (b, t, k)``; ``log_s (L, 2, d)`` the
+        norm-site scalings."""
+        h = self.h0[seqs]
         for i, sd in enumerate(self.layers):
-            p = self.dims.layer_prefix(i)
-            w: dict[str, torch.Tensor] = {}
-            norms: dict[str, torch.Tensor] = {}
-            for j, (norm, readers) in enumerate(NORM_READERS.items()):
-                s = log_s[i, j].exp()
-                norms[f"{p}.{norm}.weight"] = 1.0 / s
-                for name in readers:
-                    w[f"{p}.{name}"] = fake_quant((sd[f"{p}.{name}.weight"] @ r) * s, wb)
-            for name in WRITERS:
-                wt = r.T @ sd[f"{p}.{name}.weight"]
-                if name == "mlp.down_proj" and self.r4 is not None:
-                    wt = wt @ self.r4
-                w[f"{p}.{name}"] = fake_quant(wt, wb)
-            bias = {k[: -len(".bias")]: v for k, v in sd.items() if k.endswith(".bias")}
-            for name in WRITERS:
-                if f"{p}.{name}" in bias:
-                    bias[f"{p}.{name}"] = bias[f"{p}.{name}"] @ r
+            h = decoder_layer(h, i, self.dims, self._linear(i, sd, r, log_s[i].exp()), sd.__getitem__,
+                              self.rope, self.kv_quant)
+        return torch.einsum("btd,btkd->btk", self._features(h), self.head[idx])
 
-            def linear(prefix: str, x: torch.Tensor, w=w, bias=bias) -> torch.Tensor:
-                if prefix.endswith("down_proj") and self.r4 is not None:
-                    x = x @ self.r4
-                y = fake_quant(x.float(), ab, clip_ratio=SIM_ACT_CLIP) @ w[prefix].T
-                return y + bias[prefix] if prefix in bias else y
+    def _linear(self, i: int, sd: dict[str, torch.Tensor], r: torch.Tensor | None,
+                scales: torch.Tensor | None) -> Any:
+        """Layer ``i``'s linears: fp (``r`` None), or quantized as served under ``(r, scales)``."""
+        p = self.dims.layer_prefix(i)
+        wb, ab = self.ctx.fmt.weight.bits if SIM_WEIGHTS else 16, self.ctx.fmt.activation.bits
+        quantized_inputs: dict[int, torch.Tensor] = {}  # per norm site: its readers share one input
 
-            h = decoder_layer(h, i, self.dims, linear, norms.__getitem__, self.rope, self.kv_quant)
-        head = self.head @ r
-        return lm_logits(h, _tied(self.dims), {"model.norm.weight": torch.ones(self.dims.hidden_size,
-                                               device=h.device), "lm_head.weight": head}.__getitem__)
+        def linear(prefix: str, x: torch.Tensor) -> torch.Tensor:
+            name = prefix[len(p) + 1:]
+            weight, bias = sd[f"{prefix}.weight"], sd.get(f"{prefix}.bias")
+            if name == "mlp.down_proj" and self.r4 is not None:
+                x = self._rotate_down_input(x)
+            if r is None:
+                y = x.float() @ weight.T
+            elif name in self.site_of:  # a reader of the residual: input in the R1 basis, scaled
+                j = self.site_of[name]
+                s = scales[j]
+                if j not in quantized_inputs:
+                    quantized_inputs[j] = fake_quant((x.float() @ r) / s, ab, clip_ratio=SIM_ACT_CLIP)
+                u = quantized_inputs[j]
+                y = u @ fake_quant((weight @ r) * s, wb).T if SIM_WEIGHTS else ((u * s) @ r.T) @ weight.T
+            else:  # a writer of the residual: its output in the R1 basis for weight quantization only
+                u = fake_quant(x.float(), ab, clip_ratio=SIM_ACT_CLIP)
+                y = (u @ fake_quant(r.T @ weight, wb).T) @ r.T if SIM_WEIGHTS else u @ weight.T
+            return y + bias if bias is not None else y
+
+        return linear
 
 
 def _curve(history: list[float], points: int = 10) -> list[float]:
@@ -166,18 +213,6 @@ def _curve(history: list[float], points: int = 10) -> list[float]:
     n = min(points, len(history))
     bounds = [round(i * len(history) / n) for i in range(n + 1)]
     return [sum(history[b:e]) / (e - b) for b, e in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def _dense(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
-    y = x.float() @ sd[f"{prefix}.weight"].T
-    return y + sd[f"{prefix}.bias"] if f"{prefix}.bias" in sd else y
-
-
-def _tied(dims: Any) -> Any:
-    """The dims with an untied head (the sim passes lm_head explicitly)."""
-    from dataclasses import replace  # noqa: PLC0415
-
-    return replace(dims, tie_word_embeddings=False)
 
 
 class OSTQuantRotation:
@@ -210,7 +245,8 @@ class OSTQuantRotation:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if COSINE else None
 
         def loss_on(seqs: torch.Tensor, aa: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
-            return kl_top_of((fp_idx[seqs], fp_logp[seqs]), sim.q_logits(seqs, hd32 @ cayley(aa), ss))
+            idx = fp_idx[seqs]
+            return kl_top_gathered(fp_logp[seqs], sim.q_top_logits(seqs, hd32 @ cayley(aa), ss, idx))
 
         @torch.no_grad()
         def held_out(aa: torch.Tensor, ss: torch.Tensor) -> float:  # mean over sequences, CHUNK at a time
@@ -223,7 +259,8 @@ class OSTQuantRotation:
         for _ in bar:
             seqs = train_seqs[torch.randperm(len(train_seqs), generator=gen)[:BATCH]]
             opt.zero_grad()
-            loss = loss_on(seqs, a, log_s)
+            with torch.autocast(device_type=torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=SIM_BF16):
+                loss = loss_on(seqs, a, log_s)
             loss.backward()
             opt.step()
             if sched is not None:
@@ -238,7 +275,7 @@ class OSTQuantRotation:
         scales = ({i: {norm: s_f[i, j].clone() for j, norm in enumerate(NORM_READERS)} for i in range(n_layers)}
                   if keep else {})
         report = {"method": "ostquant", "loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH,
-                  "lr": [LR_ROT, LR_SCALE], "cosine": COSINE,
+                  "lr": [LR_ROT, LR_SCALE], "cosine": COSINE, "sim_bf16": SIM_BF16,
                   "learn_scales": LEARN_SCALES, "calib_tokens": n_seq * sim.h0.shape[1],
                   "sim_act_clip": SIM_ACT_CLIP, "sim_kv": SIM_KV, "sim_weights": SIM_WEIGHTS,
                   "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
