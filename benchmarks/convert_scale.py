@@ -10,7 +10,8 @@
    shard by shard (``--shard-gib`` each, so memory stays bounded), config.json and the tiny
    byte-level BPE tokenizer of ``convert.tiny_models`` (ids < 512: any vocabulary covers them).
 2. **convert** (a child process running ``convert.cli.main`` in-process, nothing else): the
-   converter's default recipe for ``--scheme`` plus ``EXTRA_CONVERT_ARGS``. Its phases
+   converter's default recipe for ``--scheme`` (with the Hadamard rotation, what 80 layers get) plus
+   ``EXTRA_CONVERT_ARGS``. Its phases
    (calibration tokens, rotation plan, diagnostics, per layer: rotate / Hessians / quantize /
    write) are timed by wrapping the converter's methods; at every phase boundary the child
    records the wall time and the peaks since the last boundary -- GPU: the caching allocator's
@@ -662,6 +663,11 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
+    if not {"--rotation", "--transform"} & set(extra):
+        # the default rotation at w4a4kv4 is OSTQuant, whose end-to-end training holds the whole model: at 80
+        # layers it does not fit and falls back to the Hadamard, while the few-layer proxy would fit and train,
+        # so the proxy measures what the 80-layer conversion runs
+        extra = ["--rotation", "hadamard", *extra]
     t_start = time.monotonic()
 
     def left() -> float:

@@ -202,7 +202,7 @@ class Converter:
                                residual_samples=lambda: self._residual_samples(tokens),
                                layer_states=lambda max_tokens=2048: self._layer_states(tokens, max_tokens),
                                layer_tensors=self._layer_tensors, head=self._head, fmt=self.fmt,
-                               finetune=self.opts.finetune)
+                               finetune=self.opts.finetune, calib_seq_len=self.opts.calib_seq_len)
 
     def _plan(self, tokens: torch.Tensor) -> RotationPlan:
         plan = self.rotation.plan(self._context(tokens))

@@ -490,21 +490,23 @@ def test_qsur_of_fewer_samples_than_dimensions_uses_the_small_gram_matrix() -> N
             assert got[key] == pytest.approx(want[key], rel=1e-6), (n, k, key)
 
 
-@pytest.mark.parametrize(("flags", "clip", "act_order"), [
-    (["--scheme", "w4a4kv4"], "gbs", True),  # issue 24: the measured default recipe per scheme
-    (["--scheme", "w3a3kv3"], "gbs", False),
-    (["--scheme", "w4a16"], "gbs", True),
-    (["--scheme", "w4a8"], "gbs", True),
-    (["--scheme", "w4a4"], "gbs", True),  # the CLI's and the quickstart's default scheme
-    (["--scheme", "w4a8kv4"], "gbs", True),
-    (["--scheme", "w8a8"], "none", False),
-    ([], "gbs", True),
-    (["--scheme", "w6a6"], "none", False),
-    (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "none", True),  # a given ratio is kept, not searched
-    (["--scheme", "w4a4kv4", "--clip", "none", "--no-act-order"], "none", False),
-    (["--scheme", "w6a6", "--act-order"], "none", True),
+@pytest.mark.parametrize(("flags", "rotation", "clip", "act_order"), [
+    (["--scheme", "w4a4kv4"], "ostquant", "gbs", True),  # issue 24: the measured default recipe per scheme
+    (["--scheme", "w3a3kv3"], "hadamard", "gbs", False),
+    (["--scheme", "w4a16"], "hadamard", "gbs", True),
+    (["--scheme", "w4a8"], "hadamard", "gbs", True),
+    (["--scheme", "w4a4"], "hadamard", "gbs", True),  # the CLI's and the quickstart's default scheme
+    (["--scheme", "w4a8kv4"], "hadamard", "gbs", True),
+    (["--scheme", "w8a8"], "hadamard", "none", False),
+    ([], "hadamard", "gbs", True),
+    (["--scheme", "w6a6"], "hadamard", "none", False),
+    (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "ostquant", "none", True),  # a given ratio: kept
+    (["--scheme", "w4a4kv4", "--clip", "none", "--no-act-order", "--rotation", "hadamard"], "hadamard", "none",
+     False),
+    (["--scheme", "w6a6", "--act-order", "--transform", "ostquant"], "ostquant", "none", True),
 ])
-def test_default_recipe_per_scheme(flags: list[str], clip: str, act_order: bool) -> None:
+def test_default_recipe_per_scheme(flags: list[str], rotation: str, clip: str, act_order: bool) -> None:
     args = cli.build_parser().parse_args(["src", "out", *flags])
     opts = cli.options_from_args(args)
-    assert opts.clip == clip and opts.quantizer_options.get("act_order", False) == act_order
+    assert opts.rotation == rotation and opts.clip == clip
+    assert opts.quantizer_options.get("act_order", False) == act_order

@@ -150,6 +150,18 @@ def test_rotation_only_learns_no_scales(llama: Path, monkeypatch) -> None:
     assert rep["kept"] == "trained" and rep["scale_range"] != [1.0, 1.0]
 
 
+def test_a_model_too_large_to_train_keeps_the_hadamard_start(llama: Path, monkeypatch) -> None:
+    """OSTQuant holds the whole model in fp32 to train it end to end: where that does not fit (a 70B model,
+    an 8B one on a small host) the default rotation at w4a4kv4 must not end the conversion."""
+    need = ostquant.training_bytes(Converter(llama, ConvertOptions()).dims, ostquant.CALIB_TOKENS, 32)
+    assert need > 0
+    monkeypatch.setattr(ostquant, "available_bytes", lambda device: int(need / 0.8) - 1)
+    rep = _plan_report(llama, calib_samples=4, calib_seq_len=32)
+    assert rep["trained"] is False and rep["kept"] == "init" and "GiB free" in rep["reason"]
+    monkeypatch.setattr(ostquant, "available_bytes", lambda device: int(need / 0.8) + 1)
+    assert "trained" not in _plan_report(llama, calib_samples=4, calib_seq_len=32)
+
+
 def _quality_module(monkeypatch: pytest.MonkeyPatch):
     """examples/quality.py as a module; its sibling imports resolve through pytest's scoped path entry."""
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
@@ -169,5 +181,9 @@ def test_quality_ostquant_knobs_parse_and_refuse_unknown_names(monkeypatch: pyte
     assert q.ROWS["ostquant_gbs"]["ostquant"]["STEPS"] == 12
     long = q.ROWS["ostquant_long_gbs_actorder"]["ostquant"]
     assert long["STEPS"] == 200 and long["CALIB_TOKENS"] == 8192 and long["SIM_WEIGHTS"] is False
-    # ... which is also the module's default (STEPS is shortened by this file's fixture)
-    assert {k: getattr(ostquant, k) for k in long if k != "STEPS"} == {k: v for k, v in long.items() if k != "STEPS"}
+    assert long["SIM_BF16"] is False and long["STEPS"] == ostquant.FINETUNE_STEPS  # --finetune's training
+    # the default recipe's row is the module's defaults (STEPS is shortened by this file's fixture)
+    default = q.ROWS["ostquant_gbs_actorder"]["ostquant"]
+    assert default["STEPS"] == 80 and default["SIM_BF16"] is True
+    assert {k: getattr(ostquant, k) for k in default if k != "STEPS"} == {k: v for k, v in default.items()
+                                                                         if k != "STEPS"}

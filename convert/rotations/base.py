@@ -63,6 +63,7 @@ class RotationContext:
     # simulate the served quantization
     fmt: RUQuantFormat = field(default_factory=RUQuantFormat)
     finetune: bool = False  # the method's slower, fine-tuned variant (``--finetune``)
+    calib_seq_len: int = 2048  # tokens of a calibration sequence (sizes a training step's memory)
 
 
 class RotationMethod(Protocol):

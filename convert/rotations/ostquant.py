@@ -32,10 +32,11 @@ start (both reported, with the training-loss curve).
 Defaults (issue 24 item 2, measured on SmolLM2-135M at w4a4kv4, docs/methods.md "OSTQuant on
 the real model"): fp weights (the converter's GPTQ removes most of the weight error, so an RTN
 weight loss trains against the wrong error), the served activation clip 0.75 and KV4 cache,
-all 32 x 256 calibration tokens with 4 sequences held out, 200 Adam steps of 4 sequences, lr
-1e-3 for A and 1e-2 for sigma, cosine-decayed. The earlier defaults -- 12 steps of one
-sequence on 2048 tokens, RTN weights, selection on the training sequences -- barely moved R1
-and fell back to (or fit past) the Hadamard start; ``examples/quality.py`` pins them
+all 32 x 256 calibration tokens with 4 sequences held out, Adam steps of 4 sequences (80 by
+default: the w4a4kv4 default recipe within 10 minutes on 2 CPU cores; 200 with ``--finetune``, the
+configuration first measured on an H200), lr 1e-3 for A and 1e-2 for sigma, cosine-decayed. The
+earlier defaults -- 12 steps of one sequence on 2048 tokens, RTN weights, selection on the training
+sequences -- barely moved R1 and fell back to (or fit past) the Hadamard start; ``examples/quality.py`` pins them
 (``OSTQUANT_V0``) for the rows measured with them.
 
 Cost: about 100 s of training on an H200 (200 steps, fp32, the weights rotated every step). On the
@@ -49,7 +50,9 @@ with the matmuls in bf16 (``SIM_BF16``; this CPU's bf16 matmul runs at 2.3x its 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -66,11 +69,15 @@ from vllm_ruquant.checkpoint.models import NORM_READERS
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size, small_hadamard
 from vllm_ruquant.reference import OnlineRotation
 
+logger = logging.getLogger(__name__)
+
 TOP_K = 64
 # Defaults (issue 24 item 2): the configuration measured best on SmolLM2-135M at w4a4kv4 (docs/methods.md,
 # "OSTQuant on the real model"; seeds_32k_gpu.md). Before it: 12 steps of 1 sequence on 2048 tokens with RTN
 # weights, no clip, no KV cache, selected on the training sequences -- quality.py's older rows pin those values.
-STEPS, FINETUNE_STEPS = 200, 400  # Adam steps (FINETUNE_STEPS: --finetune, not measured)
+# STEPS: the default recipe at w4a4kv4, sized to convert SmolLM2-135M in 10 minutes on 2 CPU cores;
+# FINETUNE_STEPS (--finetune): the 200 steps measured on an H200 (35.50, docs/methods.md)
+STEPS, FINETUNE_STEPS = 80, 200
 BATCH = 4  # calibration sequences per step
 LR_ROT, LR_SCALE = 1e-3, 1e-2  # Adam learning rates of A (the Cayley parameter) and sigma
 SIM_ACT_CLIP = 0.75  # activation clip ratio in the training simulation (GBS's pick on SmolLM2 at w4a4kv4)
@@ -215,6 +222,29 @@ def _curve(history: list[float], points: int = 10) -> list[float]:
     return [sum(history[b:e]) / (e - b) for b, e in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def training_bytes(dims: Any, calib_tokens: int, seq_len: int) -> int:
+    """What the training holds: every layer and the head in fp32 (the whole model is trained end to end,
+    unlike the converter's one layer at a time), the calibration embeddings, and the activations autograd
+    keeps for one step of ``BATCH`` sequences (about ``12 d + 6 f`` floats a token and layer)."""
+    d, f = dims.hidden_size, dims.intermediate_size
+    heads = (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim
+    layer = d * heads + dims.num_heads * dims.head_dim * d + 3 * d * f
+    step = min(calib_tokens, BATCH * seq_len) * dims.num_layers * (12 * d + 6 * f)
+    return 4 * (dims.num_layers * layer + dims.vocab_size * d + calib_tokens * d + step)
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Free memory where the training runs: the GPU's free bytes, or the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:  # Linux: free memory plus what the page cache would give back
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class OSTQuantRotation:
     name = "ostquant"
 
@@ -227,6 +257,15 @@ class OSTQuantRotation:
         hd = randomized_hadamard(d, ctx.generator)
         r2 = randomized_hadamard(dims.head_dim, ctx.generator)
         r4 = OnlineRotation("hadamard", dims.intermediate_size) if is_hadamard_size(dims.intermediate_size) else None
+        hadamard = RotationPlan(residual=hd, head=r2, down_proj={i: r4 for i in range(n_layers)} if r4 else {})
+        need, free = training_bytes(dims, CALIB_TOKENS, ctx.calib_seq_len), available_bytes(ctx.device)
+        if need > 0.8 * free:  # the default rotation at w4a4kv4 must not end a large model's conversion
+            logger.warning("ostquant: training needs ~%.1f GiB on %s, %.1f GiB free: the model is too large to "
+                           "train end to end here; keeping the randomized Hadamard start (untrained)",
+                           need / 2**30, ctx.device, free / 2**30)
+            return dataclasses.replace(hadamard, stages={"hadamard": hadamard}, report={
+                "method": "ostquant", "kept": "init", "trained": False, "seconds": time.perf_counter() - t0,
+                "reason": f"training needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"})
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
         sim = _ModelSim(ctx, r4)
         n_seq = sim.h0.shape[0]
@@ -286,5 +325,4 @@ class OSTQuantRotation:
                   "down_proj_online": "hadamard" if r4 else "none", "seconds": time.perf_counter() - t0}
         return RotationPlan(residual=r1, head=r2, down_proj={i: r4 for i in range(n_layers)} if r4 else {},
                             report=report, norm_scales=scales,
-                            stages={"hadamard": RotationPlan(residual=hd, head=r2,
-                                                             down_proj={i: r4 for i in range(n_layers)} if r4 else {})})
+                            stages={"hadamard": hadamard})
