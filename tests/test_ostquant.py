@@ -158,8 +158,21 @@ def test_a_model_too_large_to_train_keeps_the_hadamard_start(llama: Path, monkey
     monkeypatch.setattr(ostquant, "available_bytes", lambda device: int(need / 0.8) - 1)
     rep = _plan_report(llama, calib_samples=4, calib_seq_len=32)
     assert rep["trained"] is False and rep["kept"] == "init" and "GiB free" in rep["reason"]
+    assert rep["seconds"] < 5  # nothing was trained
     monkeypatch.setattr(ostquant, "available_bytes", lambda device: int(need / 0.8) + 1)
     assert "trained" not in _plan_report(llama, calib_samples=4, calib_seq_len=32)
+
+
+def test_a_scheme_with_nothing_to_train_keeps_the_hadamard_start(llama: Path) -> None:
+    """At w4a16 with fp weights in the loss nothing is quantized in training: no step is run for nothing."""
+    sink = InMemorySink()
+    rep = Converter(llama, ConvertOptions(rotation="ostquant", scheme="w4a16", quantize=False, calib_samples=4,
+                                          calib_seq_len=32)).run(sink)["rotation"]
+    assert rep["trained"] is False and "leaves the loss" in rep["reason"]
+    # ... while w4a8 trains, unclipped (the 0.75 clip is the 4-bit activations' GBS pick)
+    rep = Converter(llama, ConvertOptions(rotation="ostquant", scheme="w4a8", quantize=False, calib_samples=4,
+                                          calib_seq_len=32)).run(sink)["rotation"]
+    assert "trained" not in rep and rep["sim_act_clip"] == 1.0 and len(rep["train_loss_curve"]) > 0
 
 
 def _quality_module(monkeypatch: pytest.MonkeyPatch):

@@ -80,7 +80,8 @@ TOP_K = 64
 STEPS, FINETUNE_STEPS = 80, 200
 BATCH = 4  # calibration sequences per step
 LR_ROT, LR_SCALE = 1e-3, 1e-2  # Adam learning rates of A (the Cayley parameter) and sigma
-SIM_ACT_CLIP = 0.75  # activation clip ratio in the training simulation (GBS's pick on SmolLM2 at w4a4kv4)
+SIM_ACT_CLIP = 0.75  # activation clip in training at <= 4-bit activations (GBS's pick on SmolLM2 at w4a4kv4; at
+# w4a8 GBS picks 0.994, so wider activations train unclipped)
 SIM_KV = True  # simulate the KV cache (straight-through) in training (no effect at 16-bit KV)
 SIM_WEIGHTS = False  # fp weights in training, leaving the weight error to GPTQ (True: RTN weights)
 VAL_SEQS = 4  # calibration sequences held out of training to decide trained vs init (0: all)
@@ -189,6 +190,7 @@ class _ModelSim:
         """Layer ``i``'s linears: fp (``r`` None), or quantized as served under ``(r, scales)``."""
         p = self.dims.layer_prefix(i)
         wb, ab = self.ctx.fmt.weight.bits if SIM_WEIGHTS else 16, self.ctx.fmt.activation.bits
+        clip = act_clip(ab)
         quantized_inputs: dict[int, torch.Tensor] = {}  # per norm site: its readers share one input
 
         def linear(prefix: str, x: torch.Tensor) -> torch.Tensor:
@@ -202,11 +204,11 @@ class _ModelSim:
                 j = self.site_of[name]
                 s = scales[j]
                 if j not in quantized_inputs:
-                    quantized_inputs[j] = fake_quant((x.float() @ r) / s, ab, clip_ratio=SIM_ACT_CLIP)
+                    quantized_inputs[j] = fake_quant((x.float() @ r) / s, ab, clip_ratio=clip)
                 u = quantized_inputs[j]
                 y = u @ fake_quant((weight @ r) * s, wb).T if SIM_WEIGHTS else ((u * s) @ r.T) @ weight.T
             else:  # a writer of the residual: its output in the R1 basis for weight quantization only
-                u = fake_quant(x.float(), ab, clip_ratio=SIM_ACT_CLIP)
+                u = fake_quant(x.float(), ab, clip_ratio=clip)
                 y = (u @ fake_quant(r.T @ weight, wb).T) @ r.T if SIM_WEIGHTS else u @ weight.T
             return y + bias if bias is not None else y
 
@@ -220,6 +222,18 @@ def _curve(history: list[float], points: int = 10) -> list[float]:
     n = min(points, len(history))
     bounds = [round(i * len(history) / n) for i in range(n + 1)]
     return [sum(history[b:e]) / (e - b) for b, e in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def act_clip(act_bits: int) -> float:
+    """The activation clip ratio the training simulates at ``act_bits``."""
+    return SIM_ACT_CLIP if act_bits <= 4 else 1.0
+
+
+def nothing_to_train(fmt: Any) -> bool:
+    """With fp weights in the loss, a scheme that quantizes neither activations nor the KV cache (w4a16)
+    leaves the loss at zero whatever R1 and the scalings are: no step could move them."""
+    kv = fmt.kv_cache.bits < 16 and SIM_KV
+    return fmt.activation.bits >= 16 and not kv and not SIM_WEIGHTS
 
 
 def training_bytes(dims: Any, calib_tokens: int, seq_len: int) -> int:
@@ -259,13 +273,18 @@ class OSTQuantRotation:
         r4 = OnlineRotation("hadamard", dims.intermediate_size) if is_hadamard_size(dims.intermediate_size) else None
         hadamard = RotationPlan(residual=hd, head=r2, down_proj={i: r4 for i in range(n_layers)} if r4 else {})
         need, free = training_bytes(dims, CALIB_TOKENS, ctx.calib_seq_len), available_bytes(ctx.device)
+        reason = None
         if need > 0.8 * free:  # the default rotation at w4a4kv4 must not end a large model's conversion
-            logger.warning("ostquant: training needs ~%.1f GiB on %s, %.1f GiB free: the model is too large to "
-                           "train end to end here; keeping the randomized Hadamard start (untrained)",
-                           need / 2**30, ctx.device, free / 2**30)
+            reason = (f"training needs ~{need / 2**30:.1f} GiB on {ctx.device}, {free / 2**30:.1f} GiB free: the "
+                      "model is too large to train end to end here")
+        elif nothing_to_train(ctx.fmt):
+            reason = (f"a {ctx.fmt.activation.bits}-bit-activation scheme with a "
+                      f"{ctx.fmt.kv_cache.bits}-bit KV cache leaves the loss (fp weights) at zero")
+        if reason is not None:
+            logger.warning("ostquant: %s; keeping the randomized Hadamard start (untrained)", reason)
             return dataclasses.replace(hadamard, stages={"hadamard": hadamard}, report={
-                "method": "ostquant", "kept": "init", "trained": False, "seconds": time.perf_counter() - t0,
-                "reason": f"training needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"})
+                "method": "ostquant", "kept": "init", "trained": False, "reason": reason,
+                "seconds": time.perf_counter() - t0})
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
         sim = _ModelSim(ctx, r4)
         n_seq = sim.h0.shape[0]
@@ -316,7 +335,7 @@ class OSTQuantRotation:
         report = {"method": "ostquant", "loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH,
                   "lr": [LR_ROT, LR_SCALE], "cosine": COSINE, "sim_bf16": SIM_BF16,
                   "learn_scales": LEARN_SCALES, "calib_tokens": n_seq * sim.h0.shape[1],
-                  "sim_act_clip": SIM_ACT_CLIP, "sim_kv": SIM_KV, "sim_weights": SIM_WEIGHTS,
+                  "sim_act_clip": act_clip(ctx.fmt.activation.bits), "sim_kv": SIM_KV, "sim_weights": SIM_WEIGHTS,
                   "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
                   "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
                   "train_loss_first_last": [history[0], history[-1]] if history else None,
