@@ -97,6 +97,10 @@ ROWS: dict[str, dict] = {
     "ostquant_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                               "quantizer_options": {"act_order": True},
                               "ostquant": {**OSTQUANT_TRAINED, "STEPS": 80, "SIM_BF16": True}},
+    # ... the same compute as twice the steps of half the sequences
+    "ostquant_b2_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                                 "quantizer_options": {"act_order": True},
+                                 "ostquant": {**OSTQUANT_TRAINED, "STEPS": 160, "BATCH": 2, "SIM_BF16": True}},
 }
 
 

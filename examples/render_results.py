@@ -50,6 +50,7 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS",
           "ostquant_long_gbs_actorder": "OSTQuant, 200 steps x 4 seqs on 8192 calibration tokens, act order + GBS",
           "ostquant_gbs_actorder": "OSTQuant, 80 steps x 4 seqs (bf16 matmuls), act order + GBS",
+          "ostquant_b2_gbs_actorder": "OSTQuant, 160 steps x 2 seqs (bf16 matmuls), act order + GBS",
           # not a quality.py row: the default recipe's CPU seeds, compared against in seeds_32k_gpu.md
           "cpu_default": "the default recipe on the CPU (`seeds_32k.md`)"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
@@ -343,7 +344,8 @@ def recipes_md(d: Path) -> str | None:
 
 # issue 24 item 4's rows, and item 1's RUQuant with online blocks per layer and input (a row is shown once measured)
 SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder", "ruquant_online_gbs_actorder",
-             "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder", "ostquant_gbs_actorder"]
+             "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder", "ostquant_gbs_actorder",
+             "ostquant_b2_gbs_actorder"]
 BASE_SEED_ROWS = SEED_ROWS[:3]  # shown (as "not run") even before any of their cells exist
 
 
@@ -466,7 +468,10 @@ def seeds_32k_md(d: Path) -> str | None:
             + ("; OSTQuant (`--rotation ostquant`, the w4a4kv4 default recipe since 2026-12-05): a learned R1 and "
                "norm-site scalings trained 80 Adam steps of 4 sequences with KL-Top against the fp logits (matmuls "
                "in bf16), then the same quantizer, so it differs from the Hadamard row above it by the rotation "
-               "alone" if "ostquant_gbs_actorder" in rows else "") + ".\n\n"
+               "alone" if "ostquant_gbs_actorder" in rows else "")
+            + ("; and OSTQuant trained 160 steps of 2 sequences instead (the same compute, ~30 s more a conversion; "
+               "not the default: not told apart from 80 x 4)" if "ostquant_b2_gbs_actorder" in rows else "")
+            + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
             + _beats("RUQuant vs the default recipe (the rotation alone)", ppl, "ruquant_gbs_actorder",
@@ -483,7 +488,11 @@ def seeds_32k_md(d: Path) -> str | None:
                 ("OSTQuant (80 steps) vs Hadamard + GPTQ (issue 24's acceptance line, with act order + GBS)",
                  "ostquant_gbs_actorder", "hadamard_gptq"),
                 ("OSTQuant (80 steps) vs Hadamard + GPTQ act order + GBS (the rotation alone)",
-                 "ostquant_gbs_actorder", "gbs_actorder")) if r in rows)
+                 "ostquant_gbs_actorder", "gbs_actorder"),
+                ("OSTQuant (160 steps x 2) vs Hadamard + GPTQ act order + GBS (the rotation alone)",
+                 "ostquant_b2_gbs_actorder", "gbs_actorder"),
+                ("OSTQuant 160 steps x 2 vs 80 steps x 4 (the same compute)",
+                 "ostquant_b2_gbs_actorder", "ostquant_gbs_actorder")) if r in rows)
             + "\n" + (notes + "\n" if notes else "")
             + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
             "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "
