@@ -104,11 +104,11 @@ def convert_options(extra: list[str]) -> argparse.Namespace:
 
 def memory_model(cfg: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
     """Bytes of one layer and of the calibration activations, from the shapes alone."""
-    from vllm_ruquant.checkpoint.models import LINEARS, model_dims, short_name
+    from vllm_ruquant.checkpoint.models import model_dims
 
     dims = model_dims(cfg)
     d, f = dims.hidden_size, dims.intermediate_size
-    layer_params = sum(n * k for n, k in (dims.linear_shape(short_name(s)) for s in LINEARS)) + 2 * d
+    layer_params = dims.linear_params_per_layer + 2 * d
     tokens = opts.calib_samples * opts.calib_seq_len
     hidden = tokens * d * 4  # the fp32 hidden states carried from layer to layer
     mlp = tokens * f * 4  # one fp32 MLP intermediate (gate / up / their product) of the layer's forward

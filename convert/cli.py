@@ -21,7 +21,7 @@ from convert.quantizers import available_quantizers
 from convert.rotations import available_rotations
 from vllm_ruquant.checkpoint.errors import RUQuantError
 from vllm_ruquant.checkpoint.format import SCHEMES, FormatError
-from vllm_ruquant.checkpoint.models import LINEARS, short_name
+from vllm_ruquant.checkpoint.models import LINEARS
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 
 # The default recipe per scheme (issue 24): the options that measured better than leaving them
@@ -150,7 +150,7 @@ def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
     _, dims = read_source(model_dir)
     fmt = opts.fmt
     d, f = dims.hidden_size, dims.intermediate_size
-    per_layer = sum(n * k for n, k in (dims.linear_shape(short_name(s)) for s in LINEARS))
+    per_layer = dims.linear_params_per_layer
     calib = opts.calib_samples * opts.calib_seq_len
     mem = (per_layer * (8 + 4) + 2 * calib * d * 4 + max(d, f) ** 2 * 8) / 2**30
     if is_hadamard_size(f):

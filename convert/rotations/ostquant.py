@@ -65,7 +65,7 @@ from convert.rotations.base import RotationContext, RotationPlan
 from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
 from convert.simulate import kv_cache_quantizer
-from vllm_ruquant.checkpoint.models import NORM_READERS
+from vllm_ruquant.checkpoint.models import NORM_READERS, ModelDims
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size, small_hadamard
 from vllm_ruquant.reference import OnlineRotation
 
@@ -236,15 +236,13 @@ def nothing_to_train(fmt: Any) -> bool:
     return fmt.activation.bits >= 16 and not kv and not SIM_WEIGHTS
 
 
-def training_bytes(dims: Any, calib_tokens: int, seq_len: int) -> int:
+def training_bytes(dims: ModelDims, calib_tokens: int, seq_len: int) -> int:
     """What the training holds: every layer and the head in fp32 (the whole model is trained end to end,
     unlike the converter's one layer at a time), the calibration embeddings, and the activations autograd
     keeps for one step of ``BATCH`` sequences (about ``12 d + 6 f`` floats a token and layer)."""
     d, f = dims.hidden_size, dims.intermediate_size
-    heads = (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim
-    layer = d * heads + dims.num_heads * dims.head_dim * d + 3 * d * f
     step = min(calib_tokens, BATCH * seq_len) * dims.num_layers * (12 * d + 6 * f)
-    return 4 * (dims.num_layers * layer + dims.vocab_size * d + calib_tokens * d + step)
+    return 4 * (dims.num_layers * dims.linear_params_per_layer + dims.vocab_size * d + calib_tokens * d + step)
 
 
 def available_bytes(device: torch.device | str) -> int:

@@ -95,6 +95,11 @@ class ModelDims:
             "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
         }[name]
 
+    @property
+    def linear_params_per_layer(self) -> int:
+        """Weights of one decoder layer's linears (q, k, v, o, gate, up, down), biases and norms aside."""
+        return sum(n * k for n, k in (self.linear_shape(short_name(s)) for s in LINEARS))
+
 
 def _positive_int(cfg: dict[str, Any], key: str, arch: str, default: Any = None) -> int:
     """A required positive integer (JSON bools and floats are refused: HF and vLLM would either
