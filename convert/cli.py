@@ -49,6 +49,10 @@ def default_act_order(scheme: str) -> bool:
     return bool(DEFAULT_RECIPE.get(scheme, {}).get("act_order", False))
 
 
+def default_tune_scales(scheme: str) -> int:
+    return int(DEFAULT_RECIPE.get(scheme, {}).get("tune_scales", 0))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ruquant-convert",
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lrq-steps", type=int, default=200, help="Adam steps per linear for LRQ (default 200)")
     ap.add_argument("--septq-fraction", type=float, default=0.02,
                     help="share of weights SEPTQ's static mask marks important (default 0.02)")
+    ap.add_argument("--tune-scales", type=int, default=None, metavar="STEPS",
+                    help="after quantization, train the weight scales (integers frozen) end to end against the fp "
+                         "model for STEPS Adam steps; 0: off (default: the scheme's measured default, "
+                         + (", ".join(f"{default_tune_scales(k)} at {k}" for k in DEFAULT_RECIPE
+                                      if default_tune_scales(k)) or "off everywhere") + ")")
     ap.add_argument("--dimension-expansion", action="store_true",
                     help="GBS+DE: where down_proj's input size has no Hadamard, zero-pad it to the next size "
                          "that has one and rotate there (the stored down_proj weight gets the padded width)")
@@ -124,6 +133,9 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     if args.weight_quantizer not in available_quantizers():
         raise ConvertError(f"unknown weight quantizer {args.weight_quantizer!r}; choose one of "
                            f"{', '.join(available_quantizers())}", ExitCode.UNSUPPORTED)
+    tune_scales = default_tune_scales(args.scheme) if args.tune_scales is None else args.tune_scales
+    if tune_scales < 0:
+        raise ConvertError("--tune-scales must be >= 0", ExitCode.BAD_INPUT)
     if args.calib_samples < 1 or args.calib_seq_len < 8:
         raise ConvertError("--calib-samples must be >= 1 and --calib-seq-len >= 8", ExitCode.BAD_INPUT)
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
@@ -140,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         device=args.device, resume=args.resume, tp_size=args.tp_size, finetune=args.finetune,
         clip=default_clip(args.scheme, args.act_clip_ratio) if args.clip == "auto" else args.clip,
         dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
+        tune_scales=tune_scales,
     )
     opts.fmt  # noqa: B018 (parse and validate the scheme flags now, before any model is read)
     return opts

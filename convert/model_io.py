@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from convert.errors import ConvertError, ExitCode
 from vllm_ruquant.checkpoint.models import CONFIG_FILE, ModelDims, model_dims
@@ -176,8 +176,6 @@ class CheckpointWriter:
         _save(tensors, self.tmp / name)
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
         path = self.tmp / name
         return load_file(str(path)) if path.is_file() else None
 
@@ -205,6 +203,27 @@ class CheckpointWriter:
         for k in tensors:
             self.weight_map[k] = name
         return name
+
+    def tensor_names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A tensor written so far, in its stored dtype."""
+        if name not in self.weight_map:
+            raise KeyError(name)
+        with safe_open(str(self.tmp / self.weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def replace_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Rewrite written tensors with new values (same names), one shard at a time, each atomically."""
+        unknown = set(tensors) - set(self.weight_map)
+        if unknown:
+            raise KeyError(f"not written: {sorted(unknown)}")
+        for shard in sorted({self.weight_map[k] for k in tensors}):
+            content = load_file(str(self.tmp / shard))
+            content.update({k: v for k, v in tensors.items() if self.weight_map[k] == shard})
+            _save(content, self.tmp / f"{shard}.tmp")
+            os.replace(self.tmp / f"{shard}.tmp", self.tmp / shard)
 
     def commit(self, config: dict[str, Any], source_dir: Path, extra_files: dict[str, str]) -> Path:
         """Finalise names, write index/config/tokenizer/extra files, then rename into place."""

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from convert import calibration, diagnostics, fuse
+from convert import calibration, diagnostics, distill, fuse, scale_tuning
 from convert.dimension_expansion import expanded_size
 from convert.errors import ConvertError, ExitCode
+from convert.evaluate import Evaluator, LoadedModel
 from convert.model_io import CheckpointReader, CheckpointWriter, read_source
 from convert.modeling import decoder_layer, dense_linear, rms_norm, rope_tables
 from convert.quantizers import get_quantizer
@@ -58,6 +59,7 @@ class ConvertOptions:
     quantizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"rank": 8} for lrq
     resume: bool = False  # continue an interrupted conversion from its last finished layer
     tp_size: int = 1  # tensor-parallel size the checkpoint will be served with (see format.tp_size)
+    tune_scales: int = 0  # Adam steps of end-to-end weight-scale tuning after quantization (0: none)
     finetune: bool = False  # the rotation method's fine-tuned variant (RUQuant / OSTQuant --finetune)
     # GBS+DE's dimension expansion: where down_proj's input size has no Hadamard, pad it to the
     # next size that has one and rotate there (convert/dimension_expansion.py)
@@ -79,6 +81,12 @@ class ConvertOptions:
 class LayerSink(Protocol):
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> str: ...
 
+    def tensor_names(self) -> list[str]: ...
+
+    def read_tensor(self, name: str) -> torch.Tensor: ...
+
+    def replace_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
     def commit(self, config: dict[str, Any], source_dir: Path, extra_files: dict[str, str]) -> Any: ...
 
     def abort(self) -> None: ...
@@ -95,6 +103,18 @@ class InMemorySink:
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> str:
         self.tensors.update(tensors)
         return "memory"
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def replace_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = set(tensors) - set(self.tensors)
+        if unknown:
+            raise KeyError(f"not written: {sorted(unknown)}")
+        self.tensors.update(tensors)
 
     def commit(self, config: dict[str, Any], source_dir: Path, extra_files: dict[str, str]) -> Any:
         self.config, self.extra_files = config, extra_files
@@ -431,6 +451,22 @@ class Converter:
 
     # ----------------------------------------------------------------------------- run
 
+    def _tune_scales(self, sink: LayerSink, fmt: fmt_mod.RUQuantFormat, tokens: torch.Tensor) -> dict[str, Any]:
+        """End-to-end tuning of the written weight scales (``convert.scale_tuning``), replaced in place."""
+        reason = distill.too_large_to_train(self.dims, tokens.numel(), scale_tuning.BATCH * tokens.shape[1],
+                                            self.device)
+        if reason is not None:
+            tqdm.write(f"ruquant-convert: warning: {reason}; the weight scales stay as quantized (no --tune-scales)")
+            return {"trained": False, "reason": reason}
+        teacher = Evaluator(LoadedModel.open(self.model_dir), self.device)
+        names = sink.tensor_names()
+        result = scale_tuning.tune_weight_scales(teacher.logits, sink.read_tensor, set(names).__contains__, names,
+                                                 self.dims, fmt, tokens, self.device, self.opts.tune_scales,
+                                                 self.opts.seed)
+        if result.scales:
+            sink.replace_tensors(result.scales)
+        return result.report
+
     def fingerprint(self) -> str:
         """Identifies (source model, options): a partial conversion resumes only under the same."""
         src = sorted((p.name, p.stat().st_size) for p in self.model_dir.glob("*.safetensors"))
@@ -532,6 +568,12 @@ class Converter:
                     if fault_after is not None and int(fault_after) == i:
                         os.kill(os.getpid(), signal.SIGKILL)
 
+            if opts.quantize and opts.tune_scales > 0 and "scale_tuning" not in meta:
+                meta["scale_tuning"] = self._tune_scales(sink, fmt, tokens)
+                if hasattr(sink, "save_progress"):  # a resumed run does not tune the tuned scales again
+                    sink.save_progress({**meta, "next_layer": dims.num_layers, "step": dims.num_layers + 1},
+                                       {"h": h})
+
             out_cfg = dict(self.cfg)
             out_cfg["tie_word_embeddings"] = False
             if opts.quantize:
@@ -543,6 +585,7 @@ class Converter:
                 "rotation": plan.report,
                 "diagnostics": meta.get("diagnostics"),
                 "clip": meta.get("clip"),
+                "scale_tuning": meta.get("scale_tuning"),
                 "seconds": {"rotation_plan": meta["t_plan"], "diagnostics": meta.get("t_diagnostics"),
                             "total": time.perf_counter() - t_start},
                 "device": str(self.device), "host": platform.node(),

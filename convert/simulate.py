@@ -35,22 +35,12 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
     """
     cache: dict[str, tuple] = {}
 
-    def rotation_of(prefix: str) -> ref.OnlineRotation | None:
-        spec = fmt.rotation_for(prefix) if fmt is not None else None
-        if spec is None:
-            return None
-        blocks_name = fmt_mod.tensor_name(prefix, fmt_mod.ONLINE_ROTATION)
-        return fmt_mod.online_rotation(spec, get(blocks_name) if has(blocks_name) else None)
-
     def linear(prefix: str, x: torch.Tensor) -> torch.Tensor:
         if prefix not in cache:
             bias_name = fmt_mod.tensor_name(prefix, fmt_mod.BIAS)
             bias = get(bias_name) if has(bias_name) else None
             qname = fmt_mod.tensor_name(prefix, fmt_mod.QWEIGHT)
-            rot = rotation_of(prefix)
-            blocks_name = fmt_mod.tensor_name(prefix, ONLINE_BLOCKS)
-            if has(blocks_name):  # the site's rotation, then the blocks: one rotation as the kernel sees it
-                rot = BlockAfter(rot, get(blocks_name).float())
+            rot = site_rotation(fmt, get, has, prefix)
             if has(qname):
                 assert fmt is not None
                 w_q = ref.unpack_weight(get(qname), fmt.weight.bits)
@@ -74,6 +64,21 @@ def checkpoint_linear(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], to
         return y + bias.float() if bias is not None else y
 
     return linear
+
+
+def site_rotation(fmt: fmt_mod.RUQuantFormat | None, get: Callable[[str], torch.Tensor],
+                  has: Callable[[str], bool], prefix: str) -> ref.OnlineRotation | BlockAfter | None:
+    """The online rotation of linear ``prefix``'s input as served: the format's (with its stored blocks,
+    if any), then the ``online_blocks`` of ``--rotation ruquant-online`` (one rotation as the kernel sees it)."""
+    spec = fmt.rotation_for(prefix) if fmt is not None else None
+    rot = None
+    if spec is not None:
+        blocks_name = fmt_mod.tensor_name(prefix, fmt_mod.ONLINE_ROTATION)
+        rot = fmt_mod.online_rotation(spec, get(blocks_name) if has(blocks_name) else None)
+    blocks_name = fmt_mod.tensor_name(prefix, ONLINE_BLOCKS)
+    if has(blocks_name):
+        return BlockAfter(rot, get(blocks_name).float())
+    return rot
 
 
 class BlockAfter:

@@ -101,6 +101,14 @@ ROWS: dict[str, dict] = {
     "ostquant_b2_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                  "quantizer_options": {"act_order": True},
                                  "ostquant": {**OSTQUANT_TRAINED, "STEPS": 160, "BATCH": 2, "SIM_BF16": True}},
+    # the default recipes with end-to-end weight-scale tuning after GPTQ (convert/scale_tuning.py, 60 steps)
+    "gbs_actorder_tuned": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
+                           "quantizer_options": {"act_order": True}, "tune_scales": 60},
+    "gbs_actorder_g64_tuned": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
+                               "quantizer_options": {"act_order": True}, "tune_scales": 60},
+    "ostquant_gbs_actorder_tuned": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
+                                    "quantizer_options": {"act_order": True}, "tune_scales": 60,
+                                    "ostquant": {**OSTQUANT_TRAINED, "STEPS": 80, "SIM_BF16": True}},
 }
 
 
@@ -152,6 +160,9 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
         cell["ostquant"] = knobs
         cell["ostquant_report"] = {k: (report.get("rotation") or {}).get(k) for k in
                                    ("loss_init", "loss_trained", "kept", "train_loss_curve", "seconds")}
+    if report.get("scale_tuning"):
+        cell["scale_tuning"] = {k: report["scale_tuning"].get(k) for k in
+                                ("steps", "loss_init", "loss_trained", "kept", "seconds")}
     if args.kv_ablation and report["format"]["kv_cache"]["bits"] < 16:  # same checkpoint, only the KV cache differs
         cell["perplexity_kv16"] = ppl(kv_bits=16)["perplexity"]
         cell["perplexity_kv_no_rotation"] = ppl(kv_online_rotation=False)["perplexity"]

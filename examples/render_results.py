@@ -51,6 +51,9 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "ostquant_long_gbs_actorder": "OSTQuant, 200 steps x 4 seqs on 8192 calibration tokens, act order + GBS",
           "ostquant_gbs_actorder": "OSTQuant, 80 steps x 4 seqs (bf16 matmuls), act order + GBS",
           "ostquant_b2_gbs_actorder": "OSTQuant, 160 steps x 2 seqs (bf16 matmuls), act order + GBS",
+          "gbs_actorder_tuned": "Hadamard + GPTQ act order + GBS, scales tuned end to end (60 steps)",
+          "gbs_actorder_g64_tuned": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (60 steps)",
+          "ostquant_gbs_actorder_tuned": "OSTQuant 80 steps, act order + GBS, scales tuned (60 steps)",
           # not a quality.py row: the default recipe's CPU seeds, compared against in seeds_32k_gpu.md
           "cpu_default": "the default recipe on the CPU (`seeds_32k.md`)"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]

@@ -8,6 +8,7 @@
 #                                                ruquant-w4a4 tp-1024-256 under default / PRETUNE=0 / EXACT_DIVISION=0; ~100 s
 #                                                an engine, so at most five variants fit one call)
 #   bash scripts/gpu_session.sh serve CONFIG RATES [PROMPTS]  benchmarks/serve_openai.py on a dummy-weight config
+#   bash scripts/gpu_session.sh quality SCHEMES SEEDS ROWS [TOKENS]  SmolLM2-135M quality cells, a process per scheme and seed
 #   bash scripts/gpu_session.sh smollm2 SCHEMES      SmolLM2-135M served perplexity through the endpoint (ckpts in /tmp/ckpts)
 #   bash scripts/gpu_session.sh stage1               RUQuant stage 1 on the Llama-3-8B shape (random weights)
 #   bash scripts/gpu_session.sh scale [ARGS]         the converter on a Llama-3-70B-shaped checkpoint of 4 layers
@@ -46,6 +47,23 @@ case "${1:-}" in
     # the last `vllm serve` log of the run (the e2e test's server), its tail
     f=$(ls -t /tmp/pytest-of-*/pytest-*/*/serve.log 2>/dev/null | head -1)
     [ -n "$f" ] && tail -c 200000 "$f" > "$OUT/serve.log"
+    ;;
+  quality)
+    # issue 24: SmolLM2-135M quality cells (examples/quality.py) on the GPU, one process per (scheme, seed),
+    # all at once (a 135M model leaves the GPU mostly idle; the device has 16 cores). The model and texts
+    # come as a tar in parts (.carry/d_*/part.*, one carry each) copied to /tmp/carry beforehand.
+    #   quality SCHEMES SEEDS ROWS [TOKENS]
+    shift
+    C=/tmp/smollm2
+    [ -d $C/smollm2-135m ] || { mkdir -p $C && cat /tmp/carry/part.* | tar xf - -C $C; } || exit 1
+    mkdir -p "$OUT/quality"
+    for s in ${1//,/ }; do for seed in ${2//,/ }; do
+      python3 examples/quality.py $C/smollm2-135m --eval-text $C/text/wiki_eval.txt --calib-text $C/text/lee_calib.txt \
+        --schemes "$s" --rows "$3" --max-eval-tokens "${4:-32768}" --seed "$seed" --json "gpu_${s}_s$seed.json" \
+        --out "$OUT/quality" > "$OUT/quality/gpu_${s}_s$seed.log" 2>&1 &
+    done; done
+    wait
+    grep -h "ppl" "$OUT"/quality/*.log
     ;;
   smollm2)
     # issue 20 item 3: SmolLM2-135M checkpoints (carried in parts, unpacked to /tmp/ckpts) served

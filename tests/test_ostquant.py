@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from convert import distill
 from convert.pipeline import Converter, ConvertOptions, InMemorySink
 from convert.rotations import ostquant
 from convert.tiny_models import make_tiny_llama
@@ -49,8 +50,8 @@ def test_layer_states_are_capped_at_2048_tokens_unless_asked_for_more(llama: Pat
 def test_kl_top_from_the_fp_top_k_equals_kl_top() -> None:
     g = torch.Generator().manual_seed(1)
     fp, q = torch.randn(2, 5, 300, generator=g), torch.randn(2, 5, 300, generator=g)
-    assert float(ostquant.kl_top_of(ostquant.top_k(fp), q)) == pytest.approx(float(ostquant.kl_top(fp, q)), rel=1e-6)
-    assert float(ostquant.kl_top_of(ostquant.top_k(fp), fp)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill.kl_top_of(distill.top_k(fp), q)) == pytest.approx(float(distill.kl_top(fp, q)), rel=1e-6)
+    assert float(distill.kl_top_of(distill.top_k(fp), fp)) == pytest.approx(0.0, abs=1e-6)
 
 
 def _absorbed_logits(sim, seqs: torch.Tensor, r: torch.Tensor, log_s: torch.Tensor,
@@ -98,7 +99,7 @@ def test_training_simulation_equals_the_absorbed_model(llama: Path, monkeypatch,
     layers = [ctx.layer_tensors(i) for i in range(conv.dims.num_layers)]
     d = conv.dims.hidden_size
     seqs = torch.arange(3)
-    idx, fp_logp = ostquant.top_k(sim.fp_logits(seqs), 16)
+    idx, fp_logp = distill.top_k(sim.fp_logits(seqs), 16)
 
     def loss_and_grad(absorbed: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
         a = (0.05 * torch.randn(d, d, generator=torch.Generator().manual_seed(5))).requires_grad_()
@@ -107,7 +108,7 @@ def test_training_simulation_equals_the_absorbed_model(llama: Path, monkeypatch,
         r = ostquant.cayley(a)
         q = (_absorbed_logits(sim, seqs, r, log_s, layers).gather(-1, idx) if absorbed
              else sim.q_top_logits(seqs, r, log_s, idx))
-        loss = ostquant.kl_top_gathered(fp_logp, q)
+        loss = distill.kl_top_gathered(fp_logp, q)
         loss.backward()
         return float(loss.detach()), a.grad, log_s.grad
 
@@ -153,13 +154,13 @@ def test_rotation_only_learns_no_scales(llama: Path, monkeypatch) -> None:
 def test_a_model_too_large_to_train_keeps_the_hadamard_start(llama: Path, monkeypatch) -> None:
     """OSTQuant holds the whole model in fp32 to train it end to end: where that does not fit (a 70B model,
     an 8B one on a small host) the default rotation at w4a4kv4 must not end the conversion."""
-    need = ostquant.training_bytes(Converter(llama, ConvertOptions()).dims, ostquant.CALIB_TOKENS, 32)
+    need = distill.training_bytes(Converter(llama, ConvertOptions()).dims, ostquant.CALIB_TOKENS, ostquant.BATCH * 32)
     assert need > 0
-    monkeypatch.setattr(ostquant, "available_bytes", lambda device: int(need / 0.8) - 1)
+    monkeypatch.setattr(distill, "available_bytes", lambda device: int(need / 0.8) - 1)
     rep = _plan_report(llama, calib_samples=4, calib_seq_len=32)
     assert rep["trained"] is False and rep["kept"] == "init" and "GiB free" in rep["reason"]
     assert rep["seconds"] < 5  # nothing was trained
-    monkeypatch.setattr(ostquant, "available_bytes", lambda device: int(need / 0.8) + 1)
+    monkeypatch.setattr(distill, "available_bytes", lambda device: int(need / 0.8) + 1)
     assert "trained" not in _plan_report(llama, calib_samples=4, calib_seq_len=32)
 
 

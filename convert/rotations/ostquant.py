@@ -52,26 +52,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from convert import distill
+from convert.distill import TOP_K, kl_top_gathered, top_k
 from convert.modeling import decoder_layer, rms_norm, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan
 from convert.rotations.fake_quant import fake_quant
 from convert.rotations.hadamard import randomized_hadamard
 from convert.simulate import kv_cache_quantizer
-from vllm_ruquant.checkpoint.models import NORM_READERS, ModelDims
+from vllm_ruquant.checkpoint.models import NORM_READERS
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size, small_hadamard
 from vllm_ruquant.reference import OnlineRotation
 
 logger = logging.getLogger(__name__)
 
-TOP_K = 64
 # Defaults (issue 24 item 2): the configuration measured best on SmolLM2-135M at w4a4kv4 (docs/methods.md,
 # "OSTQuant on the real model"; seeds_32k_gpu.md). Before it: 12 steps of 1 sequence on 2048 tokens with RTN
 # weights, no clip, no KV cache, selected on the training sequences -- quality.py's older rows pin those values.
@@ -97,29 +96,6 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
     k = (a - a.T) / 2
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     return torch.linalg.solve(eye - k, eye + k)
-
-
-def kl_top(fp_logits: torch.Tensor, q_logits: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
-    """KL(p_fp || p_q) over the fp model's top-k tokens (both renormalised over those k)."""
-    return kl_top_of(top_k(fp_logits, k), q_logits)
-
-
-def top_k(fp_logits: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp model's top-k token ids and their log-probabilities renormalised over those k."""
-    idx = fp_logits.topk(min(k, fp_logits.shape[-1]), dim=-1).indices
-    return idx, F.log_softmax(fp_logits.gather(-1, idx), dim=-1)
-
-
-def kl_top_of(fp_top: tuple[torch.Tensor, torch.Tensor], q_logits: torch.Tensor) -> torch.Tensor:
-    """``kl_top`` from the fp side's ``top_k`` (the full fp logits need not be kept)."""
-    idx, logp = fp_top
-    return kl_top_gathered(logp, q_logits.gather(-1, idx))
-
-
-def kl_top_gathered(fp_logp: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
-    """``kl_top`` from the fp top-k log-probabilities and the quantized logits at those k ids."""
-    logq = F.log_softmax(q_top, dim=-1)
-    return (fp_logp.exp() * (fp_logp - logq)).sum(-1).mean()
 
 
 class _ModelSim:
@@ -236,27 +212,6 @@ def nothing_to_train(fmt: Any) -> bool:
     return fmt.activation.bits >= 16 and not kv and not SIM_WEIGHTS
 
 
-def training_bytes(dims: ModelDims, calib_tokens: int, seq_len: int) -> int:
-    """What the training holds: every layer and the head in fp32 (the whole model is trained end to end,
-    unlike the converter's one layer at a time), the calibration embeddings, and the activations autograd
-    keeps for one step of ``BATCH`` sequences (about ``12 d + 6 f`` floats a token and layer)."""
-    d, f = dims.hidden_size, dims.intermediate_size
-    step = min(calib_tokens, BATCH * seq_len) * dims.num_layers * (12 * d + 6 * f)
-    return 4 * (dims.num_layers * dims.linear_params_per_layer + dims.vocab_size * d + calib_tokens * d + step)
-
-
-def available_bytes(device: torch.device | str) -> int:
-    """Free memory where the training runs: the GPU's free bytes, or the host's available memory."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:  # Linux: free memory plus what the page cache would give back
-        with open("/proc/meminfo") as f:
-            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 class OSTQuantRotation:
     name = "ostquant"
 
@@ -270,12 +225,9 @@ class OSTQuantRotation:
         r2 = randomized_hadamard(dims.head_dim, ctx.generator)
         r4 = OnlineRotation("hadamard", dims.intermediate_size) if is_hadamard_size(dims.intermediate_size) else None
         hadamard = RotationPlan(residual=hd, head=r2, down_proj={i: r4 for i in range(n_layers)} if r4 else {})
-        need, free = training_bytes(dims, CALIB_TOKENS, ctx.calib_seq_len), available_bytes(ctx.device)
-        reason = None
-        if need > 0.8 * free:  # the default rotation at w4a4kv4 must not end a large model's conversion
-            reason = (f"training needs ~{need / 2**30:.1f} GiB on {ctx.device}, {free / 2**30:.1f} GiB free: the "
-                      "model is too large to train end to end here")
-        elif nothing_to_train(ctx.fmt):
+        # the default rotation at w4a4kv4 must not end a large model's conversion
+        reason = distill.too_large_to_train(dims, CALIB_TOKENS, BATCH * ctx.calib_seq_len, ctx.device)
+        if reason is None and nothing_to_train(ctx.fmt):
             reason = (f"a {ctx.fmt.activation.bits}-bit-activation scheme with a "
                       f"{ctx.fmt.kv_cache.bits}-bit KV cache leaves the loss (fp weights) at zero")
         if reason is not None:

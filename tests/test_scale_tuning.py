@@ -1,0 +1,106 @@
+"""End-to-end weight-scale tuning (``--tune-scales``): what it trains against, what it changes, and that
+the checkpoint it writes is still one the plugin serves as simulated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert import distill, scale_tuning
+from convert.cli import build_parser, default_tune_scales, options_from_args
+from convert.errors import ConvertError
+from convert.evaluate import Evaluator, LoadedModel
+from convert.model_io import CheckpointReader
+from convert.pipeline import Converter, ConvertOptions, InMemorySink, convert
+from convert.tiny_models import make_tiny_llama
+from vllm_ruquant.checkpoint import format as fmt_mod
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("scales") / "llama", arch="llama", seed=3)
+
+
+def _run(llama: Path, scheme: str, steps: int) -> tuple[InMemorySink, dict]:
+    sink = InMemorySink()
+    opts = ConvertOptions(scheme=scheme, calib_samples=8, calib_seq_len=32, tune_scales=steps)
+    return sink, Converter(llama, opts).run(sink)
+
+
+def test_the_training_simulation_is_the_served_model(llama: Path, tmp_path: Path) -> None:
+    """At its start (sigma = 0) the trainable model computes what ``ruquant-eval`` (the served ops) does,
+    rotations, per-token activation quantization, KV4 and all: it trains the model that is served."""
+    out = tmp_path / "ckpt"
+    convert(llama, out, ConvertOptions(scheme="w4a8kv4", calib_samples=4, calib_seq_len=32))
+    model = LoadedModel.open(out)
+    ev = Evaluator(model, torch.device("cpu"))
+    names = list(model.reader.keys())
+    sim = scale_tuning._TrainableModel(ev.get, ev.has, model.dims, model.fmt,
+                                       scale_tuning.quantized_prefixes(names), 32, torch.device("cpu"))
+    assert len(sim.prefixes) == 7 * model.dims.num_layers
+    tokens = torch.randint(0, model.dims.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    served = ev.logits(tokens)
+    idx = served.topk(16, dim=-1).indices
+    zero = {p: torch.zeros_like(s) for p, s in sim.scales.items()}
+    with torch.no_grad():
+        trained_form = sim.top_logits(tokens, idx, zero)
+    torch.testing.assert_close(trained_form, served.gather(-1, idx), rtol=1e-3, atol=1e-3)
+
+
+def test_tuning_changes_only_the_scales_and_lowers_the_loss(llama: Path, monkeypatch) -> None:
+    """Trained and scored on the same sequences (a random tiny model has nothing to generalise), the
+    loss must fall; only the weight scales change."""
+    monkeypatch.setattr(scale_tuning, "VAL_SEQS", 0)
+    base, _ = _run(llama, "w4a4", 0)
+    tuned, report = _run(llama, "w4a4", 12)
+    rep = report["scale_tuning"]
+    assert rep["steps"] == 12 and rep["linears"] == 14
+    assert rep["kept"] == "trained" and rep["loss_trained"] < rep["loss_init"]
+    assert set(base.tensors) == set(tuned.tensors)
+    changed = {k for k in base.tensors if not torch.equal(base.tensors[k], tuned.tensors[k])}
+    assert changed and all(k.endswith("." + fmt_mod.WEIGHT_SCALE) for k in changed)
+    for k in changed:  # the same dtype and shape the plugin reads; a few percent, not a new quantizer
+        assert tuned.tensors[k].dtype == base.tensors[k].dtype and tuned.tensors[k].shape == base.tensors[k].shape
+        ratio = tuned.tensors[k].float() / base.tensors[k].float()
+        assert 0.5 < float(ratio.min()) and float(ratio.max()) < 2.0
+    assert report["scale_tuning"] is not None and _run(llama, "w4a4", 0)[1]["scale_tuning"] is None
+
+
+def test_tuned_scales_are_written_into_the_checkpoint(llama: Path, tmp_path: Path) -> None:
+    """The written shards hold the tuned scales (replaced in the partial folder, then committed with
+    their checksums), the same values the in-memory conversion produces."""
+    out = tmp_path / "tuned"
+    convert(llama, out, ConvertOptions(scheme="w4a16", calib_samples=8, calib_seq_len=32, tune_scales=6))
+    mem, _ = _run(llama, "w4a16", 6)
+    reader = CheckpointReader(out)
+    scales = [k for k in mem.tensors if k.endswith("." + fmt_mod.WEIGHT_SCALE)]
+    assert scales and all(torch.equal(reader.get(k, None), mem.tensors[k]) for k in scales)
+    assert not list(out.glob("*.tmp")) and not (out.parent / f".{out.name}.partial").exists()
+
+
+def test_no_improvement_on_held_out_keeps_the_quantizer_scales(llama: Path, monkeypatch) -> None:
+    monkeypatch.setattr(scale_tuning, "LR", 0.0)  # nothing moves: the trained loss cannot be lower
+    base, _ = _run(llama, "w4a4", 0)
+    tuned, report = _run(llama, "w4a4", 3)
+    assert report["scale_tuning"]["kept"] == "init"
+    assert all(torch.equal(base.tensors[k], tuned.tensors[k]) for k in base.tensors)
+
+
+def test_a_model_too_large_to_train_keeps_its_scales(llama: Path, monkeypatch) -> None:
+    monkeypatch.setattr(distill, "available_bytes", lambda device: 1 << 20)
+    base, _ = _run(llama, "w4a4", 0)
+    tuned, report = _run(llama, "w4a4", 5)
+    assert report["scale_tuning"]["trained"] is False and "GiB free" in report["scale_tuning"]["reason"]
+    assert all(torch.equal(base.tensors[k], tuned.tensors[k]) for k in base.tensors)
+
+
+def test_cli_flag_and_scheme_defaults(llama: Path, tmp_path: Path) -> None:
+    parse = build_parser().parse_args
+    assert options_from_args(parse([str(llama), str(tmp_path / "o"), "--tune-scales", "7"])).tune_scales == 7
+    for scheme in ("w4a4", "w4a16", "w4a4kv4", "w8a8"):
+        opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", scheme]))
+        assert opts.tune_scales == default_tune_scales(scheme)
+    with pytest.raises(ConvertError, match="--tune-scales"):
+        options_from_args(parse([str(llama), str(tmp_path / "o"), "--tune-scales", "-1"]))
