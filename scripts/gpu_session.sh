@@ -51,14 +51,17 @@ case "${1:-}" in
   quality)
     # issue 24: SmolLM2-135M quality cells (examples/quality.py) on the GPU, one process per (scheme, seed),
     # all at once (a 135M model leaves the GPU mostly idle; the device has 16 cores). The model and texts
-    # come as a tar in parts (.carry/d_*/part.*, one carry each) copied to /tmp/carry beforehand.
+    # come as a tar.xz in parts (.carry/d_*/part.*, one carry each) copied to /tmp/carry beforehand.
     #   quality SCHEMES SEEDS ROWS [TOKENS]
     shift
     C=/tmp/smollm2
-    [ -d $C/smollm2-135m ] || { mkdir -p $C && cat /tmp/carry/part.* | tar xf - -C $C; } || exit 1
+    if [ ! -d $C/smollm2-135m ]; then
+      cat /tmp/carry/part.* > /tmp/smollm2.tar.xz && mkdir -p $C &&
+        python3 -c "import tarfile; tarfile.open('/tmp/smollm2.tar.xz').extractall('$C', filter='data')" || exit 1
+    fi
     mkdir -p "$OUT/quality"
     for s in ${1//,/ }; do for seed in ${2//,/ }; do
-      python3 examples/quality.py $C/smollm2-135m --eval-text $C/text/wiki_eval.txt --calib-text $C/text/lee_calib.txt \
+      OMP_NUM_THREADS=2 python3 examples/quality.py $C/smollm2-135m --eval-text $C/text/wiki_eval.txt --calib-text $C/text/lee_calib.txt \
         --schemes "$s" --rows "$3" --max-eval-tokens "${4:-32768}" --seed "$seed" --json "gpu_${s}_s$seed.json" \
         --out "$OUT/quality" > "$OUT/quality/gpu_${s}_s$seed.log" 2>&1 &
     done; done
