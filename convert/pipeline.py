@@ -458,14 +458,15 @@ class Converter:
         if reason is not None:
             tqdm.write(f"ruquant-convert: warning: {reason}; the weight scales stay as quantized (no --tune-scales)")
             return {"trained": False, "reason": reason}
-        teacher = Evaluator(LoadedModel.open(self.model_dir), self.device)
+        t0 = time.perf_counter()
+        fp_top = scale_tuning.fp_targets(Evaluator(LoadedModel.open(self.model_dir), self.device).logits, tokens)
         names = sink.tensor_names()
-        result = scale_tuning.tune_weight_scales(teacher.logits, sink.read_tensor, set(names).__contains__, names,
+        result = scale_tuning.tune_weight_scales(fp_top, sink.read_tensor, set(names).__contains__, names,
                                                  self.dims, fmt, tokens, self.device, self.opts.tune_scales,
                                                  self.opts.seed)
         if result.scales:
             sink.replace_tensors(result.scales)
-        return result.report
+        return {**result.report, "seconds_with_fp_targets": time.perf_counter() - t0}
 
     def fingerprint(self) -> str:
         """Identifies (source model, options): a partial conversion resumes only under the same."""

@@ -120,11 +120,20 @@ def quantized_prefixes(names: list[str]) -> list[str]:
     return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix))
 
 
-def tune_weight_scales(fp_logits: Callable[[torch.Tensor], torch.Tensor], get: TensorFn, has: HasFn,
+@torch.no_grad()
+def fp_targets(fp_logits: Callable[[torch.Tensor], torch.Tensor],
+               tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp model's top-k ids and log-probabilities on every calibration sequence (``CHUNK`` at a time):
+    all the training needs of the fp model, so the caller can free it before the training starts."""
+    tops = [top_k(fp_logits(c).float()) for c in tokens.split(CHUNK)]
+    return torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+
+
+def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn, has: HasFn,
                        names: list[str], dims: ModelDims, fmt: fmt_mod.RUQuantFormat, tokens: torch.Tensor,
                        device: torch.device, steps: int = STEPS, seed: int = 0) -> TunedScales:
     """Train the weight scales of the converted checkpoint (``get`` / ``has`` / ``names``) on the
-    calibration ``tokens (n, t)`` against ``fp_logits`` (the source model's logits of a token batch)."""
+    calibration ``tokens (n, t)`` against ``fp_top`` (``fp_targets`` of the source model)."""
     t0 = time.perf_counter()
     prefixes = quantized_prefixes(names)
     model = _TrainableModel(get, has, dims, fmt, prefixes, tokens.shape[1], device)
@@ -132,9 +141,7 @@ def tune_weight_scales(fp_logits: Callable[[torch.Tensor], torch.Tensor], get: T
     n = tokens.shape[0]
     n_val = VAL_SEQS if 0 < VAL_SEQS < n else 0
     train_seqs, val_seqs = (torch.arange(n - n_val), torch.arange(n - n_val, n)) if n_val else (torch.arange(n),) * 2
-    with torch.no_grad():
-        fp_top = [top_k(fp_logits(tokens[c]).float()) for c in torch.arange(n).split(CHUNK)]
-    fp_idx, fp_logp = torch.cat([t[0] for t in fp_top]), torch.cat([t[1] for t in fp_top])
+    fp_idx, fp_logp = (t.to(device) for t in fp_top)
     sigma = {p: torch.zeros_like(model.scales[p], requires_grad=True) for p in prefixes}
 
     def loss_on(seqs: torch.Tensor, sg: dict[str, torch.Tensor]) -> torch.Tensor:

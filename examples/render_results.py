@@ -54,6 +54,10 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "gbs_actorder_tuned": "Hadamard + GPTQ act order + GBS, scales tuned end to end (60 steps)",
           "gbs_actorder_g64_tuned": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (60 steps)",
           "ostquant_gbs_actorder_tuned": "OSTQuant 80 steps, act order + GBS, scales tuned (60 steps)",
+          "gbs_actorder_tuned80": "Hadamard + GPTQ act order + GBS, scales tuned end to end (80 steps)",
+          "gbs_actorder_tuned90": "Hadamard + GPTQ act order + GBS, scales tuned end to end (90 steps)",
+          "gbs_actorder_g64_tuned120": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (120 steps)",
+          "ostquant40_gbs_actorder_tuned40": "OSTQuant 40 steps, act order + GBS, scales tuned (40 steps)",
           # not a quality.py row: the default recipe's CPU seeds, compared against in seeds_32k_gpu.md
           "cpu_default": "the default recipe on the CPU (`seeds_32k.md`)"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]

@@ -49,24 +49,26 @@ case "${1:-}" in
     [ -n "$f" ] && tail -c 200000 "$f" > "$OUT/serve.log"
     ;;
   quality)
-    # issue 24: SmolLM2-135M quality cells (examples/quality.py) on the GPU, one process per (scheme, seed),
-    # all at once (a 135M model leaves the GPU mostly idle; the device has 16 cores). The model and texts
-    # come as a tar.xz in parts (.carry/d_*/part.*, one carry each) copied to /tmp/carry beforehand.
+    # issue 24: SmolLM2-135M quality cells (examples/quality.py) on the GPU, one process per (scheme, seed, row),
+    # all at once (a 135M model leaves the GPU mostly idle; the device has 16 cores), each cut at 480 s so that
+    # the results still come back in one tar (the device returns few files). The model and texts come as a
+    # tar.xz in parts (.carry/d_*/part.*, one carry each) copied to /tmp/carry beforehand.
     #   quality SCHEMES SEEDS ROWS [TOKENS]
     shift
-    C=/tmp/smollm2
+    C=/tmp/smollm2 Q=${QUALITY_DIR:-/tmp/quality}  # QUALITY_DIR: several calls side by side
     if [ ! -d $C/smollm2-135m ]; then
       cat /tmp/carry/part.* > /tmp/smollm2.tar.xz && mkdir -p $C &&
         python3 -c "import tarfile; tarfile.open('/tmp/smollm2.tar.xz').extractall('$C', filter='data')" || exit 1
     fi
-    mkdir -p "$OUT/quality"
-    for s in ${1//,/ }; do for seed in ${2//,/ }; do
-      OMP_NUM_THREADS=2 python3 examples/quality.py $C/smollm2-135m --eval-text $C/text/wiki_eval.txt --calib-text $C/text/lee_calib.txt \
-        --schemes "$s" --rows "$3" --max-eval-tokens "${4:-32768}" --seed "$seed" --json "gpu_${s}_s$seed.json" \
-        --out "$OUT/quality" > "$OUT/quality/gpu_${s}_s$seed.log" 2>&1 &
-    done; done
+    rm -rf $Q && mkdir -p $Q
+    for s in ${1//,/ }; do for seed in ${2//,/ }; do for row in ${3//,/ }; do
+      OMP_NUM_THREADS=1 timeout 480 python3 examples/quality.py $C/smollm2-135m --eval-text $C/text/wiki_eval.txt \
+        --calib-text $C/text/lee_calib.txt --schemes "$s" --rows "$row" --max-eval-tokens "${4:-32768}" --seed "$seed" \
+        --json "gpu_${s}_s${seed}_$row.json" --out $Q > "$Q/gpu_${s}_s${seed}_$row.log" 2>&1 &
+    done; done; done
     wait
-    grep -h "ppl" "$OUT"/quality/*.log
+    tar czf "$OUT/$(basename $Q).tgz" -C $Q .
+    grep -h "ppl" $Q/*.log
     ;;
   smollm2)
     # issue 20 item 3: SmolLM2-135M checkpoints (carried in parts, unpacked to /tmp/ckpts) served
