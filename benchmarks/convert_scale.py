@@ -663,11 +663,13 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
+    # end-to-end training (OSTQuant, the default scale tuning) holds the whole model: at 80 layers it does not
+    # fit and is skipped (OSTQuant falls back to the Hadamard), while the few-layer proxy would fit and train,
+    # so the proxy pins what the 80-layer conversion runs
     if not {"--rotation", "--transform"} & set(extra):
-        # the default rotation at w4a4kv4 is OSTQuant, whose end-to-end training holds the whole model: at 80
-        # layers it does not fit and falls back to the Hadamard, while the few-layer proxy would fit and train,
-        # so the proxy measures what the 80-layer conversion runs
         extra = ["--rotation", "hadamard", *extra]
+    if "--tune-scales" not in extra:
+        extra = ["--tune-scales", "0", *extra]
     t_start = time.monotonic()
 
     def left() -> float:

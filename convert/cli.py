@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from convert import distill, scale_tuning
 from convert.errors import ConvertError, ExitCode
 from convert.model_io import read_source
 from convert.pipeline import ConvertOptions, convert
@@ -21,18 +22,22 @@ from convert.quantizers import available_quantizers
 from convert.rotations import available_rotations
 from vllm_ruquant.checkpoint.errors import RUQuantError
 from vllm_ruquant.checkpoint.format import SCHEMES, FormatError
-from vllm_ruquant.checkpoint.models import LINEARS
+from vllm_ruquant.checkpoint.models import LINEARS, ModelDims
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 
 # The default recipe per scheme (issue 24): the options that measured better than leaving them
 # off on SmolLM2-135M (docs/methods.md, "Default recipe per scheme"); ``--clip auto`` and
 # ``--act-order`` left unset pick them. Other schemes: no clipping, GPTQ in natural order.
-# ``--rotation`` left unset picks the scheme's rotation: OSTQuant at w4a4kv4 (its training fits the
-# 10-minute budget of issue 24 on 2 CPU cores), the randomized Hadamard elsewhere.
+# ``--tune-scales`` and ``--group-size`` left unset pick 60 steps of end-to-end scale tuning at w4a4kv4,
+# w4a8 and w4a16, and groups of 64 (where they divide the model) at w4a8 and w4a16 (three seeds each,
+# docs/methods.md "Scale tuning"). ``--rotation`` left unset picks a recipe's rotation, the randomized
+# Hadamard everywhere now: OSTQuant (the w4a4kv4 default before scale tuning) and scale tuning together
+# do not fit the 10-minute budget of issue 24 on 2 CPU cores, and tuning alone measured lower.
 GBS_ACT_ORDER = {"clip": "gbs", "act_order": True}
-DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": {"rotation": "ostquant", **GBS_ACT_ORDER}, "w4a4": GBS_ACT_ORDER,
-                                   "w4a8": GBS_ACT_ORDER, "w4a8kv4": GBS_ACT_ORDER, "w4a16": GBS_ACT_ORDER,
-                                   "w3a3kv3": {"clip": "gbs"}}
+TUNED = {**GBS_ACT_ORDER, "tune_scales": 60}
+GROUPED_TUNED = {**TUNED, "group_size": 64}
+DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": TUNED, "w4a4": GBS_ACT_ORDER, "w4a8": GROUPED_TUNED,
+                                   "w4a8kv4": GBS_ACT_ORDER, "w4a16": GROUPED_TUNED, "w3a3kv3": {"clip": "gbs"}}
 DEFAULT_CLIP = {k: v["clip"] for k, v in DEFAULT_RECIPE.items() if "clip" in v}
 
 
@@ -49,6 +54,16 @@ def default_act_order(scheme: str) -> bool:
     return bool(DEFAULT_RECIPE.get(scheme, {}).get("act_order", False))
 
 
+def default_group_size(scheme: str, dims: ModelDims, tp_size: int = 1) -> int:
+    """The scheme's measured group size where it divides every linear input (and its tensor-parallel
+    shard), per output channel (-1) otherwise: a default must convert every supported model."""
+    g = int(DEFAULT_RECIPE.get(scheme, {}).get("group_size", -1))
+    if g == -1 or tp_size < 1:
+        return -1
+    inputs = (dims.hidden_size, dims.num_heads * dims.head_dim // tp_size, dims.intermediate_size // tp_size)
+    return g if all(k % g == 0 for k in inputs) else -1
+
+
 def default_tune_scales(scheme: str) -> int:
     return int(DEFAULT_RECIPE.get(scheme, {}).get("tune_scales", 0))
 
@@ -62,11 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("out_dir", type=Path, help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--scheme", default="w4a4", help=f"one of {', '.join(SCHEMES)} (default w4a4)")
     ap.add_argument("--rotation", "--transform", dest="rotation", default=None,
-                    help="rotation (transform) method (default: the scheme's measured default, "
-                         + ", ".join(f"{r} at {k}" for k, v in DEFAULT_RECIPE.items()
-                                     if (r := v.get("rotation"))) + ", hadamard otherwise)")
+                    help="rotation (transform) method (default: "
+                         + "".join(f"{r} at {k}, " for k, v in DEFAULT_RECIPE.items() if (r := v.get("rotation")))
+                         + "hadamard)")
     ap.add_argument("--weight-quantizer", default="gptq", help="weight quantizer (default gptq)")
-    ap.add_argument("--group-size", type=int, default=-1, help="weight group size; -1 = per output channel")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="weight group size; -1 = per output channel (default: the scheme's measured default, "
+                         + (", ".join(f"{v['group_size']} at {k}" for k, v in DEFAULT_RECIPE.items()
+                                      if v.get("group_size", -1) != -1) or "-1 everywhere")
+                         + ", where it divides every linear input; -1 otherwise)")
     ap.add_argument("--act-clip-ratio", type=float, default=1.0, help="activation clip ratio in (0, 1]")
     ap.add_argument("--calib-text", type=Path, default=None,
                     help="UTF-8 calibration text (default: CPython's bundled pydoc documentation)")
@@ -145,9 +164,14 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
 
         if not torch.cuda.is_available():
             raise ConvertError("--device cuda given but no CUDA GPU is available", ExitCode.UNSUPPORTED)
+    group_size = args.group_size
+    if group_size is None:  # the scheme's group size, if it has one, fits the model's dimensions
+        recipe_group = DEFAULT_RECIPE.get(args.scheme, {}).get("group_size", -1)
+        group_size = -1 if recipe_group == -1 or args.dimension_expansion else default_group_size(
+            args.scheme, read_source(args.model_dir)[1], args.tp_size)
     opts = ConvertOptions(
         scheme=args.scheme, rotation=rotation, weight_quantizer=args.weight_quantizer,
-        group_size=args.group_size, act_clip_ratio=args.act_clip_ratio, calib_text=args.calib_text,
+        group_size=group_size, act_clip_ratio=args.act_clip_ratio, calib_text=args.calib_text,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
         device=args.device, resume=args.resume, tp_size=args.tp_size, finetune=args.finetune,
         clip=default_clip(args.scheme, args.act_clip_ratio) if args.clip == "auto" else args.clip,
@@ -188,6 +212,9 @@ def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
         "quantized linears, "
         f"{per_layer * dims.num_layers / 1e9:.2f} B weights",
         f"memory     ~{mem:.2f} GiB peak working set (one layer in fp64+fp32, calibration states, one Hessian)",
+        f"tuning     {opts.tune_scales} steps of end-to-end weight-scale tuning after GPTQ, ~"
+        f"{distill.training_bytes(dims, calib, scale_tuning.BATCH * opts.calib_seq_len) / 2**30:.2f} GiB "
+        "(the whole model in fp32)" if opts.tune_scales else "tuning     none (--tune-scales 0)",
     ]
     return "\n".join(lines)
 

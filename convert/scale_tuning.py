@@ -50,6 +50,7 @@ BATCH = 4  # calibration sequences per step
 LR = 2e-3  # Adam learning rate of sigma (log-scale): 60 cosine-decayed steps move scales by a few percent
 VAL_SEQS = 4  # calibration sequences held out of training to decide trained vs the quantizer's scales
 CHUNK = 4  # sequences per forward when scoring (fp top-k, held-out loss), to bound memory
+BF16 = False  # the training steps' matmuls in bf16 (autocast); the held-out decision stays fp32
 
 # tensor name -> tensor, and whether the converted checkpoint has it
 TensorFn = Callable[[str], torch.Tensor]
@@ -160,7 +161,8 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
             group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * step / steps))
         seqs = train_seqs[torch.randperm(len(train_seqs), generator=gen)[:BATCH]]
         opt.zero_grad()
-        loss = loss_on(seqs, sigma)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=BF16):
+            loss = loss_on(seqs, sigma)
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
@@ -172,7 +174,8 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
             name = fmt_mod.tensor_name(p, fmt_mod.WEIGHT_SCALE)
             scales[name] = (model.scales[p] * sigma[p].detach().exp()).to(get(name).dtype).cpu()
     shift = max((float(s.detach().abs().max()) for s in sigma.values()), default=0.0)
-    report = {"loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH, "lr": LR, "linears": len(prefixes),
+    report = {"loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH, "lr": LR, "bf16": BF16,
+              "linears": len(prefixes),
               "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
               "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
               "train_loss_first_last": [history[0], history[-1]] if history else None,

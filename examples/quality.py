@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from render_results import COLUMN, EXTRA_SCHEMES, LABELS, SCHEMES, render_model_dir
 
+from convert import scale_tuning
 from convert.evaluate import evaluate_dir
 from convert.pipeline import ConvertOptions, convert
 from convert.provenance import stamp
@@ -93,7 +96,8 @@ ROWS: dict[str, dict] = {
     "ostquant_long_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                    "quantizer_options": {"act_order": True},
                                    "ostquant": {**OSTQUANT_TRAINED, "STEPS": 200, "SIM_BF16": False}},
-    # the w4a4kv4 default recipe (issue 24 item 3): the same training cut to fit 10 minutes on 2 CPU cores
+    # the w4a4kv4 default recipe (issue 24 item 3) until scale tuning: the same training cut to fit 10 minutes on
+    # 2 CPU cores
     "ostquant_gbs_actorder": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                               "quantizer_options": {"act_order": True},
                               "ostquant": {**OSTQUANT_TRAINED, "STEPS": 80, "SIM_BF16": True}},
@@ -121,15 +125,28 @@ ROWS: dict[str, dict] = {
 }
 
 
-def _knobs(text: str) -> dict:
-    """``KEY=VALUE,...`` -> {KEY: literal VALUE}; keys must be OSTQuant's module constants."""
+def _knobs(text: str, module: object = ostquant, flag: str = "--ostquant") -> dict:
+    """``KEY=VALUE,...`` -> {KEY: literal VALUE}; keys must be the module's constants."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if not key.isupper() or not hasattr(ostquant, key):
-            raise SystemExit(f"quality.py: --ostquant {key!r} is not a knob of convert/rotations/ostquant.py")
+        if not key.isupper() or not hasattr(module, key):
+            raise SystemExit(f"quality.py: {flag} {key!r} is not a knob of {module.__name__}")
         out[key] = ast.literal_eval(value)
     return out
+
+
+@contextlib.contextmanager
+def _set_knobs(module: object, knobs: dict) -> Iterator[None]:
+    """The module's constants set to ``knobs`` for the block, restored after it."""
+    saved = {k: getattr(module, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
 
 
 def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work: Path) -> dict:
@@ -143,17 +160,12 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
     knobs = recipe.pop("ostquant", {})
     if recipe.get("rotation") == "ostquant":
         knobs = {**knobs, **args.ostquant}
+    tuning = {**recipe.pop("tuning", {}), **(args.tuning if recipe.get("tune_scales") else {})}
     opts = ConvertOptions(scheme=scheme, calib_text=args.calib_text, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len, seed=args.seed, device=args.device, **recipe)
-    saved = {k: getattr(ostquant, k) for k in knobs}
     t0 = time.perf_counter()
-    try:
-        for k, v in knobs.items():
-            setattr(ostquant, k, v)
+    with _set_knobs(ostquant, knobs), _set_knobs(scale_tuning, tuning):
         report = convert(model, out, opts, overwrite=True)
-    finally:
-        for k, v in saved.items():
-            setattr(ostquant, k, v)
     t_conv = time.perf_counter() - t0
     def ppl(**kv: object) -> dict:
         return evaluate_dir(out, args.eval_text, args.seq_len, args.stride, args.max_eval_tokens, args.device,
@@ -171,7 +183,8 @@ def run_cell(model: Path, row: str, scheme: str, args: argparse.Namespace, work:
                                    ("loss_init", "loss_trained", "kept", "train_loss_curve", "seconds")}
     if report.get("scale_tuning"):
         cell["scale_tuning"] = {k: report["scale_tuning"].get(k) for k in
-                                ("steps", "loss_init", "loss_trained", "kept", "seconds")}
+                                ("steps", "lr", "bf16", "loss_init", "loss_trained", "kept", "seconds",
+                                 "seconds_with_fp_targets")}
     if args.kv_ablation and report["format"]["kv_cache"]["bits"] < 16:  # same checkpoint, only the KV cache differs
         cell["perplexity_kv16"] = ppl(kv_bits=16)["perplexity"]
         cell["perplexity_kv_no_rotation"] = ppl(kv_online_rotation=False)["perplexity"]
@@ -221,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ostquant", default="", metavar="KEY=VALUE,...",
                     help="OSTQuant module knobs (convert/rotations/ostquant.py) over the ostquant rows' own, "
                          "e.g. STEPS=200,CALIB_TOKENS=8192 (screening; the cell records them)")
+    ap.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
+                    help="scale-tuning module knobs (convert/scale_tuning.py) over the tuned rows' own, e.g. BF16=True")
     args = ap.parse_args(argv)
     args.ostquant = _knobs(args.ostquant)
+    args.tuning = _knobs(args.tuning, scale_tuning, "--tuning")
     rows = [r for r in args.rows.split(",") if r]
     schemes = [s for s in args.schemes.split(",") if s]
     unknown = [r for r in rows if r not in ROWS] + [s for s in schemes if s not in SCHEMES + EXTRA_SCHEMES]

@@ -352,7 +352,7 @@ def recipes_md(d: Path) -> str | None:
 # issue 24 item 4's rows, and item 1's RUQuant with online blocks per layer and input (a row is shown once measured)
 SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder", "ruquant_online_gbs_actorder",
              "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder", "ostquant_gbs_actorder",
-             "ostquant_b2_gbs_actorder"]
+             "ostquant_b2_gbs_actorder", "gbs_actorder_tuned"]
 BASE_SEED_ROWS = SEED_ROWS[:3]  # shown (as "not run") even before any of their cells exist
 
 
@@ -460,8 +460,8 @@ def seeds_32k_md(d: Path) -> str | None:
             "bounds.\n\n"
             + "\n".join(lines) + "\n\n"
             "Spread is over seeds: max - min, and the sample standard deviation (n - 1). The rows: Hadamard + plain "
-            "GPTQ (the QuaRot-style baseline), the default recipe (Hadamard + GPTQ act order + GBS clipping; at "
-            "w4a4kv4 until OSTQuant below replaced its rotation, still the default at the other 4-bit schemes), and "
+            "GPTQ (the QuaRot-style baseline), the default recipe before scale tuning (Hadamard + GPTQ act order + GBS "
+            "clipping; at w4a4kv4 OSTQuant below replaced its rotation for a day, then scale tuning came on top), and "
             "RUQuant stage 1+2 with the default recipe's quantizer, so it and the default recipe differ by the "
             "rotation alone"
             + ("; RUQuant online blocks (`--rotation ruquant-online`, issue 24 item 1): the default recipe's Hadamard "
@@ -472,12 +472,16 @@ def seeds_32k_md(d: Path) -> str | None:
                if "ruquant_online_o_gbs_actorder" in rows else "")
             + ("; and the same online blocks on top of RUQuant stage 1+2 (`ruquant-online-pooled`)"
                if "ruquant_online_pooled_gbs_actorder" in rows else "")
-            + ("; OSTQuant (`--rotation ostquant`, the w4a4kv4 default recipe since 2026-12-05): a learned R1 and "
+            + ("; OSTQuant (`--rotation ostquant`, the w4a4kv4 default recipe on 2026-12-05 until scale tuning "
+               "replaced it): a learned R1 and "
                "norm-site scalings trained 80 Adam steps of 4 sequences with KL-Top against the fp logits (matmuls "
                "in bf16), then the same quantizer, so it differs from the Hadamard row above it by the rotation "
                "alone" if "ostquant_gbs_actorder" in rows else "")
             + ("; and OSTQuant trained 160 steps of 2 sequences instead (the same compute, ~30 s more a conversion; "
                "not the default: not told apart from 80 x 4)" if "ostquant_b2_gbs_actorder" in rows else "")
+            + ("; and the Hadamard default recipe with its weight scales then tuned end to end for 60 steps "
+               "(`--tune-scales 60`, the w4a4kv4 default recipe since 2026-12-05), so it differs from the second row "
+               "by the tuning alone" if "gbs_actorder_tuned" in rows else "")
             + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
@@ -499,12 +503,17 @@ def seeds_32k_md(d: Path) -> str | None:
                 ("OSTQuant (160 steps x 2) vs Hadamard + GPTQ act order + GBS (the rotation alone)",
                  "ostquant_b2_gbs_actorder", "gbs_actorder"),
                 ("OSTQuant 160 steps x 2 vs 80 steps x 4 (the same compute)",
-                 "ostquant_b2_gbs_actorder", "ostquant_gbs_actorder")) if r in rows)
+                 "ostquant_b2_gbs_actorder", "ostquant_gbs_actorder"),
+                ("Scale tuning (60 steps) vs Hadamard + GPTQ act order + GBS (the tuning alone)",
+                 "gbs_actorder_tuned", "gbs_actorder"),
+                ("Scale tuning (60 steps) vs OSTQuant (80 steps), the w4a4kv4 default before it",
+                 "gbs_actorder_tuned", "ostquant_gbs_actorder")) if r in rows)
             + "\n" + (notes + "\n" if notes else "")
             + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
             "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "
             "front: with torch's default two threads on the 2 shared cores the evaluation ran about 10x slower "
-            "(17-40 s instead of 2.6 s per window).\n\n" + cmd)
+            "(17-40 s instead of 2.6 s per window); the scale-tuning cells ran alone on idle cores with torch's "
+            "default threads, so their conversion seconds are what a user waits.\n\n" + cmd)
 
 
 GPU_SEED_ROWS = ["gbs_actorder", "ostquant_long_gbs_actorder"]

@@ -491,7 +491,7 @@ def test_qsur_of_fewer_samples_than_dimensions_uses_the_small_gram_matrix() -> N
 
 
 @pytest.mark.parametrize(("flags", "rotation", "clip", "act_order"), [
-    (["--scheme", "w4a4kv4"], "ostquant", "gbs", True),  # issue 24: the measured default recipe per scheme
+    (["--scheme", "w4a4kv4"], "hadamard", "gbs", True),  # issue 24: the measured default recipe per scheme
     (["--scheme", "w3a3kv3"], "hadamard", "gbs", False),
     (["--scheme", "w4a16"], "hadamard", "gbs", True),
     (["--scheme", "w4a8"], "hadamard", "gbs", True),
@@ -500,13 +500,14 @@ def test_qsur_of_fewer_samples_than_dimensions_uses_the_small_gram_matrix() -> N
     (["--scheme", "w8a8"], "hadamard", "none", False),
     ([], "hadamard", "gbs", True),
     (["--scheme", "w6a6"], "hadamard", "none", False),
-    (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "ostquant", "none", True),  # a given ratio: kept
+    (["--scheme", "w4a4kv4", "--act-clip-ratio", "0.9"], "hadamard", "none", True),  # a given ratio: kept
     (["--scheme", "w4a4kv4", "--clip", "none", "--no-act-order", "--rotation", "hadamard"], "hadamard", "none",
      False),
     (["--scheme", "w6a6", "--act-order", "--transform", "ostquant"], "ostquant", "none", True),
 ])
-def test_default_recipe_per_scheme(flags: list[str], rotation: str, clip: str, act_order: bool) -> None:
-    args = cli.build_parser().parse_args(["src", "out", *flags])
+def test_default_recipe_per_scheme(models: dict[str, Path], flags: list[str], rotation: str, clip: str,
+                                   act_order: bool) -> None:
+    args = cli.build_parser().parse_args([str(models["llama"]), "out", *flags])
     opts = cli.options_from_args(args)
     assert opts.rotation == rotation and opts.clip == clip
     assert opts.quantizer_options.get("act_order", False) == act_order

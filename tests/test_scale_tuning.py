@@ -3,19 +3,22 @@ the checkpoint it writes is still one the plugin serves as simulated."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from convert import distill, scale_tuning
-from convert.cli import build_parser, default_tune_scales, options_from_args
+from convert.cli import DEFAULT_RECIPE, build_parser, default_group_size, default_tune_scales, options_from_args
 from convert.errors import ConvertError
 from convert.evaluate import Evaluator, LoadedModel
 from convert.model_io import CheckpointReader
 from convert.pipeline import Converter, ConvertOptions, InMemorySink, convert
 from convert.tiny_models import make_tiny_llama
 from vllm_ruquant.checkpoint import format as fmt_mod
+from vllm_ruquant.checkpoint.models import model_dims
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,22 @@ def test_cli_flag_and_scheme_defaults(llama: Path, tmp_path: Path) -> None:
         assert opts.tune_scales == default_tune_scales(scheme)
     with pytest.raises(ConvertError, match="--tune-scales"):
         options_from_args(parse([str(llama), str(tmp_path / "o"), "--tune-scales", "-1"]))
+
+
+def test_default_group_size_falls_back_to_per_channel_where_it_does_not_divide(llama: Path, tmp_path: Path) -> None:
+    """A scheme's default groups apply only where they divide every linear input and its TP shard: the
+    default must convert any supported model."""
+    grouped = [k for k, v in DEFAULT_RECIPE.items() if v.get("group_size", -1) != -1]
+    assert grouped  # the recipe has grouped schemes (w4a8, w4a16)
+    g = DEFAULT_RECIPE[grouped[0]]["group_size"]
+    dims = model_dims(json.loads((llama / "config.json").read_text()))
+    fits = replace(dims, hidden_size=4 * g, intermediate_size=8 * g, num_heads=4, head_dim=g)
+    assert default_group_size(grouped[0], fits) == g
+    assert default_group_size(grouped[0], fits, tp_size=8) == -1  # o_proj's shard (g / 2) is not a multiple
+    assert default_group_size(grouped[0], replace(fits, intermediate_size=8 * g + 2)) == -1
+    assert default_group_size("w8a8", fits) == -1  # no groups in that scheme's recipe
+    parse = build_parser().parse_args
+    opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", grouped[0]]))
+    assert opts.group_size == default_group_size(grouped[0], dims) and opts.fmt.weight.group_size == opts.group_size
+    explicit = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", grouped[0], "--group-size", "-1"]))
+    assert explicit.group_size == -1

@@ -33,7 +33,8 @@ Defaults (issue 24 item 2, measured on SmolLM2-135M at w4a4kv4, docs/methods.md 
 the real model"): fp weights (the converter's GPTQ removes most of the weight error, so an RTN
 weight loss trains against the wrong error), the served activation clip 0.75 and KV4 cache,
 all 32 x 256 calibration tokens with 4 sequences held out, Adam steps of 4 sequences (80 by
-default: the w4a4kv4 default recipe within 10 minutes on 2 CPU cores; 200 with ``--finetune``, the
+default: sized when OSTQuant was the w4a4kv4 default recipe, within 10 minutes on 2 CPU cores -- scale
+tuning replaced it there, ``convert/scale_tuning.py``; 200 with ``--finetune``, the
 configuration first measured on an H200), lr 1e-3 for A and 1e-2 for sigma, cosine-decayed. The
 earlier defaults -- 12 steps of one sequence on 2048 tokens, RTN weights, selection on the training
 sequences -- barely moved R1 and fell back to (or fit past) the Hadamard start; ``examples/quality.py`` pins them
@@ -74,7 +75,7 @@ logger = logging.getLogger(__name__)
 # Defaults (issue 24 item 2): the configuration measured best on SmolLM2-135M at w4a4kv4 (docs/methods.md,
 # "OSTQuant on the real model"; seeds_32k_gpu.md). Before it: 12 steps of 1 sequence on 2048 tokens with RTN
 # weights, no clip, no KV cache, selected on the training sequences -- quality.py's older rows pin those values.
-# STEPS: the default recipe at w4a4kv4, sized to convert SmolLM2-135M in 10 minutes on 2 CPU cores;
+# STEPS: sized to convert SmolLM2-135M in 10 minutes on 2 CPU cores (the w4a4kv4 default until scale tuning);
 # FINETUNE_STEPS (--finetune): the 200 steps measured on an H200 (35.50, docs/methods.md)
 STEPS, FINETUNE_STEPS = 80, 200
 BATCH = 4  # calibration sequences per step
@@ -225,7 +226,7 @@ class OSTQuantRotation:
         r2 = randomized_hadamard(dims.head_dim, ctx.generator)
         r4 = OnlineRotation("hadamard", dims.intermediate_size) if is_hadamard_size(dims.intermediate_size) else None
         hadamard = RotationPlan(residual=hd, head=r2, down_proj={i: r4 for i in range(n_layers)} if r4 else {})
-        # the default rotation at w4a4kv4 must not end a large model's conversion
+        # a model too large to train here keeps the Hadamard start instead of ending its conversion
         reason = distill.too_large_to_train(dims, CALIB_TOKENS, BATCH * ctx.calib_seq_len, ctx.device)
         if reason is None and nothing_to_train(ctx.fmt):
             reason = (f"a {ctx.fmt.activation.bits}-bit-activation scheme with a "
