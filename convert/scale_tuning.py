@@ -36,7 +36,7 @@ from tqdm import tqdm
 from convert.distill import TOP_K, kl_top_gathered, top_k
 from convert.modeling import decoder_layer, rms_norm, rope_tables
 from convert.rotations.fake_quant import fake_quant
-from convert.simulate import kv_cache_quantizer, site_rotation
+from convert.simulate import checkpoint_linear, kv_cache_quantizer, site_rotation
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.models import ModelDims
@@ -79,6 +79,7 @@ class _TrainableModel:
         self.rotations = {p: site_rotation(fmt, self.get, has, p) for p in prefixes}
         self.bias = {p: self.get(fmt_mod.tensor_name(p, fmt_mod.BIAS)) if has(fmt_mod.tensor_name(p, fmt_mod.BIAS))
                      else None for p in prefixes}
+        self.unquantized = checkpoint_linear(fmt, self.get, has)  # any linear left in full precision
         self.kv_quant = kv_cache_quantizer(fmt.kv_cache, straight_through=True)
         self.rope = rope_tables(dims, seq_len, device)
         self.embed = self.get("model.embed_tokens.weight")
@@ -93,6 +94,8 @@ class _TrainableModel:
         act_bits, clip, gs = self.fmt.activation.bits, self.fmt.activation.clip_ratio, self.fmt.weight.group_size
 
         def linear(prefix: str, x: torch.Tensor) -> torch.Tensor:
+            if prefix not in self.codes:
+                return self.unquantized(prefix, x)
             rot = self.rotations[prefix]
             x2 = rot.apply(x) if rot is not None else x.float()
             if act_bits < 16:  # per token (and per tensor-parallel shard of K), as the kernels quantize
