@@ -15,6 +15,7 @@ top-k ids and log-probabilities also lets the quantized side read k rows of the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,16 @@ def top_k(fp_logits: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.
     """The fp model's top-k token ids and their log-probabilities renormalised over those k."""
     idx = fp_logits.topk(min(k, fp_logits.shape[-1]), dim=-1).indices
     return idx, F.log_softmax(fp_logits.gather(-1, idx), dim=-1)
+
+
+@torch.no_grad()
+def top_k_targets(fp_logits: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k`` of the fp model on every input sequence, ``chunk`` sequences a forward (bounding memory):
+    all an end-to-end training needs of the fp model, so it can be freed before the training starts.
+    ``fp_logits`` maps a slice of ``inputs`` (token ids, or sequence indices) to logits."""
+    tops = [top_k(fp_logits(c).float()) for c in inputs.split(chunk)]
+    return torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
 
 
 def kl_top(fp_logits: torch.Tensor, q_logits: torch.Tensor, k: int = TOP_K) -> torch.Tensor:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from convert.distill import TOP_K, kl_top_gathered, top_k
-from convert.modeling import decoder_layer, rms_norm, rope_tables
+from convert.distill import TOP_K, kl_top_gathered, top_k_targets
+from convert.modeling import TensorFn, decoder_layer, rms_norm, rope_tables
 from convert.rotations.fake_quant import fake_quant
 from convert.simulate import checkpoint_linear, kv_cache_quantizer, site_rotation
 from vllm_ruquant import reference as ref
@@ -52,9 +52,7 @@ VAL_SEQS = 4  # calibration sequences held out of training to decide trained vs 
 CHUNK = 4  # sequences per forward when scoring (fp top-k, held-out loss), to bound memory
 BF16 = False  # the training steps' matmuls in bf16 (autocast); the held-out decision stays fp32
 
-# tensor name -> tensor, and whether the converted checkpoint has it
-TensorFn = Callable[[str], torch.Tensor]
-HasFn = Callable[[str], bool]
+HasFn = Callable[[str], bool]  # whether the converted checkpoint has a tensor of that name
 
 
 @dataclass
@@ -75,7 +73,9 @@ class _TrainableModel:
         self.prefixes = prefixes
         self.codes = {p: ref.unpack_weight(get(fmt_mod.tensor_name(p, fmt_mod.QWEIGHT)), fmt.weight.bits)
                       .to(device, torch.float32) for p in prefixes}
-        self.scales = {p: self.get(fmt_mod.tensor_name(p, fmt_mod.WEIGHT_SCALE)) for p in prefixes}
+        stored = {p: get(fmt_mod.tensor_name(p, fmt_mod.WEIGHT_SCALE)) for p in prefixes}
+        self.scale_dtypes = {p: s.dtype for p, s in stored.items()}  # what the tuned scales are written back as
+        self.scales = {p: s.to(device, torch.float32) for p, s in stored.items()}
         self.rotations = {p: site_rotation(fmt, self.get, has, p) for p in prefixes}
         self.bias = {p: self.get(fmt_mod.tensor_name(p, fmt_mod.BIAS)) if has(fmt_mod.tensor_name(p, fmt_mod.BIAS))
                      else None for p in prefixes}
@@ -124,13 +124,10 @@ def quantized_prefixes(names: list[str]) -> list[str]:
     return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix))
 
 
-@torch.no_grad()
 def fp_targets(fp_logits: Callable[[torch.Tensor], torch.Tensor],
                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp model's top-k ids and log-probabilities on every calibration sequence (``CHUNK`` at a time):
-    all the training needs of the fp model, so the caller can free it before the training starts."""
-    tops = [top_k(fp_logits(c).float()) for c in tokens.split(CHUNK)]
-    return torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+    """The fp model's top-k ids and log-probabilities on every calibration sequence (``CHUNK`` at a time)."""
+    return top_k_targets(fp_logits, tokens, CHUNK)
 
 
 def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn, has: HasFn,
@@ -175,7 +172,7 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
     if keep:
         for p in prefixes:
             name = fmt_mod.tensor_name(p, fmt_mod.WEIGHT_SCALE)
-            scales[name] = (model.scales[p] * sigma[p].detach().exp()).to(get(name).dtype).cpu()
+            scales[name] = (model.scales[p] * sigma[p].detach().exp()).to(model.scale_dtypes[p]).cpu()
     shift = max((float(s.detach().abs().max()) for s in sigma.values()), default=0.0)
     report = {"loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH, "lr": LR, "bf16": BF16,
               "linears": len(prefixes),

@@ -60,7 +60,7 @@ import torch
 from tqdm import tqdm
 
 from convert import distill
-from convert.distill import TOP_K, kl_top_gathered, top_k
+from convert.distill import TOP_K, kl_top_gathered
 from convert.modeling import decoder_layer, rms_norm, rope_tables
 from convert.rotations.base import RotationContext, RotationPlan
 from convert.rotations.fake_quant import fake_quant
@@ -242,9 +242,7 @@ class OSTQuantRotation:
         all_seqs = torch.arange(n_seq)
         n_val = VAL_SEQS if 0 < VAL_SEQS < n_seq else 0
         train_seqs, val_seqs = (all_seqs[: n_seq - n_val], all_seqs[n_seq - n_val:]) if n_val else (all_seqs, all_seqs)
-        chunks = all_seqs.split(CHUNK)
-        fp_top = [top_k(sim.fp_logits(c)) for c in chunks]  # per chunk of CHUNK sequences
-        fp_idx, fp_logp = torch.cat([t[0] for t in fp_top]), torch.cat([t[1] for t in fp_top])
+        fp_idx, fp_logp = distill.top_k_targets(sim.fp_logits, all_seqs, CHUNK)
         steps = FINETUNE_STEPS if ctx.finetune else STEPS
         hd32 = hd.float().to(ctx.device)
         a = torch.zeros(d, d, device=ctx.device, requires_grad=True)
