@@ -60,7 +60,7 @@ def default_group_size(scheme: str, dims: ModelDims, tp_size: int = 1) -> int:
     g = int(DEFAULT_RECIPE.get(scheme, {}).get("group_size", -1))
     if g == -1 or tp_size < 1:
         return -1
-    inputs = (dims.hidden_size, dims.num_heads * dims.head_dim // tp_size, dims.intermediate_size // tp_size)
+    inputs = (dims.hidden_size, dims.attention_size // tp_size, dims.intermediate_size // tp_size)
     return g if all(k % g == 0 for k in inputs) else -1
 
 

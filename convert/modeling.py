@@ -90,7 +90,7 @@ def attention_block(
     k = k.repeat_interleave(dims.kv_groups, dim=1)
     v = v.repeat_interleave(dims.kv_groups, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    o = o.transpose(1, 2).reshape(b, t, dims.num_heads * dims.head_dim)
+    o = o.transpose(1, 2).reshape(b, t, dims.attention_size)
     return linear(f"{a}.o_proj", o.to(h.dtype)).float()
 
 

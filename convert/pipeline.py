@@ -228,6 +228,7 @@ class Converter:
         plan = self.rotation.plan(self._context(tokens))
         self._shard_online_rotations(plan)
         self._expand_dimensions(plan)
+        self._complete_served_blocks(plan)
         if plan.residual is not None:
             r1 = plan.residual.to(self.device)
             eye = torch.eye(self.dims.hidden_size, dtype=torch.float64, device=self.device)
@@ -247,7 +248,7 @@ class Converter:
         for what, n in (("attention heads", d.num_heads), ("intermediate size", d.intermediate_size)):
             if n % tp:
                 raise ConvertError(f"--tp-size {tp} does not divide the {what} ({n})", ExitCode.UNSUPPORTED)
-        for what, k in (("o_proj", d.num_heads * d.head_dim), ("down_proj", d.intermediate_size)):
+        for what, k in (("o_proj", d.attention_size), ("down_proj", d.intermediate_size)):
             if g != -1 and (k // tp) % g:
                 raise ConvertError(f"--group-size {g} does not divide {what}'s input shard {k // tp} at "
                                    f"--tp-size {tp}", ExitCode.UNSUPPORTED)
@@ -269,12 +270,21 @@ class Converter:
                 raise ConvertError(f"--tp-size {tp}: down_proj rotation blocks of {r.blocks.shape[-1]} "
                                    f"straddle the shards of {shard}", ExitCode.UNSUPPORTED)
         # row-parallel linears (o_proj, down_proj) quantize each rank's slice of their input
-        k_of = {"o_proj": self.dims.num_heads * self.dims.head_dim, "down_proj": f}
+        k_of = {"o_proj": self.dims.attention_size, "down_proj": f}
         for layer in plan.linear_blocks.values():
             for name, b in layer.items():
                 if name in k_of and (k_of[name] // tp) % b.shape[-1]:
                     raise ConvertError(f"--tp-size {tp}: {name}'s online blocks of {b.shape[-1]} straddle "
                                        f"the shards of {k_of[name] // tp}", ExitCode.UNSUPPORTED)
+
+    def _complete_served_blocks(self, plan: RotationPlan) -> None:
+        """A served site's blocks (``served_block_sites``) are one format rotation for all layers:
+        a layer whose fit kept no blocks there gets identity blocks (the same function, one shape)."""
+        for name in served_block_sites(plan):
+            some = next(layer[name] for layer in plan.linear_blocks.values() if name in layer)
+            eye = torch.eye(some.shape[-1], dtype=some.dtype).expand_as(some).contiguous()
+            for i in range(self.dims.num_layers):
+                plan.linear_blocks.setdefault(i, {}).setdefault(name, eye)
 
     def _expand_dimensions(self, plan: RotationPlan) -> None:
         """``--dimension-expansion``: where down_proj's input size f has no Hadamard, R4 becomes
@@ -308,6 +318,9 @@ class Converter:
         if r4s:
             kind, size, block, padded_from = r4s.pop()
             rots["down_proj"] = fmt_mod.RotationSpec(kind=kind, size=size, block_size=block, padded_from=padded_from)
+        for name in served_block_sites(plan):
+            nb, b, _ = plan.linear_blocks[0][name].shape
+            rots[name] = fmt_mod.RotationSpec(kind="block_diagonal", size=nb * b, block_size=b)
         o = self.opts
         fmt = dataclasses.replace(
             self.fmt,
@@ -322,7 +335,7 @@ class Converter:
                        "calib_text": str(o.calib_text) if o.calib_text else "pydoc_data.topics"},
         )
         fmt.validate()
-        fmt.check_model(self.dims.hidden_size, self.dims.intermediate_size)
+        fmt.check_model(self.dims.hidden_size, self.dims.intermediate_size, self.dims.attention_size)
         return fmt
 
     # -------------------------------------------------------------------------- layers
@@ -359,7 +372,9 @@ class Converter:
             fuse.absorb_online_rotation(sd, f"{p}.mlp.down_proj", r4)
             if r4.blocks is not None:  # block_diagonal: the plugin reads each layer's blocks
                 sd[fmt_mod.tensor_name(f"{p}.mlp.down_proj", fmt_mod.ONLINE_ROTATION)] = r4.blocks.double()
-        # online blocks after R1 / R2 / R4 (``ruquant-online``): W <- W diag(B), B stored beside it
+        # online blocks after R1 / R2 / R4 (``ruquant-online``): W <- W diag(B), B stored beside it, as the
+        # format's online rotation where the site is served (o_proj), else as simulation-only online_blocks
+        served = served_block_sites(plan)
         for name, blocks in plan.linear_blocks.get(i, {}).items():
             prefix = next(n[: -len(".weight")] for n in sd if n.endswith(f".{name}.weight"))
             bd = blocks.double().to(dev)
@@ -367,7 +382,7 @@ class Converter:
             nb, b, _ = bd.shape
             wb = w.reshape(w.shape[0], nb, b).transpose(0, 1) @ bd  # (nb, N, b): each column block times its B
             sd[f"{prefix}.weight"] = wb.transpose(0, 1).reshape(w.shape)
-            sd[fmt_mod.tensor_name(prefix, ONLINE_BLOCKS)] = bd
+            sd[fmt_mod.tensor_name(prefix, fmt_mod.ONLINE_ROTATION if name in served else ONLINE_BLOCKS)] = bd
         return sd
 
     def _hessians(self, h: torch.Tensor, i: int, sd32: dict[str, torch.Tensor], fmt: fmt_mod.RUQuantFormat,
@@ -607,6 +622,16 @@ class Converter:
         except BaseException:
             sink.abort()
             raise
+
+
+def served_block_sites(plan: RotationPlan) -> list[str]:
+    """Linears whose online blocks (``plan.linear_blocks``) the checkpoint format carries as their
+    block-diagonal online rotation, so the plugin serves them: a rotatable site
+    (``format.ROTATABLE_SITES``) with no other online rotation in the plan -- o_proj. Blocks after
+    R4 (down_proj) and on q/k/v or gate/up stay ``online_blocks``: simulation only."""
+    named = {name for layer in plan.linear_blocks.values() for name in layer}
+    taken = {"down_proj"} if plan.down_proj else set()
+    return sorted(n for n in named if n in fmt_mod.ROTATABLE_SITES and n not in taken)
 
 
 def _plan_meta(plan: RotationPlan) -> dict[str, Any]:

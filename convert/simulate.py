@@ -19,9 +19,11 @@ from vllm_ruquant.checkpoint import format as fmt_mod
 # ``<prefix>.online_blocks``: float32 (nb, b, b), an online block-diagonal rotation of the
 # linear's input applied AFTER the format's online rotation of that site (if any) and before
 # the activation quantization; the weight has it absorbed. Written by ``--rotation
-# ruquant-online``. Not part of the checkpoint format (version 1) yet: ``ruquant-validate`` and
-# the plugin refuse a checkpoint that carries it ("unexpected tensor"), so it is never served
-# without its rotation; this simulation (``ruquant-eval``) applies it.
+# ruquant-online`` for the inputs the format cannot carry (q/k/v, gate/up, down_proj after R4;
+# o_proj's blocks are its format rotation, ``pipeline.served_block_sites``). Not part of the
+# checkpoint format (version 1): ``ruquant-validate`` and the plugin refuse a checkpoint that
+# carries it ("unexpected tensor"), so it is never served without its rotation; this
+# simulation (``ruquant-eval``) applies it.
 ONLINE_BLOCKS = "online_blocks"
 
 

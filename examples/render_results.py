@@ -46,6 +46,8 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "ruquant_online_gbs_actorder": "RUQuant online blocks per layer and input + GPTQ act order + GBS",
           "ruquant_online_pooled_gbs_actorder": "RUQuant stage 1+2 + online blocks + GPTQ act order + GBS",
           "ruquant_online_o_gbs_actorder": "RUQuant online blocks on o_proj's input only + GPTQ act order + GBS",
+          "ruquant_online_o_gbs_actorder_tuned": "RUQuant online blocks on o_proj's input only + GPTQ act order + GBS, "
+                                                 "scales tuned end to end (60 steps)",
           "ostquant_clipkv_gbs_actorder": "OSTQuant trained under act clip 0.75 + KV4, GPTQ act order + GBS",
           "ostquant_fpw_gbs_actorder": "OSTQuant trained with fp weights (+ clip 0.75, KV4), GPTQ act order + GBS",
           "ostquant_long_gbs_actorder": "OSTQuant, 200 steps x 4 seqs on 8192 calibration tokens, act order + GBS",
@@ -57,6 +59,14 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "gbs_actorder_tuned80": "Hadamard + GPTQ act order + GBS, scales tuned end to end (80 steps)",
           "gbs_actorder_tuned90": "Hadamard + GPTQ act order + GBS, scales tuned end to end (90 steps)",
           "gbs_actorder_g64_tuned120": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (120 steps)",
+          "gbs_actorder_g64_tuned_lr4": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (60 steps, "
+                                        "lr 4e-3)",
+          "gbs_actorder_g64_tuned_lr1": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (60 steps, "
+                                        "lr 1e-3)",
+          "gbs_actorder_g64_c64_tuned": "Hadamard + GPTQ act order + GBS, groups of 64, 64 calibration sequences, "
+                                        "scales tuned (60 steps)",
+          "gbs_actorder_g64_c64_tuned120_lr4": "Hadamard + GPTQ act order + GBS, groups of 64, 64 calibration "
+                                               "sequences, scales tuned (120 steps, lr 4e-3)",
           "ostquant40_gbs_actorder_tuned40": "OSTQuant 40 steps, act order + GBS, scales tuned (40 steps)",
           # not a quality.py row: the default recipe's CPU seeds, compared against in seeds_32k_gpu.md
           "cpu_default": "the default recipe on the CPU (`seeds_32k.md`)"}

@@ -99,3 +99,17 @@ def test_dimension_expanded_rotation() -> None:
                                                                         "symmetric": True}})
     with pytest.raises(FormatError, match="does not divide the padded input size 176"):
         grouped.check_model(344, 172)  # 86 divides the model's sizes but not 176
+
+
+def test_o_proj_block_rotation() -> None:
+    """``ruquant-online-o``'s per-layer blocks: an o_proj site whose size is heads x head_dim (not the hidden size
+    where a model says so), with a stored (nb, b, b) tensor; q/k/v and gate/up take no online rotation."""
+    spec = RotationSpec("block_diagonal", 2048, block_size=128)
+    fmt = RUQuantFormat.from_dict(scheme_format("w4a4", online_rotations={"o_proj": spec}).to_dict())
+    assert fmt.rotation_for("model.layers.3.self_attn.o_proj") == spec
+    assert linear_tensor_shapes(fmt, 1024, 2048, spec)["online_rotation"] == ((16, 128, 128), "float32")
+    fmt.check_model(1024, 3072, attention_size=2048)  # Qwen3-0.6B: 16 heads x 128 over a hidden size of 1024
+    with pytest.raises(FormatError, match="2048 but the model's input size of o_proj is 1024"):
+        fmt.check_model(1024, 3072)
+    with pytest.raises(FormatError, match="online rotations are supported on"):
+        scheme_format("w4a4", online_rotations={"gate_proj": spec}).validate()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from convert import cli
 from convert.tiny_models import make_tiny_llama
@@ -31,6 +33,8 @@ OPTIONS = {
     "lrq": ["--weight-quantizer", "lrq", "--lrq-steps", "20"],
     "gbs-clip": ["--clip", "gbs"],
     "dimension-expansion": ["--dimension-expansion"],
+    # issue 24 item 1: RUQuant's stage-1 blocks fitted per layer on o_proj's input, served online
+    "ruquant-online-o": ["--rotation", "ruquant-online-o"],
 }
 # 170 is no Hadamard order: --dimension-expansion serves down_proj padded to 172 (Williamson H_172)
 INTERMEDIATE = {"dimension-expansion": 170}
@@ -46,15 +50,27 @@ def ckpt(request, tmp_path_factory):
     return out
 
 
+def _tensors(ckpt) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in ckpt.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            out.update({n: f.get_tensor(n) for n in f.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    return out
+
+
 def test_converted_w4a4_served_matches_simulation(ckpt):
     # A rounding flip (vLLM's fp32 kernels vs torch moving one activation across a 4-bit
     # rounding boundary) changes that activation by a whole 4-bit step, 16x an 8-bit step:
     # plugin_helpers measured up to 8e-3 per flip at 8 bits, so up to ~0.13-0.5 at 4 bits
     # (0.49 seen once, LRQ). Greedy tokens must still agree, and at most 10% of positions
     # may move at all; a wrong packing/scale/rotation moves nearly every position by O(1).
+    rot = RUQuantFormat.from_dict(json.loads((ckpt / "config.json").read_text())["quantization_config"])
     if ckpt.parent.name.startswith("converted-dimension-expansion"):
-        rot = RUQuantFormat.from_dict(json.loads((ckpt / "config.json").read_text())["quantization_config"])
         assert rot.online_rotations["down_proj"] == RotationSpec("hadamard", 172, padded_from=170)
+    if ckpt.parent.name.startswith("converted-ruquant-online-o"):  # the per-layer blocks are served
+        assert rot.online_rotations["o_proj"] == RotationSpec("block_diagonal", 128, block_size=128)
+        blocks = [t for n, t in _tensors(ckpt).items() if n.endswith("o_proj.online_rotation")]
+        assert len(blocks) == 2 and any(not torch.equal(b, torch.eye(128)[None]) for b in blocks)
     with in_process_llm(ckpt, quantization="ruquant") as llm:
         assert llm.llm_engine.model_config.quantization == "ruquant"
         check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, tol=Tolerance(flip_atol=0.8))

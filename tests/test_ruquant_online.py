@@ -2,10 +2,12 @@
 applied online after R1 / R2 / R4 with the inverse absorbed into the linear. CPU invariants: the blocks
 are orthogonal, the absorbed + online pair leaves the unquantized model's output unchanged, the
 simulation applies the stored blocks before quantizing, the fit is deterministic, and a checkpoint
-that carries them is refused by the validator (the format has no field for them yet)."""
+that carries blocks outside o_proj is refused by the validator (the format has no field for them);
+o_proj's are its format rotation, served (test_plugin_converted, test_tensor_parallel_served)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -77,8 +79,11 @@ def test_absorbed_and_online_blocks_preserve_the_function(llama: Path, rotation:
     sink = InMemorySink()
     report = Converter(llama, ConvertOptions(rotation=rotation, quantize=False, **FAST)).run(sink)
     t = sink.tensors
-    stored = {n: v for n, v in t.items() if n.endswith(ONLINE_BLOCKS)}
+    # o_proj's blocks are the format's online rotation there (served); the other sites' are online_blocks
+    o_rotation = f"o_proj.{fmt_mod.ONLINE_ROTATION}"
+    stored = {n: v for n, v in t.items() if n.endswith(ONLINE_BLOCKS) or n.endswith(o_rotation)}
     assert stored, report["rotation"]["online_blocks"]["choices"]
+    assert not any(n.endswith(f"o_proj.{ONLINE_BLOCKS}") for n in t)
     for n, blocks in stored.items():
         assert blocks.dtype == torch.float32 and blocks.dim() == 3
         nb, b, _ = blocks.shape
@@ -95,13 +100,16 @@ def test_absorbed_and_online_blocks_preserve_the_function(llama: Path, rotation:
     got = simulated_logits(t, cfg, fmt, tokens)
     assert float((got - want).norm() / want.norm()) < 1e-4
     # ... and without the online blocks (absorbed only) it is not
-    bare = {n: v for n, v in t.items() if not n.endswith(ONLINE_BLOCKS)}
-    assert float((simulated_logits(bare, cfg, fmt, tokens) - want).norm() / want.norm()) > 1e-2
+    bare = {n: v for n, v in t.items() if n not in stored}
+    bare_fmt = dataclasses.replace(
+        fmt, online_rotations={k: v for k, v in fmt.online_rotations.items() if k != "o_proj"})
+    assert float((simulated_logits(bare, cfg, bare_fmt, tokens) - want).norm() / want.norm()) > 1e-2
     rep = report["rotation"]["online_blocks"]
     assert set(rep["choices"]) == ({"o"} if rotation == "ruquant-online-o" else {"qkv", "o", "gate_up", "down"})
     assert rep["timings"]["fit_s"] >= 0
     if rotation == "ruquant-online-o":
-        assert {n.split(".")[-2] for n in stored} == {"o_proj"}
+        assert set(stored) == {f"model.layers.{i}.self_attn.{o_rotation}" for i in range(2)}  # identity where unfit
+        assert fmt.online_rotations["o_proj"] == fmt_mod.RotationSpec("block_diagonal", 128, block_size=128)
 
 
 def test_simulation_rotates_by_the_blocks_before_quantizing() -> None:

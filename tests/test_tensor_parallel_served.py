@@ -19,7 +19,7 @@ import pytest
 from convert import cli
 from convert.tiny_models import make_tiny_llama
 from plugin_helpers import check_against_simulation, in_process_llm
-from vllm_ruquant.checkpoint.format import RUQuantFormat
+from vllm_ruquant.checkpoint.format import RotationSpec, RUQuantFormat
 
 pytestmark = pytest.mark.vllm
 
@@ -29,20 +29,24 @@ TP = 2
 # bind threads of 2 local CPUWorkers"); naming one core per rank lets it start.
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 PROMPTS = [list(range(5, 29)), [3, 100, 200, 300, 7, 9]]
-# scheme -> (architecture, intermediate size, per-shard Hadamard of down_proj's input)
-CASES = {"w4a4": ("llama", 344, 172), "w4a8": ("qwen2", 512, 256)}
+# case -> (scheme, architecture, intermediate size, per-shard Hadamard of down_proj's input, extra flags);
+# ruquant-online-o: per-layer blocks on o_proj's input, each rank rotating its own half (hidden 128 / 2)
+CASES = {"w4a4": ("w4a4", "llama", 344, 172, []), "w4a8": ("w4a8", "qwen2", 512, 256, []),
+         "w4a4-ruquant-online-o": ("w4a4", "llama", 344, 172, ["--rotation", "ruquant-online-o"])}
 
 
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def ckpt(request, tmp_path_factory):
-    arch, intermediate, shard = CASES[request.param]
+    scheme, arch, intermediate, shard, extra = CASES[request.param]
     root = tmp_path_factory.mktemp(f"tp{TP}-{request.param}")
     make_tiny_llama(root / "src", arch=arch, intermediate_size=intermediate, seed=7)
-    out = root / request.param
-    assert cli.main([str(root / "src"), str(out), "--scheme", request.param, "--tp-size", str(TP),
-                     "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
+    out = root / scheme
+    assert cli.main([str(root / "src"), str(out), "--scheme", scheme, "--tp-size", str(TP),
+                     "--calib-samples", "4", "--calib-seq-len", "32", *extra]) == 0
     fmt = RUQuantFormat.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
     assert fmt.tp_size == TP and fmt.online_rotations["down_proj"].block_size == shard
+    if "ruquant-online-o" in extra:
+        assert fmt.online_rotations["o_proj"] == RotationSpec("block_diagonal", 128, block_size=64)
     return out
 
 

@@ -20,9 +20,15 @@ seen, and applies them online. This method does that on top of the QuaRot rotati
   the whole row) on HELD-OUT calibration tokens (the last quarter of the sequences; stage 1
   fits on the rest) is kept, so a site keeps its blocks only where they generalise.
 * Serving: ``x -> quantize(B(R4(x)))``, the inverse absorbed into the linear (``W -> W diag(B)``,
-  ``convert.pipeline``), ``B`` stored as ``<prefix>.online_blocks`` (``convert.simulate``). The
-  checkpoint format (version 1) has no field for it yet: such a checkpoint is simulation-only
-  (``ruquant-eval``, ``examples/quality.py``); ``ruquant-validate`` and the plugin refuse it.
+  ``convert.pipeline``). o_proj's blocks are the format's ``block_diagonal`` online rotation of
+  o_proj (``<prefix>.online_rotation``, identity blocks in layers whose fit kept none): the plugin
+  serves them, rotating and quantizing in one kernel on the GPU (``kernels.rotate_quant``), within
+  each tensor-parallel shard (blocks are fitted to divide the shard). The other sites' blocks --
+  q/k/v and gate/up (merged layers in vLLM) and down_proj's after R4 (a second rotation at one
+  site) -- are ``<prefix>.online_blocks`` (``convert.simulate``), which the format does not carry:
+  ``ruquant-online`` / ``-pooled`` checkpoints are simulation-only (``ruquant-eval``,
+  ``examples/quality.py``) and ``ruquant-validate`` and the plugin refuse them;
+  ``ruquant-online-o`` checkpoints are served.
 """
 
 from __future__ import annotations
@@ -77,12 +83,12 @@ def block_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def fit_site(x: torch.Tensor, n_fit: int, bits: int, cfg: Stage1Config, gen: torch.Generator,
-             block: int = BLOCK) -> tuple[torch.Tensor | None, dict[str, Any]]:
+             block: int = BLOCK, shards: int = 1) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """The best online blocks for one site's served inputs ``x (N, k)`` float64: rows ``[:n_fit]`` fit stage 1,
     the rest choose among identity / blocks / block Hadamard / block Hadamard + blocks by per-token MSE.
     Returns (blocks (nb, b, b) float64 or None for identity, facts)."""
     k = x.shape[1]
-    b = pick_block(k, block, need_hadamard=False)
+    b = pick_block(k // shards, block, need_hadamard=False)  # a row-parallel input: blocks within a shard
     nb = k // b
     fit, held = x[:n_fit], x[n_fit:] if x.shape[0] > n_fit else x[:n_fit]
     cands: dict[str, torch.Tensor | None] = {"identity": None}
@@ -133,7 +139,8 @@ class RUQuantOnline:
             for site, v in served_basis(x, base, i, ctx.dims.head_dim).items():
                 if site not in self.sites:
                     continue
-                m, facts = fit_site(v.to(ctx.device), n_fit, bits, self.cfg1, gen, self.block)
+                shards = ctx.fmt.act_shards(SITES[site][0])  # row-parallel inputs: blocks within a TP shard
+                m, facts = fit_site(v.to(ctx.device), n_fit, bits, self.cfg1, gen, self.block, shards)
                 rep[site] = facts
                 if m is not None:
                     mc = m.cpu().contiguous()

@@ -13,7 +13,7 @@ A ruquant checkpoint is a Hugging Face model directory whose ``config.json`` car
       "weight":     {"bits": 4, "group_size": -1, "symmetric": true},
       "activation": {"bits": 4, "clip_ratio": 1.0},          # bits 16 = weight-only
       "kv_cache":   {"bits": 16, "value_rotation": "online"},   # see KVCacheSpec
-      "online_rotations": {"down_proj": {"kind": "hadamard", "size": 14336}},
+      "online_rotations": {"down_proj": {"kind": "hadamard", "size": 14336}},  # and/or o_proj
       "ignore": ["lm_head"],
       "converter": {...provenance, free-form...}
     }
@@ -25,7 +25,7 @@ Every quantized linear ``<prefix>`` (e.g. ``model.layers.0.self_attn.q_proj``) s
 * ``<prefix>.weight_scale`` -- float32 ``(N, G)``; G = 1 per channel, K/group_size per group.
 * ``<prefix>.bias``         -- optional, in the model dtype.
 * ``<prefix>.online_rotation`` -- float32 ``(nb, b, b)``, only for a ``block_diagonal``
-  online rotation of that layer's input.
+  online rotation of that layer's input (every layer has its own: RUQuant's per-layer blocks).
 
 Everything else (embeddings, norms, lm_head) keeps its Hugging Face name and dtype.
 RMSNorm weights are folded into the following linears and written as ones.
@@ -54,8 +54,11 @@ ACTIVATION_BITS = (3, 4, 6, 8, 16)
 KV_BITS = (3, 4, 8, 16)
 KV_VALUE_ROTATIONS = ("online", "offline")
 ROTATION_KINDS = ("hadamard", "block_diagonal")
-# linear layers (by their last name) that may carry an online input rotation
-ROTATABLE_SITES = ("down_proj",)
+# linear layers (by their last name) that may carry an online input rotation: down_proj (R4, or
+# RUQuant's blocks) and o_proj (``ruquant-online-o``'s per-layer blocks; R2 mixes within a head
+# only, so o_proj's input has no rotation across heads otherwise). Both are row-parallel: a
+# rotation acts within a tensor-parallel shard of the input.
+ROTATABLE_SITES = ("down_proj", "o_proj")
 
 # The named recipes a user picks on the command line: weight bits, activation bits, kv bits.
 SCHEMES: dict[str, tuple[int, int, int]] = {
@@ -232,9 +235,11 @@ class RUQuantFormat:
                 _check(isinstance(b, int) and b > 0 and r.size % b == 0,
                        f"{where}.block_size must divide size {r.size}, got {b}")
 
-    def check_model(self, hidden_size: int, intermediate_size: int) -> None:
-        """Shapes the config implies must match the model's dimensions."""
-        sizes = {"down_proj": intermediate_size}
+    def check_model(self, hidden_size: int, intermediate_size: int, attention_size: int | None = None) -> None:
+        """Shapes the config implies must match the model's dimensions (``attention_size``: o_proj's
+        input, heads x head_dim; the hidden size where the model does not say otherwise)."""
+        attention_size = hidden_size if attention_size is None else attention_size
+        sizes = {"down_proj": intermediate_size, "o_proj": attention_size}
         for site, r in self.online_rotations.items():
             what = "padded_from" if r.padded_from is not None else "size"
             _check(r.in_features == sizes[site],
@@ -242,7 +247,8 @@ class RUQuantFormat:
                    f"{site} is {sizes[site]}")
         g = self.weight.group_size
         if g != -1:
-            for name, k in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            for name, k in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                            ("heads x head_dim", attention_size)):
                 _check(k % g == 0, f"weight.group_size {g} does not divide {name} {k}")
             for site, r in self.online_rotations.items():
                 _check(r.padded_from is None or r.size % g == 0,

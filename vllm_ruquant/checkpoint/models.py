@@ -76,6 +76,11 @@ class ModelDims:
     torch_dtype: str = "float32"
 
     @property
+    def attention_size(self) -> int:
+        """o_proj's input size (heads x head_dim; the hidden size in most models, not in Qwen3)."""
+        return self.num_heads * self.head_dim
+
+    @property
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 

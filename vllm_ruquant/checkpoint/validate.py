@@ -204,7 +204,7 @@ def validate(path: str | os.PathLike[str], *, verify_checksums: bool | None = No
     except CheckpointError as e:  # whatever is wrong with config.json, the checkpoint is not servable
         raise CheckpointError(str(e), ExitCode.INVALID) from None
     try:
-        fmt.check_model(dims.hidden_size, dims.intermediate_size)
+        fmt.check_model(dims.hidden_size, dims.intermediate_size, dims.attention_size)
     except fmt_mod.FormatError as e:
         raise CheckpointError(f"{CONFIG_FILE}: {e}") from None
     required, optional = expected_tensors(dims, fmt)
