@@ -10,6 +10,7 @@ test_kv4_gpu's bf16 case and test_serve_openai, whose w4a4kv4 models run the sam
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from plugin_helpers import (
     in_process_llm,
     served_vs_simulation,
 )
+from vllm_ruquant.checkpoint.format import RUQuantFormat
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,7 +43,10 @@ N_TOKENS = 32
 # 1e-6 relative noise (measured 2026-11-23), while the trained w4a4 moves 0.6-20% of positions
 # by > 1e-4 (worst 2.1; benchmarks/results/cpu-2026-12-04-served-noise/), so only the random
 # one can hold the default bound.
-SCHEMES = {"w4a4": (256, False), "w4a8": (344, True), "w4a16": (256, True)}
+# "w4a4-ruquant-online-o": issue 24's per-layer RUQuant blocks on o_proj's input, rotated and quantized
+# online by the block-diagonal rotate_quant kernel (hidden 128: one block of 128 a layer).
+SCHEMES = {"w4a4": (256, False), "w4a8": (344, True), "w4a16": (256, True), "w4a4-ruquant-online-o": (256, False)}
+EXTRA_FLAGS = {"w4a4-ruquant-online-o": ["--rotation", "ruquant-online-o"]}
 # Served vs simulated bounds (top-3 logprobs at 168 positions; numbers from
 # benchmarks/results/cpu-2026-12-04-served-noise/, trained models):
 # * float32, w4a8: norm weights x (1 + 1e-6 N(0, 1)) -- fp32 kernel noise -- moves 1.8-11% of
@@ -57,15 +62,19 @@ BF16_TOLERANCE = Tolerance(noise_atol=0.5, flip_atol=1.5, max_flip_fraction=0.1)
 
 @pytest.fixture(scope="module", params=list(SCHEMES))
 def ckpt(request, tmp_path_factory) -> Path:
-    scheme = request.param
-    inter, trained = SCHEMES[scheme]
-    root = tmp_path_factory.mktemp(f"gpu_{scheme}")
+    name = request.param
+    scheme = name.split("-")[0]
+    inter, trained = SCHEMES[name]
+    root = tmp_path_factory.mktemp(f"gpu_{name}")
     src = make_tiny_llama(root / "src", intermediate_size=inter, seed=5)
     if trained:
         train_tiny_llama(src, steps=100)
-    out = root / scheme
+    out = root / name
     assert cli.main([str(src), str(out), "--scheme", scheme, "--calib-samples", "8",
-                     "--calib-seq-len", "64", "--device", "cuda"]) == 0
+                     "--calib-seq-len", "64", "--device", "cuda", *EXTRA_FLAGS.get(name, [])]) == 0
+    if name in EXTRA_FLAGS:  # the online blocks are in the format, so the plugin serves them
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert RUQuantFormat.from_dict(qc).online_rotations["o_proj"].kind == "block_diagonal"
     return out
 
 
