@@ -39,7 +39,7 @@ from convert.rotations.fake_quant import fake_quant
 from convert.simulate import checkpoint_linear, kv_cache_quantizer, site_rotation
 from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod
-from vllm_ruquant.checkpoint.models import ModelDims
+from vllm_ruquant.checkpoint.models import NORM_READERS, ModelDims
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ LR = 2e-3  # Adam learning rate of sigma (log-scale): 60 cosine-decayed steps mo
 VAL_SEQS = 4  # calibration sequences held out of training to decide trained vs the quantizer's scales
 CHUNK = 4  # sequences per forward when scoring (fp top-k, held-out loss), to bound memory
 BF16 = False  # the training steps' matmuls in bf16 (autocast); the held-out decision stays fp32
+# Also train each layer's two RMSNorm weights (``g * exp(tau)``): a per-input-channel scaling of q/k/v's
+# and gate/up's inputs that the per-(output, group) scales cannot express; served as the norm's weight
+# (vLLM applies it before the activation quantization, as the simulation does). A measurement knob.
+NORMS = False
 
 HasFn = Callable[[str], bool]  # whether the converted checkpoint has a tensor of that name
 
@@ -108,12 +112,22 @@ class _TrainableModel:
 
         return linear
 
+    def norm_names(self) -> list[str]:
+        """The layer norms' weights (not the final norm's: that one only scales the unquantized head)."""
+        return [f"{self.dims.layer_prefix(i)}.{norm}.weight" for i in range(self.dims.num_layers)
+                for norm in NORM_READERS]
+
     def top_logits(self, tokens: torch.Tensor, idx: torch.Tensor, sigma: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits at the token ids ``idx (b, t, k)`` (the head is not quantized: only k rows are read)."""
+        """Logits at the token ids ``idx (b, t, k)`` (the head is not quantized: only k rows are read).
+        ``sigma`` holds log-factors of the weight scales (by linear prefix) and of any norm weights (by name)."""
         h = self.embed[tokens]
         linear = self._linear(sigma)
+
+        def get(name: str) -> torch.Tensor:
+            return self.get(name) * sigma[name].exp() if name in sigma else self.get(name)
+
         for i in range(self.dims.num_layers):
-            h = decoder_layer(h, i, self.dims, linear, self.get, self.rope, self.kv_quant)
+            h = decoder_layer(h, i, self.dims, linear, get, self.rope, self.kv_quant)
         x = rms_norm(h, self.get("model.norm.weight"), self.dims.rms_norm_eps)
         return torch.einsum("btd,btkd->btk", x, self.head[idx])
 
@@ -144,6 +158,8 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
     train_seqs, val_seqs = (torch.arange(n - n_val), torch.arange(n - n_val, n)) if n_val else (torch.arange(n),) * 2
     fp_idx, fp_logp = (t.to(device) for t in fp_top)
     sigma = {p: torch.zeros_like(model.scales[p], requires_grad=True) for p in prefixes}
+    norms = model.norm_names() if NORMS else []
+    sigma.update({name: torch.zeros_like(model.get(name), requires_grad=True) for name in norms})
 
     def loss_on(seqs: torch.Tensor, sg: dict[str, torch.Tensor]) -> torch.Tensor:
         return kl_top_gathered(fp_logp[seqs], model.top_logits(tokens[seqs], fp_idx[seqs], sg))
@@ -173,9 +189,11 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
         for p in prefixes:
             name = fmt_mod.tensor_name(p, fmt_mod.WEIGHT_SCALE)
             scales[name] = (model.scales[p] * sigma[p].detach().exp()).to(model.scale_dtypes[p]).cpu()
+        for name in norms:  # stored in the checkpoint's dtype, which the simulation and vLLM then read
+            scales[name] = (model.get(name) * sigma[name].detach().exp()).to(get(name).dtype).cpu()
     shift = max((float(s.detach().abs().max()) for s in sigma.values()), default=0.0)
     report = {"loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH, "lr": LR, "bf16": BF16,
-              "linears": len(prefixes),
+              "linears": len(prefixes), "norms": len(norms),
               "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
               "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
               "train_loss_first_last": [history[0], history[-1]] if history else None,

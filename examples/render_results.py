@@ -63,6 +63,9 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
                                         "lr 4e-3)",
           "gbs_actorder_g64_tuned_lr1": "Hadamard + GPTQ act order + GBS, groups of 64, scales tuned (60 steps, "
                                         "lr 1e-3)",
+          "gbs_actorder_g64_tuned_lr1_norms": "Hadamard + GPTQ act order + GBS, groups of 64, scales and layer "
+                                              "norms tuned (60 steps, lr 1e-3)",
+          "gbs_actorder_tuned_norms": "Hadamard + GPTQ act order + GBS, scales and layer norms tuned (60 steps)",
           "gbs_actorder_g64_c64_tuned": "Hadamard + GPTQ act order + GBS, groups of 64, 64 calibration sequences, "
                                         "scales tuned (60 steps)",
           "gbs_actorder_g64_c64_tuned120_lr4": "Hadamard + GPTQ act order + GBS, groups of 64, 64 calibration "
@@ -362,7 +365,7 @@ def recipes_md(d: Path) -> str | None:
 # issue 24 item 4's rows, and item 1's RUQuant with online blocks per layer and input (a row is shown once measured)
 SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder", "ruquant_online_gbs_actorder",
              "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder", "ostquant_gbs_actorder",
-             "ostquant_b2_gbs_actorder", "gbs_actorder_tuned"]
+             "ostquant_b2_gbs_actorder", "gbs_actorder_tuned", "ruquant_online_o_gbs_actorder_tuned"]
 BASE_SEED_ROWS = SEED_ROWS[:3]  # shown (as "not run") even before any of their cells exist
 
 
@@ -476,9 +479,9 @@ def seeds_32k_md(d: Path) -> str | None:
             "rotation alone"
             + ("; RUQuant online blocks (`--rotation ruquant-online`, issue 24 item 1): the default recipe's Hadamard "
                "R1 / R2 / R4 and quantizer, plus stage-1 block transforms fitted per layer and per linear input and "
-               "applied online (simulation only: the checkpoint format does not carry them yet), so it differs from "
+               "applied online (simulation only: the checkpoint format carries only o_proj's), so it differs from "
                "the default recipe by the online blocks alone" if "ruquant_online_gbs_actorder" in rows else "")
-            + ("; the same on o_proj's input only (`ruquant-online-o`)"
+            + ("; the same on o_proj's input only (`ruquant-online-o`, served since 2026-12-05)"
                if "ruquant_online_o_gbs_actorder" in rows else "")
             + ("; and the same online blocks on top of RUQuant stage 1+2 (`ruquant-online-pooled`)"
                if "ruquant_online_pooled_gbs_actorder" in rows else "")
@@ -492,6 +495,9 @@ def seeds_32k_md(d: Path) -> str | None:
             + ("; and the Hadamard default recipe with its weight scales then tuned end to end for 60 steps "
                "(`--tune-scales 60`, the w4a4kv4 default recipe since 2026-12-05), so it differs from the second row "
                "by the tuning alone" if "gbs_actorder_tuned" in rows else "")
+            + ("; and `ruquant-online-o` under that recipe (blocks on o_proj's input, then the same GPTQ and "
+               "tuning), so it differs from the tuned Hadamard row by the online blocks alone"
+               if "ruquant_online_o_gbs_actorder_tuned" in rows else "")
             + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
@@ -517,7 +523,11 @@ def seeds_32k_md(d: Path) -> str | None:
                 ("Scale tuning (60 steps) vs Hadamard + GPTQ act order + GBS (the tuning alone)",
                  "gbs_actorder_tuned", "gbs_actorder"),
                 ("Scale tuning (60 steps) vs OSTQuant (80 steps), the w4a4kv4 default before it",
-                 "gbs_actorder_tuned", "ostquant_gbs_actorder")) if r in rows)
+                 "gbs_actorder_tuned", "ostquant_gbs_actorder"),
+                ("RUQuant online blocks on o_proj (served) + tuning vs Hadamard + GPTQ (issue 24's acceptance line)",
+                 "ruquant_online_o_gbs_actorder_tuned", "hadamard_gptq"),
+                ("RUQuant online blocks on o_proj (served) + tuning vs the default recipe (the online blocks alone)",
+                 "ruquant_online_o_gbs_actorder_tuned", "gbs_actorder_tuned")) if r in rows)
             + "\n" + (notes + "\n" if notes else "")
             + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
             "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "

@@ -71,6 +71,22 @@ def test_tuning_changes_only_the_scales_and_lowers_the_loss(llama: Path, monkeyp
     assert report["scale_tuning"] is not None and _run(llama, "w4a4", 0)[1]["scale_tuning"] is None
 
 
+def test_norm_tuning_changes_the_scales_and_the_layer_norms(llama: Path, monkeypatch) -> None:
+    """``NORMS``: each layer's two RMSNorm weights are trained too (the final norm, which feeds only the
+    unquantized head, is not); everything else stays as converted."""
+    monkeypatch.setattr(scale_tuning, "VAL_SEQS", 0)
+    monkeypatch.setattr(scale_tuning, "NORMS", True)
+    base, _ = _run(llama, "w4a4", 0)
+    tuned, report = _run(llama, "w4a4", 12)
+    rep = report["scale_tuning"]
+    assert rep["kept"] == "trained" and rep["loss_trained"] < rep["loss_init"] and rep["norms"] == 4
+    changed = {k for k in base.tensors if not torch.equal(base.tensors[k], tuned.tensors[k])}
+    norms = {k for k in changed if not k.endswith("." + fmt_mod.WEIGHT_SCALE)}
+    assert norms == {f"model.layers.{i}.{n}.weight" for i in range(2)
+                     for n in ("input_layernorm", "post_attention_layernorm")}
+    assert all(tuned.tensors[k].dtype == base.tensors[k].dtype for k in norms)
+
+
 def test_tuned_scales_are_written_into_the_checkpoint(llama: Path, tmp_path: Path) -> None:
     """The written shards hold the tuned scales (replaced in the partial folder, then committed with
     their checksums), the same values the in-memory conversion produces."""
