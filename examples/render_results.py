@@ -380,7 +380,7 @@ def _spread(xs: list[float]) -> tuple[str, str, str]:
 def _beats(name: str, res: dict[str, list[float]], better: str, worse: str) -> str:
     """One verdict line: does ``better`` beat ``worse`` by more than twice the seed spread (the larger sample sd
     of the two rows)?"""
-    b, w = res[better], res[worse]
+    b, w = res.get(better, []), res.get(worse, [])  # a partial results folder may lack either row
     if len(b) < 2 or len(w) < 2:
         return (f"- {name}: not decided, {LABELS[better]} has {len(b)} and {LABELS[worse]} {len(w)} seeds "
                 "(two or more each are needed for a spread).")
