@@ -68,6 +68,10 @@ def default_tune_scales(scheme: str) -> int:
     return int(DEFAULT_RECIPE.get(scheme, {}).get("tune_scales", 0))
 
 
+def default_tune_norms(scheme: str) -> bool:
+    return bool(DEFAULT_RECIPE.get(scheme, {}).get("tune_norms", False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ruquant-convert",
@@ -112,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "model for STEPS Adam steps; 0: off (default: the scheme's measured default, "
                          + (", ".join(f"{default_tune_scales(k)} at {k}" for k in DEFAULT_RECIPE
                                       if default_tune_scales(k)) or "off everywhere") + ")")
+    ap.add_argument("--tune-norms", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --tune-scales: train each layer's two RMSNorm weights too (default: on at "
+                         + (", ".join(k for k in DEFAULT_RECIPE if default_tune_norms(k)) or "no scheme") + ")")
     ap.add_argument("--dimension-expansion", action="store_true",
                     help="GBS+DE: where down_proj's input size has no Hadamard, zero-pad it to the next size "
                          "that has one and rotate there (the stored down_proj weight gets the padded width)")
@@ -177,6 +184,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         clip=default_clip(args.scheme, args.act_clip_ratio) if args.clip == "auto" else args.clip,
         dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
         tune_scales=tune_scales,
+        tune_norms=default_tune_norms(args.scheme) if args.tune_norms is None else args.tune_norms,
     )
     opts.fmt  # noqa: B018 (parse and validate the scheme flags now, before any model is read)
     return opts
@@ -212,7 +220,8 @@ def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
         "quantized linears, "
         f"{per_layer * dims.num_layers / 1e9:.2f} B weights",
         f"memory     ~{mem:.2f} GiB peak working set (one layer in fp64+fp32, calibration states, one Hessian)",
-        f"tuning     {opts.tune_scales} steps of end-to-end weight-scale tuning after GPTQ, ~"
+        f"tuning     {opts.tune_scales} steps of end-to-end weight-scale "
+        f"{'and layer-norm ' if opts.tune_norms else ''}tuning after GPTQ, ~"
         f"{distill.training_bytes(dims, calib, scale_tuning.BATCH * opts.calib_seq_len) / 2**30:.2f} GiB "
         "(the whole model in fp32)" if opts.tune_scales else "tuning     none (--tune-scales 0)",
     ]

@@ -60,6 +60,7 @@ class ConvertOptions:
     resume: bool = False  # continue an interrupted conversion from its last finished layer
     tp_size: int = 1  # tensor-parallel size the checkpoint will be served with (see format.tp_size)
     tune_scales: int = 0  # Adam steps of end-to-end weight-scale tuning after quantization (0: none)
+    tune_norms: bool = False  # ... training the layer norms' weights too (convert.scale_tuning)
     finetune: bool = False  # the rotation method's fine-tuned variant (RUQuant / OSTQuant --finetune)
     # GBS+DE's dimension expansion: where down_proj's input size has no Hadamard, pad it to the
     # next size that has one and rotate there (convert/dimension_expansion.py)
@@ -478,7 +479,7 @@ class Converter:
         names = sink.tensor_names()
         result = scale_tuning.tune_weight_scales(fp_top, sink.read_tensor, set(names).__contains__, names,
                                                  self.dims, fmt, tokens, self.device, self.opts.tune_scales,
-                                                 self.opts.seed)
+                                                 self.opts.seed, norms=self.opts.tune_norms)
         if result.scales:
             sink.replace_tensors(result.scales)
         return {**result.report, "seconds_with_fp_targets": time.perf_counter() - t0}

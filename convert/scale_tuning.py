@@ -51,10 +51,6 @@ LR = 2e-3  # Adam learning rate of sigma (log-scale): 60 cosine-decayed steps mo
 VAL_SEQS = 4  # calibration sequences held out of training to decide trained vs the quantizer's scales
 CHUNK = 4  # sequences per forward when scoring (fp top-k, held-out loss), to bound memory
 BF16 = False  # the training steps' matmuls in bf16 (autocast); the held-out decision stays fp32
-# Also train each layer's two RMSNorm weights (``g * exp(tau)``): a per-input-channel scaling of q/k/v's
-# and gate/up's inputs that the per-(output, group) scales cannot express; served as the norm's weight
-# (vLLM applies it before the activation quantization, as the simulation does). A measurement knob.
-NORMS = False
 
 HasFn = Callable[[str], bool]  # whether the converted checkpoint has a tensor of that name
 
@@ -146,9 +142,15 @@ def fp_targets(fp_logits: Callable[[torch.Tensor], torch.Tensor],
 
 def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn, has: HasFn,
                        names: list[str], dims: ModelDims, fmt: fmt_mod.RUQuantFormat, tokens: torch.Tensor,
-                       device: torch.device, steps: int = STEPS, seed: int = 0) -> TunedScales:
+                       device: torch.device, steps: int = STEPS, seed: int = 0, norms: bool = False) -> TunedScales:
     """Train the weight scales of the converted checkpoint (``get`` / ``has`` / ``names``) on the
-    calibration ``tokens (n, t)`` against ``fp_top`` (``fp_targets`` of the source model)."""
+    calibration ``tokens (n, t)`` against ``fp_top`` (``fp_targets`` of the source model).
+
+    ``norms``: each layer's two RMSNorm weights are trained too (``g * exp(tau)``), a per-input-channel
+    scaling of q/k/v's and gate/up's inputs that the per-(output, group) scales cannot express -- where
+    activations are quantized, it moves what the quantizer sees, as SmoothQuant / OSTQuant's scalings do.
+    The plugin serves it as the norm's weight (vLLM applies it before the activation quantization, as the
+    simulation does). The final norm, which feeds only the unquantized head, is left alone."""
     t0 = time.perf_counter()
     prefixes = quantized_prefixes(names)
     model = _TrainableModel(get, has, dims, fmt, prefixes, tokens.shape[1], device)
@@ -158,8 +160,8 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
     train_seqs, val_seqs = (torch.arange(n - n_val), torch.arange(n - n_val, n)) if n_val else (torch.arange(n),) * 2
     fp_idx, fp_logp = (t.to(device) for t in fp_top)
     sigma = {p: torch.zeros_like(model.scales[p], requires_grad=True) for p in prefixes}
-    norms = model.norm_names() if NORMS else []
-    sigma.update({name: torch.zeros_like(model.get(name), requires_grad=True) for name in norms})
+    norm_names = model.norm_names() if norms else []
+    sigma.update({name: torch.zeros_like(model.get(name), requires_grad=True) for name in norm_names})
 
     def loss_on(seqs: torch.Tensor, sg: dict[str, torch.Tensor]) -> torch.Tensor:
         return kl_top_gathered(fp_logp[seqs], model.top_logits(tokens[seqs], fp_idx[seqs], sg))
@@ -189,11 +191,11 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
         for p in prefixes:
             name = fmt_mod.tensor_name(p, fmt_mod.WEIGHT_SCALE)
             scales[name] = (model.scales[p] * sigma[p].detach().exp()).to(model.scale_dtypes[p]).cpu()
-        for name in norms:  # stored in the checkpoint's dtype, which the simulation and vLLM then read
+        for name in norm_names:  # stored in the checkpoint's dtype, which the simulation and vLLM then read
             scales[name] = (model.get(name) * sigma[name].detach().exp()).to(get(name).dtype).cpu()
     shift = max((float(s.detach().abs().max()) for s in sigma.values()), default=0.0)
     report = {"loss": "kl_top", "top_k": TOP_K, "steps": steps, "batch": BATCH, "lr": LR, "bf16": BF16,
-              "linears": len(prefixes), "norms": len(norms),
+              "linears": len(prefixes), "norms": len(norm_names),
               "selected_on": f"{n_val} held-out sequences" if n_val else "all calibration sequences",
               "loss_init": loss_init, "loss_trained": loss_trained, "kept": "trained" if keep else "init",
               "train_loss_first_last": [history[0], history[-1]] if history else None,

@@ -127,13 +127,13 @@ ROWS: dict[str, dict] = {
     "gbs_actorder_g64_tuned_lr1": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
                                    "quantizer_options": {"act_order": True}, "tune_scales": 60,
                                    "tuning": {"LR": 1e-3}},
-    # ... with each layer's two RMSNorm weights trained beside the scales (scale_tuning.NORMS)
+    # ... with each layer's two RMSNorm weights trained beside the scales (--tune-norms)
     "gbs_actorder_g64_tuned_lr1_norms": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
                                          "group_size": 64, "quantizer_options": {"act_order": True},
-                                         "tune_scales": 60, "tuning": {"LR": 1e-3, "NORMS": True}},
+                                         "tune_scales": 60, "tune_norms": True, "tuning": {"LR": 1e-3}},
     "gbs_actorder_tuned_norms": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
                                  "quantizer_options": {"act_order": True}, "tune_scales": 60,
-                                 "tuning": {"NORMS": True}},
+                                 "tune_norms": True},
     "gbs_actorder_g64_c64_tuned": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
                                    "quantizer_options": {"act_order": True}, "tune_scales": 60, "calib_samples": 64},
     "gbs_actorder_g64_c64_tuned120_lr4": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from convert import distill, scale_tuning
-from convert.cli import DEFAULT_RECIPE, build_parser, default_group_size, default_tune_scales, options_from_args
+from convert.cli import (
+    DEFAULT_RECIPE,
+    build_parser,
+    default_group_size,
+    default_tune_norms,
+    default_tune_scales,
+    options_from_args,
+)
 from convert.errors import ConvertError
 from convert.evaluate import Evaluator, LoadedModel
 from convert.model_io import CheckpointReader
@@ -26,9 +33,9 @@ def llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("scales") / "llama", arch="llama", seed=3)
 
 
-def _run(llama: Path, scheme: str, steps: int) -> tuple[InMemorySink, dict]:
+def _run(llama: Path, scheme: str, steps: int, tune_norms: bool = False) -> tuple[InMemorySink, dict]:
     sink = InMemorySink()
-    opts = ConvertOptions(scheme=scheme, calib_samples=8, calib_seq_len=32, tune_scales=steps)
+    opts = ConvertOptions(scheme=scheme, calib_samples=8, calib_seq_len=32, tune_scales=steps, tune_norms=tune_norms)
     return sink, Converter(llama, opts).run(sink)
 
 
@@ -72,12 +79,11 @@ def test_tuning_changes_only_the_scales_and_lowers_the_loss(llama: Path, monkeyp
 
 
 def test_norm_tuning_changes_the_scales_and_the_layer_norms(llama: Path, monkeypatch) -> None:
-    """``NORMS``: each layer's two RMSNorm weights are trained too (the final norm, which feeds only the
-    unquantized head, is not); everything else stays as converted."""
+    """``--tune-norms``: each layer's two RMSNorm weights are trained too (the final norm, which feeds only
+    the unquantized head, is not); everything else stays as converted."""
     monkeypatch.setattr(scale_tuning, "VAL_SEQS", 0)
-    monkeypatch.setattr(scale_tuning, "NORMS", True)
     base, _ = _run(llama, "w4a4", 0)
-    tuned, report = _run(llama, "w4a4", 12)
+    tuned, report = _run(llama, "w4a4", 12, tune_norms=True)
     rep = report["scale_tuning"]
     assert rep["kept"] == "trained" and rep["loss_trained"] < rep["loss_init"] and rep["norms"] == 4
     changed = {k for k in base.tensors if not torch.equal(base.tensors[k], tuned.tensors[k])}
@@ -121,6 +127,11 @@ def test_cli_flag_and_scheme_defaults(llama: Path, tmp_path: Path) -> None:
     for scheme in ("w4a4", "w4a16", "w4a4kv4", "w8a8"):
         opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", scheme]))
         assert opts.tune_scales == default_tune_scales(scheme)
+    for scheme in DEFAULT_RECIPE:
+        opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", scheme]))
+        assert opts.tune_norms == default_tune_norms(scheme)
+    assert options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", "w4a16", "--tune-norms"])).tune_norms
+    assert not options_from_args(parse([str(llama), str(tmp_path / "o"), "--no-tune-norms"])).tune_norms
     with pytest.raises(ConvertError, match="--tune-scales"):
         options_from_args(parse([str(llama), str(tmp_path / "o"), "--tune-scales", "-1"]))
 
