@@ -365,7 +365,8 @@ def recipes_md(d: Path) -> str | None:
 # issue 24 item 4's rows, and item 1's RUQuant with online blocks per layer and input (a row is shown once measured)
 SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder", "ruquant_online_gbs_actorder",
              "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder", "ostquant_gbs_actorder",
-             "ostquant_b2_gbs_actorder", "gbs_actorder_tuned", "ruquant_online_o_gbs_actorder_tuned"]
+             "ostquant_b2_gbs_actorder", "gbs_actorder_tuned", "ruquant_online_o_gbs_actorder_tuned",
+             "gbs_actorder_tuned_norms"]
 BASE_SEED_ROWS = SEED_ROWS[:3]  # shown (as "not run") even before any of their cells exist
 
 
@@ -498,6 +499,9 @@ def seeds_32k_md(d: Path) -> str | None:
             + ("; and `ruquant-online-o` under that recipe (blocks on o_proj's input, then the same GPTQ and "
                "tuning), so it differs from the tuned Hadamard row by the online blocks alone"
                if "ruquant_online_o_gbs_actorder_tuned" in rows else "")
+            + ("; and the tuned Hadamard recipe with each layer's two RMSNorm weights trained beside the scales "
+               "(`--tune-norms`), so it differs from the tuned Hadamard row by the norms alone"
+               if "gbs_actorder_tuned_norms" in rows else "")
             + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
@@ -527,13 +531,17 @@ def seeds_32k_md(d: Path) -> str | None:
                 ("RUQuant online blocks on o_proj (served) + tuning vs Hadamard + GPTQ (issue 24's acceptance line)",
                  "ruquant_online_o_gbs_actorder_tuned", "hadamard_gptq"),
                 ("RUQuant online blocks on o_proj (served) + tuning vs the default recipe (the online blocks alone)",
-                 "ruquant_online_o_gbs_actorder_tuned", "gbs_actorder_tuned")) if r in rows)
+                 "ruquant_online_o_gbs_actorder_tuned", "gbs_actorder_tuned"),
+                ("Layer norms tuned with the scales vs scales alone (60 steps)",
+                 "gbs_actorder_tuned_norms", "gbs_actorder_tuned")) if r in rows)
             + "\n" + (notes + "\n" if notes else "")
             + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
             "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "
             "front: with torch's default two threads on the 2 shared cores the evaluation ran about 10x slower "
-            "(17-40 s instead of 2.6 s per window); the scale-tuning cells ran alone on idle cores with torch's "
-            "default threads, so their conversion seconds are what a user waits.\n\n" + cmd)
+            "(17-40 s instead of 2.6 s per window); the Hadamard scale-tuning cells ran alone on idle cores with "
+            "torch's default threads, so their conversion seconds are what a user waits; the later tuned rows "
+            "(`ruquant-online-o`, layer norms) ran single-threaded two at a time: their seconds are upper bounds."
+            "\n\n" + cmd)
 
 
 GPU_SEED_ROWS = ["gbs_actorder", "ostquant_long_gbs_actorder"]
