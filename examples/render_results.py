@@ -494,13 +494,15 @@ def seeds_32k_md(d: Path) -> str | None:
             + ("; and OSTQuant trained 160 steps of 2 sequences instead (the same compute, ~30 s more a conversion; "
                "not the default: not told apart from 80 x 4)" if "ostquant_b2_gbs_actorder" in rows else "")
             + ("; and the Hadamard default recipe with its weight scales then tuned end to end for 60 steps "
-               "(`--tune-scales 60`, the w4a4kv4 default recipe since 2026-12-05), so it differs from the second row "
+               "(`--tune-scales 60`, the w4a4kv4 default recipe on 2026-12-05 until the layer norms joined it), so it "
+               "differs from the second row "
                "by the tuning alone" if "gbs_actorder_tuned" in rows else "")
             + ("; and `ruquant-online-o` under that recipe (blocks on o_proj's input, then the same GPTQ and "
                "tuning), so it differs from the tuned Hadamard row by the online blocks alone"
                if "ruquant_online_o_gbs_actorder_tuned" in rows else "")
             + ("; and the tuned Hadamard recipe with each layer's two RMSNorm weights trained beside the scales "
-               "(`--tune-norms`), so it differs from the tuned Hadamard row by the norms alone"
+               "(`--tune-norms`, the w4a4kv4 default since), so it differs from the tuned Hadamard row by the "
+               "norms alone"
                if "gbs_actorder_tuned_norms" in rows else "")
             + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
