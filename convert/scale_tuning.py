@@ -7,7 +7,8 @@ the next-token distribution, and the errors of all layers add up. With the integ
 training them end to end against the fp model's next-token distribution (KL-Top, the loss OSTQuant
 trains with, ``convert.distill``) corrects part of the accumulated error. This is the "scales only"
 end-to-end step of EfficientQAT (E2E-QP) at calibration scale: nothing the plugin reads changes but
-the scale values, so served == simulated holds as before.
+the scale values (and, with ``norms`` / ``--tune-norms``, the layer norms' weights), so served ==
+simulated holds as before.
 
 What is trained: per stored scale ``s = s_gptq * exp(sigma)``, sigma zero at the start, Adam with a
 cosine-decayed learning rate. The model is simulated as served -- the format's online rotations
@@ -57,7 +58,8 @@ HasFn = Callable[[str], bool]  # whether the converted checkpoint has a tensor o
 
 @dataclass
 class TunedScales:
-    """The scales to store (tensor name -> stored dtype; empty when the quantizer's are kept) and the report."""
+    """The tensors to store -- scales, and layer norms with ``norms`` (name -> value in its stored dtype; empty
+    when the quantizer's are kept) -- and the report."""
 
     scales: dict[str, torch.Tensor]
     report: dict
