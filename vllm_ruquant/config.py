@@ -94,10 +94,9 @@ class RUQuantConfig(compat.QuantizationConfig):
         cfg = compat.text_config(hf_config)
         hidden = getattr(cfg, "hidden_size", None)
         inter = getattr(cfg, "intermediate_size", None)
-        heads = getattr(cfg, "num_attention_heads", None)
-        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+        heads, head_dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "head_dim", None)
         if hidden is not None and inter is not None:
-            try:
+            try:  # no head_dim: o_proj reads hidden_size, check_model's default
                 self.fmt.check_model(hidden, inter, heads * head_dim if heads and head_dim else None)
             except FormatError as e:
                 raise RUQuantConfigError(f"ruquant checkpoint {model_name} does not match its model: {e}") from None
