@@ -75,6 +75,10 @@ def default_tune_norms(scheme: str) -> bool:
     return bool(DEFAULT_RECIPE.get(scheme, {}).get("tune_norms", False))
 
 
+def default_full_range(scheme: str) -> bool:
+    return bool(DEFAULT_RECIPE.get(scheme, {}).get("full_range", False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ruquant-convert",
@@ -110,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPTQ: quantize input columns in decreasing order of the Hessian diagonal (default: "
                          "the scheme's measured default, on for "
                          f"{', '.join(k for k in DEFAULT_RECIPE if default_act_order(k))})")
+    ap.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=None,
+                    help="weight scales take the sign that puts each group's largest weight on the grid's extra "
+                         "negative level (-8 at 4 bits): steps 8/7 finer, served as is (default: on for "
+                         + (", ".join(k for k in DEFAULT_RECIPE if default_full_range(k)) or "none") + ")")
     ap.add_argument("--lrq-rank", type=int, default=4, help="rank of LRQ's weight-scaling matrix (default 4)")
     ap.add_argument("--lrq-steps", type=int, default=200, help="Adam steps per linear for LRQ (default 200)")
     ap.add_argument("--septq-fraction", type=float, default=0.02,
@@ -188,6 +196,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         clip=default_clip(args.scheme, args.act_clip_ratio) if args.clip == "auto" else args.clip,
         dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
         tune_scales=tune_scales,
+        full_range=default_full_range(args.scheme) if args.full_range is None else args.full_range,
         tune_norms=default_tune_norms(args.scheme) if args.tune_norms is None else args.tune_norms,
     )
     opts.fmt  # noqa: B018 (parse and validate the scheme flags now, before any model is read)

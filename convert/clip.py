@@ -67,13 +67,14 @@ def hessian_row_errors(dw: torch.Tensor, hessian: torch.Tensor | None) -> torch.
 
 
 def search_weight_clip(w: torch.Tensor, bits: int, group_size: int, hessian: torch.Tensor | None,
-                       **search: float) -> torch.Tensor:
-    """Per-output-channel clip ratios ``(N, 1)`` for RTN under the Hessian-weighted error."""
+                       full_range: bool = False, **search: float) -> torch.Tensor:
+    """Per-output-channel clip ratios ``(N, 1)`` for RTN under the Hessian-weighted error, on
+    ``reference.weight_scale``'s grid (``full_range`` as there)."""
     wd = w.double()
     h = None if hessian is None else float64_copy(hessian, w.device)
 
     def objective(r: torch.Tensor) -> torch.Tensor:
-        q, s = ref.quantize_weight(w, bits, group_size, clip_ratio=r.float().unsqueeze(1))
+        q, s = ref.quantize_weight(w, bits, group_size, clip_ratio=r.float().unsqueeze(1), full_range=full_range)
         return hessian_row_errors(ref.dequantize_weight(q, s, group_size).double() - wd, h)
 
     ratios, _ = gradual_binary_search(objective, w.shape[0], device=w.device, **search)
@@ -81,14 +82,13 @@ def search_weight_clip(w: torch.Tensor, bits: int, group_size: int, hessian: tor
 
 
 def static_scale(w: torch.Tensor, bits: int, group_size: int, hessian: torch.Tensor | None,
-                 clip: str = "none") -> torch.Tensor:
-    """The scales a sweep-style quantizer (GPTQ, SEPTQ, LRQ init) fixes before it starts."""
-    if clip == "none":
-        return ref.quantize_weight(w, bits, group_size)[1]
-    if clip == "gbs":
-        return ref.quantize_weight(w, bits, group_size, clip_ratio=search_weight_clip(w, bits, group_size,
-                                                                                      hessian))[1]
-    raise ValueError(f"unknown clip method {clip!r}; choose one of {CLIP_METHODS}")
+                 clip: str = "none", full_range: bool = False) -> torch.Tensor:
+    """The scales a quantizer fixes before it rounds (RTN, and GPTQ, SEPTQ, LRQ before their sweep or
+    fit); ``full_range``: ``reference.weight_scale``'s full-range grid."""
+    if clip not in CLIP_METHODS:
+        raise ValueError(f"unknown clip method {clip!r}; choose one of {CLIP_METHODS}")
+    ratio = search_weight_clip(w, bits, group_size, hessian, full_range) if clip == "gbs" else 1.0
+    return ref.weight_scale(w, bits, group_size, ratio, full_range)
 
 
 def search_kv_clip(ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], bits: int,

@@ -56,6 +56,7 @@ class ConvertOptions:
     device: str = "auto"
     quantize: bool = True  # False: rotations only, linears stay full precision (tests, debugging)
     clip: str = "none"  # "gbs": gradual binary search of clip ratios (convert/clip.py)
+    full_range: bool = False  # weight scales signed so each group's largest weight lands on -2^(bits-1)
     quantizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"rank": 8} for lrq
     resume: bool = False  # continue an interrupted conversion from its last finished layer
     tp_size: int = 1  # tensor-parallel size the checkpoint will be served with (see format.tp_size)
@@ -168,7 +169,8 @@ class Converter:
                                "choose a scheme without 'kv'", ExitCode.UNSUPPORTED)
         self._check_tp()
         self.quantizer = (get_quantizer(opts.weight_quantizer, seed=opts.seed, clip=opts.clip,
-                                        **opts.quantizer_options) if opts.quantize else None)
+                                        full_range=opts.full_range, **opts.quantizer_options)
+                          if opts.quantize else None)
         self.act_clip_ratio = opts.act_clip_ratio  # --clip gbs replaces it by the searched ratio
         self.rotation = get_rotation_method(opts.rotation)
         self.generator = torch.Generator().manual_seed(opts.seed)

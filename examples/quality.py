@@ -139,6 +139,15 @@ ROWS: dict[str, dict] = {
     "gbs_actorder_g64_c64_tuned120_lr4": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
                                           "group_size": 64, "quantizer_options": {"act_order": True},
                                           "tune_scales": 120, "calib_samples": 64, "tuning": {"LR": 4e-3}},
+    # full-range weight scales (--full-range: each group's largest weight on -8, steps 8/7 finer) under the
+    # w4a16 / w4a8 and the w4a4kv4 default recipes, and under GPTQ alone
+    "fr_gbs_actorder_g64": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
+                            "quantizer_options": {"act_order": True}, "full_range": True},
+    "fr_gbs_actorder_g64_tuned": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs", "group_size": 64,
+                                  "quantizer_options": {"act_order": True}, "tune_scales": 60, "full_range": True},
+    "fr_gbs_actorder_tuned_norms": {"rotation": "hadamard", "weight_quantizer": "gptq", "clip": "gbs",
+                                    "quantizer_options": {"act_order": True}, "tune_scales": 60,
+                                    "tune_norms": True, "full_range": True},
     "ostquant40_gbs_actorder_tuned40": {"rotation": "ostquant", "weight_quantizer": "gptq", "clip": "gbs",
                                         "quantizer_options": {"act_order": True}, "tune_scales": 40,
                                         "ostquant": {**OSTQUANT_TRAINED, "STEPS": 40, "SIM_BF16": True}},

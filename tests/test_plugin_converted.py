@@ -35,6 +35,8 @@ OPTIONS = {
     "dimension-expansion": ["--dimension-expansion"],
     # issue 24 item 1: RUQuant's stage-1 blocks fitted per layer on o_proj's input, served online
     "ruquant-online-o": ["--rotation", "ruquant-online-o"],
+    # signed weight scales (each group's largest weight on -8): the kernels must not assume scales > 0
+    "full-range": ["--clip", "gbs", "--full-range"],
 }
 # 170 is no Hadamard order: --dimension-expansion serves down_proj padded to 172 (Williamson H_172)
 INTERMEDIATE = {"dimension-expansion": 170}
@@ -64,6 +66,10 @@ def test_converted_w4a4_served_matches_simulation(ckpt):
         reader = CheckpointReader(ckpt)
         blocks = [reader.get(n, None) for n in reader.keys() if n.endswith("o_proj.online_rotation")]
         assert len(blocks) == 2 and any(not torch.equal(b, torch.eye(128)[None]) for b in blocks)
+    if ckpt.parent.name.startswith("converted-full-range"):
+        reader = CheckpointReader(ckpt)
+        scales = [reader.get(n, None) for n in reader.keys() if n.endswith(".weight_scale")]
+        assert any(bool((s < 0).any()) for s in scales) and all(bool((s != 0).all()) for s in scales)
     with in_process_llm(ckpt, quantization="ruquant") as llm:
         assert llm.llm_engine.model_config.quantization == "ruquant"
         check_against_simulation(llm, ckpt, PROMPTS, n_tokens=32, tol=Tolerance(flip_atol=0.8))

@@ -19,7 +19,10 @@ from vllm_ruquant.checkpoint import format as fmt_mod
 SMALL_CALIB = ["--calib-samples", "4", "--calib-seq-len", "32"]
 # (name, options): every quantizer this file owns, plus the GBS-clipped baselines
 METHODS = [("septq", {}), ("lrq", {"steps": 60}), ("gptq", {"clip": "gbs"}), ("rtn", {"clip": "gbs"}),
-           ("septq", {"clip": "gbs"}), ("gptq", {"act_order": True}), ("gptq", {"act_order": True, "clip": "gbs"})]
+           ("septq", {"clip": "gbs"}), ("gptq", {"act_order": True}), ("gptq", {"act_order": True, "clip": "gbs"}),
+           # reference.weight_scale's full-range grid (signed scales) under each quantizer
+           ("rtn", {"full_range": True}), ("gptq", {"act_order": True, "clip": "gbs", "full_range": True}),
+           ("septq", {"full_range": True}), ("lrq", {"steps": 60, "full_range": True})]
 
 
 def correlated_hessian(k: int, seed: int = 0, tokens: int = 1024) -> torch.Tensor:
@@ -51,7 +54,11 @@ def test_grid_exact_better_than_rtn_deterministic(problem, name: str, opts: dict
     groups = 1 if group == -1 else w.shape[1] // group
     assert q.dtype == torch.int8 and q.shape == w.shape
     assert int(q.min()) >= -qmax - 1 and int(q.max()) <= qmax
-    assert scale.dtype == torch.float32 and scale.shape == (w.shape[0], groups) and bool((scale > 0).all())
+    assert scale.dtype == torch.float32 and scale.shape == (w.shape[0], groups)
+    if opts.get("full_range"):  # signed scales, both signs present on random weights
+        assert bool((scale != 0).all()) and bool((scale < 0).any()) and bool((scale > 0).any())
+    else:
+        assert bool((scale > 0).all())
     # grid-exact: the served dequantization q * scale re-quantizes to the same integers
     deq = ref.dequantize_weight(q, scale, group)
     assert torch.equal(ref.quantize_weight_with_scale(deq, scale, bits, group), q)
@@ -60,10 +67,35 @@ def test_grid_exact_better_than_rtn_deterministic(problem, name: str, opts: dict
     torch.testing.assert_close(served, x @ deq.T, rtol=1e-5, atol=1e-6)
     # better than round-to-nearest on the layer-output error tr(dW H dW^T)
     rtn = weighted_error(w, *ref.quantize_weight(w, bits, group), group, h)
-    assert weighted_error(w, q, scale, group, h) < 0.8 * rtn
+    bar = 1.0 if name == "rtn" and "clip" not in opts else 0.8  # plain RTN on the full-range grid: just lower
+    assert weighted_error(w, q, scale, group, h) < bar * rtn
     # deterministic under the (default) seed
     q2, scale2 = get_quantizer(name, **opts).quantize(w, bits, group, h)
     assert torch.equal(q, q2) and torch.equal(scale, scale2)
+
+
+@pytest.mark.parametrize("group", [-1, 16])
+def test_full_range_grid_puts_each_groups_largest_weight_on_the_extra_level(group: int) -> None:
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))
+    q, scale = ref.quantize_weight(w, 4, group, full_range=True)
+    g = w.shape[1] if group == -1 else group
+    wg, qg = w.reshape(64, -1, g), q.reshape(64, -1, g)
+    at = wg.abs().argmax(-1, keepdim=True)
+    assert bool((qg.gather(-1, at) == -8).all())  # the largest weight of every group sits on -8 ...
+    torch.testing.assert_close(ref.dequantize_weight(q, scale, group).reshape(64, -1, g).gather(-1, at),
+                               wg.gather(-1, at))  # ... exactly, so nothing of it is clipped
+    assert bool((torch.sign(scale) == -torch.sign(wg.gather(-1, at).squeeze(-1))).all())
+    # steps 8/7 finer on the largest weight's side: the round-to-nearest error falls (~0.75x on Gaussians)
+    err = {fr: float((ref.dequantize_weight(*ref.quantize_weight(w, 4, group, full_range=fr), group) - w)
+                     .pow(2).sum()) for fr in (False, True)}
+    assert err[True] < 0.9 * err[False], err
+
+
+def test_full_range_gptq_lowers_the_weighted_error(problem) -> None:
+    w, h = problem
+    errs = {fr: weighted_error(w, *get_quantizer("gptq", act_order=True, clip="gbs", full_range=fr)
+                               .quantize(w, 4, 32, h), 32, h) for fr in (False, True)}
+    assert errs[True] < errs[False], errs
 
 
 def test_lrq_seed_and_rank_are_options(problem) -> None:

@@ -119,8 +119,21 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, k // g, g)
 
 
-def weight_scale_from_absmax(absmax: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp_min(absmax.float() / qmax_for(bits), FLT_MIN)
+def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip_ratio: float | torch.Tensor = 1.0,
+                 full_range: bool = False) -> torch.Tensor:
+    """Scales ``(N, G)`` of ``w (N, K)`` for the grid ``q * scale``, ``q`` in ``[-qmax - 1, qmax]``.
+
+    Symmetric (default): ``clip * absmax / qmax``; the level ``-qmax - 1`` is only reached by clipping.
+    ``full_range``: the scale is ``-clip * m / (qmax + 1)`` for the group's largest-magnitude weight ``m``
+    (signed), so ``m`` lands on ``-qmax - 1``: steps finer by ``(qmax + 1) / qmax`` (8/7 at 4 bits) on
+    ``m``'s side, while the other side's extreme clips at ``qmax``. The kernels multiply by the scale
+    whatever its sign, so serving is unchanged (the rule of llama.cpp's Q4_0)."""
+    wg = _grouped(w.float(), group_size)
+    if not full_range:
+        return torch.clamp_min(wg.abs().amax(dim=-1) * clip_ratio / qmax_for(bits), FLT_MIN)
+    m = wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) * clip_ratio
+    scale = -m / (qmax_for(bits) + 1)
+    return torch.where(scale.abs() < FLT_MIN, torch.full_like(scale, FLT_MIN), scale)
 
 
 def quantize_weight_with_scale(
@@ -134,11 +147,11 @@ def quantize_weight_with_scale(
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, group_size: int = -1, clip_ratio: float = 1.0
+    w: torch.Tensor, bits: int, group_size: int = -1, clip_ratio: float | torch.Tensor = 1.0,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest: ``w (N, K)`` -> ``(q int8 (N, K), scale fp32 (N, G))``."""
-    absmax = _grouped(w.float(), group_size).abs().amax(dim=-1) * clip_ratio
-    scale = weight_scale_from_absmax(absmax, bits)
+    """Round-to-nearest on ``weight_scale``'s grid: ``w (N, K)`` -> ``(q int8 (N, K), scale fp32 (N, G))``."""
+    scale = weight_scale(w, bits, group_size, clip_ratio, full_range)
     return quantize_weight_with_scale(w, scale, bits, group_size), scale
 
 

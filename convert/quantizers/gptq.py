@@ -104,7 +104,8 @@ class GPTQQuantizer:
     name = "gptq"
     needs_hessian = True
 
-    def __init__(self, block_size: int = 128, damp: float = 0.01, clip: str = "none", act_order: bool = False) -> None:
+    def __init__(self, block_size: int = 128, damp: float = 0.01, clip: str = "none", act_order: bool = False,
+                 full_range: bool = False) -> None:
         self.block_size = block_size
         self.damp = damp
         self.clip = clip  # "gbs": static scales from per-channel clip ratios searched under H
@@ -112,13 +113,15 @@ class GPTQQuantizer:
         # the most active inputs are rounded first, while the most columns are left to absorb their
         # error. The scales are static (fixed before the sweep), so the result lies on the same grid.
         self.act_order = act_order
+        self.full_range = full_range  # reference.weight_scale's full-range grid (scale signs per group)
 
     def quantize(self, w: torch.Tensor, bits: int, group_size: int,
                  hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if hessian is None:
             raise ValueError("GPTQ needs the input Hessian")
         n, k = w.shape
-        scale = static_scale(w, bits, group_size, hessian, self.clip)  # static, from the original weights
+        # static: from the original weights, before the sweep
+        scale = static_scale(w, bits, group_size, hessian, self.clip, self.full_range)
         g = k if group_size == -1 else group_size
         qmax = qmax_for(bits)
         wq = w.double().clone()

@@ -51,7 +51,8 @@ def refit_scales(w: torch.Tensor, q: torch.Tensor, group_size: int, hessian: tor
     a = a + 1e-12 * torch.diagonal(a, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(
         ng, dtype=a.dtype, device=a.device)
     s = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
-    return s.float().clamp_min(FLT_MIN)
+    s = s.float()  # the sign of the integers' grid (negative on reference.weight_scale's full-range grid)
+    return torch.where(s.abs() < FLT_MIN, torch.full_like(s, FLT_MIN), s)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +64,11 @@ class LRQQuantizer:
     needs_hessian = True
 
     def __init__(self, rank: int = 4, steps: int = 200, lr: float = 5e-3, seed: int = 0,
-                 clip: str = "none") -> None:
+                 clip: str = "none", full_range: bool = False) -> None:
         if rank < 1 or steps < 0:
             raise ValueError(f"LRQ needs rank >= 1 and steps >= 0, got rank={rank}, steps={steps}")
         self.rank, self.steps, self.lr, self.seed, self.clip = rank, steps, lr, seed, clip
+        self.full_range = full_range  # reference.weight_scale's full-range grid: the sign is kept, |s| is trained
 
     def quantize(self, w: torch.Tensor, bits: int, group_size: int,
                  hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,17 +81,18 @@ class LRQQuantizer:
         h = hessian.to(dev).float()
         w = w.float()
         norm = float(hessian_row_errors(w.double(), h.double()).sum().clamp_min(1e-30))
-        scale0 = static_scale(w, bits, group_size, h, self.clip)
+        scale0 = static_scale(w, bits, group_size, h, self.clip, self.full_range)
+        sign = scale0.sign().repeat_interleave(g, dim=1)
 
         def integers(log_s: torch.Tensor, lmat: torch.Tensor, umat: torch.Tensor, r: torch.Tensor,
                      c: torch.Tensor, ste: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            s_full = log_s.exp().repeat_interleave(g, dim=1)
+            s_full = sign * log_s.exp().repeat_interleave(g, dim=1)
             z = w / (s_full * torch.exp(lmat @ umat + r + c))
             q = torch.clamp(_round_ste(z) if ste else torch.round(z), -qmax - 1, qmax)
             return q, s_full
 
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        log_s = scale0.log().clone().requires_grad_(True)
+        log_s = scale0.abs().log().clone().requires_grad_(True)
         lmat = torch.zeros(n, self.rank, device=dev, requires_grad=True)
         umat = (torch.randn(self.rank, k, generator=gen) * 0.01).to(dev).requires_grad_(True)
         r = torch.zeros(n, 1, device=dev, requires_grad=True)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from convert.clip import search_weight_clip
-from vllm_ruquant.reference import quantize_weight
+from convert.clip import static_scale
+from vllm_ruquant.reference import quantize_weight_with_scale
 
 
 class RTNQuantizer:
     name = "rtn"
     needs_hessian = False
 
-    def __init__(self, clip: str = "none") -> None:
+    def __init__(self, clip: str = "none", full_range: bool = False) -> None:
         self.clip = clip  # "gbs": per-channel clip ratios searched under H (plain MSE without H)
+        self.full_range = full_range  # the scale's sign puts each group's largest weight on -2^(bits-1)
 
     def quantize(self, w: torch.Tensor, bits: int, group_size: int,
                  hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.clip == "gbs":
-            return quantize_weight(w, bits, group_size, clip_ratio=search_weight_clip(w, bits, group_size, hessian))
-        return quantize_weight(w, bits, group_size)
+        scale = static_scale(w, bits, group_size, hessian, self.clip, self.full_range)
+        return quantize_weight_with_scale(w, scale, bits, group_size), scale

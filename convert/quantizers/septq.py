@@ -106,12 +106,13 @@ class SEPTQQuantizer:
     needs_hessian = True
 
     def __init__(self, fraction: float = 0.02, score: str = "obs", block_size: int = 128,
-                 damp: float = 0.01, clip: str = "none") -> None:
+                 damp: float = 0.01, clip: str = "none", full_range: bool = False) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"SEPTQ fraction must be in [0, 1], got {fraction}")
         if score not in SCORES:
             raise ValueError(f"unknown SEPTQ score {score!r}; choose one of {SCORES}")
         self.fraction, self.score, self.block_size, self.damp, self.clip = fraction, score, block_size, damp, clip
+        self.full_range = full_range  # reference.weight_scale's full-range grid
 
     def quantize(self, w: torch.Tensor, bits: int, group_size: int,
                  hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +122,7 @@ class SEPTQQuantizer:
         g = k if group_size == -1 else group_size
         qmax = qmax_for(bits)
         hessian = hessian.to(w.device)
-        scale = static_scale(w, bits, group_size, hessian, self.clip)
+        scale = static_scale(w, bits, group_size, hessian, self.clip, self.full_range)
         scale_full = scale.double().repeat_interleave(g, dim=1)  # (N, K)
         u, dead = inverse_hessian_cholesky(hessian, self.damp)
         hinv = u.T @ u  # damped H^-1, consistent with the sweep's Cholesky factor

@@ -22,7 +22,9 @@ Every quantized linear ``<prefix>`` (e.g. ``model.layers.0.self_attn.q_proj``) s
 
 * ``<prefix>.qweight``      -- 4 bits: uint8 ``(N, K/2)``, two values per byte along K,
   element 2i in the low nibble (see ``reference.pack_int4``); other bits: int8 ``(N, K)``.
-* ``<prefix>.weight_scale`` -- float32 ``(N, G)``; G = 1 per channel, K/group_size per group.
+* ``<prefix>.weight_scale`` -- float32 ``(N, G)``; G = 1 per channel, K/group_size per group; the
+  weight is ``q * scale`` with ``q`` in ``[-2^(bits-1), 2^(bits-1) - 1]``. Scales may be negative (the
+  converter's ``--full-range`` grid, ``reference.weight_scale``); loaders must not assume a sign.
 * ``<prefix>.bias``         -- optional, in the model dtype.
 * ``<prefix>.online_rotation`` -- float32 ``(nb, b, b)``, only for a ``block_diagonal``
   online rotation of that layer's input (every layer has its own: RUQuant's per-layer blocks).
