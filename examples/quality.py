@@ -297,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
             for s in schemes if r != "fp16" else schemes[:1]:
                 cell = run_cell(args.model_dir, r, s, args, Path(tmp))
                 results.setdefault(r, {})[s] = cell
-                print(f"{LABELS[r]:>20} {COLUMN.get(s, s):>9}: ppl {cell['perplexity']:.3f} "
-                      f"(convert {cell['convert_seconds']:.0f} s)", flush=True)
                 if r == "fp16":  # one evaluation, shown in every column
                     results[r] = {sc: cell for sc in SCHEMES + EXTRA_SCHEMES}
-                json_path.write_text(json.dumps({
+                json_path.write_text(json.dumps({  # first: a cell's minutes are not lost to a later error
                     "model": str(args.model_dir), "eval_text": str(args.eval_text), "calib_text": str(args.calib_text),
                     **settings, "results": results}, indent=2))
+                print(f"{LABELS[r]:>20} {COLUMN.get(s, s):>9}: ppl {cell['perplexity']:.3f} "
+                      f"(convert {cell['convert_seconds']:.0f} s)", flush=True)
     if args.json == "quality.json":
         all_rows = [r for r in ROWS if r in results]
         columns = SCHEMES + [s for s in EXTRA_SCHEMES if any(s in cells for cells in results.values())]

@@ -71,6 +71,12 @@ LABELS = {"fp16": "FP16", "rtn": "RTN", "hadamard_gptq": "Hadamard + GPTQ", "ruq
           "gbs_actorder_g64_c64_tuned120_lr4": "Hadamard + GPTQ act order + GBS, groups of 64, 64 calibration "
                                                "sequences, scales tuned (120 steps, lr 4e-3)",
           "ostquant40_gbs_actorder_tuned40": "OSTQuant 40 steps, act order + GBS, scales tuned (40 steps)",
+          # full-range weight scales (--full-range)
+          "fr_gbs_actorder_g64": "Hadamard + GPTQ act order + GBS, groups of 64, full-range scales",
+          "fr_gbs_actorder_g64_tuned": "Hadamard + GPTQ act order + GBS, groups of 64, full-range scales, "
+                                       "scales tuned (60 steps)",
+          "fr_gbs_actorder_tuned_norms": "Hadamard + GPTQ act order + GBS, full-range scales, scales and layer "
+                                         "norms tuned (60 steps)",
           # not a quality.py row: the default recipe's CPU seeds, compared against in seeds_32k_gpu.md
           "cpu_default": "the default recipe on the CPU (`seeds_32k.md`)"}
 SCHEMES = ["w4a4kv4", "w4a4", "w6a6", "w4a8", "w4a16"]
@@ -366,7 +372,7 @@ def recipes_md(d: Path) -> str | None:
 SEED_ROWS = ["hadamard_gptq", "gbs_actorder", "ruquant_gbs_actorder", "ruquant_online_gbs_actorder",
              "ruquant_online_o_gbs_actorder", "ruquant_online_pooled_gbs_actorder", "ostquant_gbs_actorder",
              "ostquant_b2_gbs_actorder", "gbs_actorder_tuned", "ruquant_online_o_gbs_actorder_tuned",
-             "gbs_actorder_tuned_norms"]
+             "gbs_actorder_tuned_norms", "fr_gbs_actorder_tuned_norms"]
 BASE_SEED_ROWS = SEED_ROWS[:3]  # shown (as "not run") even before any of their cells exist
 
 
@@ -504,6 +510,9 @@ def seeds_32k_md(d: Path) -> str | None:
                "(`--tune-norms`, the w4a4kv4 default since), so it differs from the tuned Hadamard row by the "
                "norms alone"
                if "gbs_actorder_tuned_norms" in rows else "")
+            + ("; and that recipe on the full-range weight grid (`--full-range`: each scale's sign puts its "
+               "largest weight on -8), so it differs from the norms row by the grid alone"
+               if "fr_gbs_actorder_tuned_norms" in rows else "")
             + ".\n\n"
             + _beats("RUQuant vs Hadamard + GPTQ (issue 24's acceptance line; the rows differ by the rotation and by "
                      "act order + GBS)", ppl, "ruquant_gbs_actorder", "hadamard_gptq") + "\n"
@@ -535,7 +544,9 @@ def seeds_32k_md(d: Path) -> str | None:
                 ("RUQuant online blocks on o_proj (served) + tuning vs the default recipe (the online blocks alone)",
                  "ruquant_online_o_gbs_actorder_tuned", "gbs_actorder_tuned"),
                 ("Layer norms tuned with the scales vs scales alone (60 steps)",
-                 "gbs_actorder_tuned_norms", "gbs_actorder_tuned")) if r in rows)
+                 "gbs_actorder_tuned_norms", "gbs_actorder_tuned"),
+                ("Full-range weight grid vs the symmetric one (the w4a4kv4 default recipe otherwise)",
+                 "fr_gbs_actorder_tuned_norms", "gbs_actorder_tuned_norms")) if r in rows)
             + "\n" + (notes + "\n" if notes else "")
             + "Re-run, one command per seed (a file holds one seed; cells of a file can be made in several calls "
             "with the same settings). The cells above ran with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 5` in "

@@ -36,3 +36,16 @@ def test_a_changed_number_makes_the_check_fail(tmp_path: Path) -> None:
     (dst / "quality.json").write_text(json.dumps(q))
     r = _check(tmp_path)
     assert r.returncode == 1 and "quality.md" in r.stdout
+
+
+def test_every_quality_row_has_a_label_and_a_valid_recipe() -> None:
+    """A row without a label made quality.py fail after a cell's 20 minutes of work; a recipe key that is no
+    ConvertOptions field would fail only when its cell starts."""
+    probe = ("import dataclasses, quality, render_results\n"
+             "fields = {f.name for f in dataclasses.fields(quality.ConvertOptions)}\n"
+             "extra = {'ostquant', 'tuning', 'calib_samples'}\n"
+             "print(sorted(set(quality.ROWS) - set(render_results.LABELS)))\n"
+             "print(sorted({k for r in quality.ROWS.values() for k in r} - fields - extra))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT / "examples", capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    assert out == ["[]", "[]"], out
