@@ -35,12 +35,16 @@ from vllm_ruquant.hadamard import factor_size, is_hadamard_size
 # do not fit the 10-minute budget of issue 24 on 2 CPU cores, and tuning alone measured lower.
 # ``--tune-norms`` left unset trains the layer norms' weights with the scales at w4a4kv4 (three seeds:
 # 33.60 -> 33.04, for 3% more conversion time; docs/methods.md "Scale tuning"); at w4a16 it gave nothing.
+# ``--full-range`` left unset signs the weight scales (each group's largest weight on -8) at w4a16, where
+# it took the default below issue 24's 22.5 (docs/methods.md "Full-range weight grid").
 GBS_ACT_ORDER = {"clip": "gbs", "act_order": True}
 TUNED = {**GBS_ACT_ORDER, "tune_scales": 60}
 GROUPED_TUNED = {**TUNED, "group_size": 64}
 TUNED_NORMS = {**TUNED, "tune_norms": True}
+GROUPED_TUNED_FULL_RANGE = {**GROUPED_TUNED, "full_range": True}
 DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": TUNED_NORMS, "w4a4": GBS_ACT_ORDER, "w4a8": GROUPED_TUNED,
-                                   "w4a8kv4": GBS_ACT_ORDER, "w4a16": GROUPED_TUNED, "w3a3kv3": {"clip": "gbs"}}
+                                   "w4a8kv4": GBS_ACT_ORDER, "w4a16": GROUPED_TUNED_FULL_RANGE,
+                                   "w3a3kv3": {"clip": "gbs"}}
 DEFAULT_CLIP = {k: v["clip"] for k, v in DEFAULT_RECIPE.items() if "clip" in v}
 
 
@@ -228,7 +232,8 @@ def dry_run_plan(model_dir: Path, opts: ConvertOptions) -> str:
         f"rotation   {opts.rotation}: R1 {d}x{d} (offline), R2 {dims.head_dim}x{dims.head_dim} per head (offline), "
         f"R4 down_proj online: {r4}",
         f"quantizer  {opts.weight_quantizer} on {calib} calibration tokens "
-        f"({opts.calib_samples} x {opts.calib_seq_len})",
+        f"({opts.calib_samples} x {opts.calib_seq_len}), "
+        f"{'full-range (signed) scales' if opts.full_range else 'symmetric scales'}",
         f"sites      {len(LINEARS)} linears x {dims.num_layers} layers = {len(LINEARS) * dims.num_layers} "
         "quantized linears, "
         f"{per_layer * dims.num_layers / 1e9:.2f} B weights",

@@ -14,6 +14,7 @@ from convert import distill, scale_tuning
 from convert.cli import (
     DEFAULT_RECIPE,
     build_parser,
+    default_full_range,
     default_group_size,
     default_tune_norms,
     default_tune_scales,
@@ -130,6 +131,10 @@ def test_cli_flag_and_scheme_defaults(llama: Path, tmp_path: Path) -> None:
     for scheme in DEFAULT_RECIPE:
         opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", scheme]))
         assert opts.tune_norms == default_tune_norms(scheme)
+        assert opts.full_range == default_full_range(scheme)
+    assert options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", "w8a8", "--full-range"])).full_range
+    assert not options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", "w4a16",
+                                        "--no-full-range"])).full_range
     assert options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", "w4a16", "--tune-norms"])).tune_norms
     assert not options_from_args(parse([str(llama), str(tmp_path / "o"), "--no-tune-norms"])).tune_norms
     with pytest.raises(ConvertError, match="--tune-scales"):
