@@ -119,6 +119,12 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, k // g, g)
 
 
+def nonzero_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with magnitudes below ``FLT_MIN`` raised to ``FLT_MIN`` (an all-zero group still divides),
+    any other value -- and its sign -- kept."""
+    return torch.where(scale.abs() < FLT_MIN, torch.full_like(scale, FLT_MIN), scale)
+
+
 def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip_ratio: float | torch.Tensor = 1.0,
                  full_range: bool = False) -> torch.Tensor:
     """Scales ``(N, G)`` of ``w (N, K)`` for the grid ``q * scale``, ``q`` in ``[-qmax - 1, qmax]``.
@@ -130,10 +136,9 @@ def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip_ratio: f
     whatever its sign, so serving is unchanged (the rule of llama.cpp's Q4_0)."""
     wg = _grouped(w.float(), group_size)
     if not full_range:
-        return torch.clamp_min(wg.abs().amax(dim=-1) * clip_ratio / qmax_for(bits), FLT_MIN)
+        return nonzero_scale(wg.abs().amax(dim=-1) * clip_ratio / qmax_for(bits))
     m = wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) * clip_ratio
-    scale = -m / (qmax_for(bits) + 1)
-    return torch.where(scale.abs() < FLT_MIN, torch.full_like(scale, FLT_MIN), scale)
+    return nonzero_scale(-m / (qmax_for(bits) + 1))
 
 
 def quantize_weight_with_scale(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from convert.clip import hessian_row_errors, static_scale
-from vllm_ruquant.reference import FLT_MIN, qmax_for
+from vllm_ruquant.reference import nonzero_scale, qmax_for
 
 
 def refit_scales(w: torch.Tensor, q: torch.Tensor, group_size: int, hessian: torch.Tensor) -> torch.Tensor:
@@ -51,8 +51,7 @@ def refit_scales(w: torch.Tensor, q: torch.Tensor, group_size: int, hessian: tor
     a = a + 1e-12 * torch.diagonal(a, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(
         ng, dtype=a.dtype, device=a.device)
     s = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
-    s = s.float()  # the sign of the integers' grid (negative on reference.weight_scale's full-range grid)
-    return torch.where(s.abs() < FLT_MIN, torch.full_like(s, FLT_MIN), s)
+    return nonzero_scale(s.float())  # keeps the grid's sign (negative on the full-range grid)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
