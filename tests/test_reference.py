@@ -94,6 +94,36 @@ def test_hadamard_transform_matches_matrix_and_is_orthogonal(n: int) -> None:
     torch.testing.assert_close(y.norm(dim=-1).double(), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [2, 64, 256, 512, 4096, 1536, 344 * 2, 11008])
+def test_hadamard_as_matmul_is_the_same_transform(n: int) -> None:
+    """Inside ``hadamard_as_matmul`` the transform (one dense factor up to 256, two above, times H_m) and
+    its gradient are the butterflies' up to fp32 summation order; outside, the butterflies again."""
+    x = torch.randn(3, 5, n, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(3, 5, n)
+    y_ref = ref.hadamard_transform(x)
+    (grad_ref,) = torch.autograd.grad(y_ref, x, g)
+    with ref.hadamard_as_matmul():
+        y = ref.hadamard_transform(x)
+        (grad,) = torch.autograd.grad(y, x, g)
+        rht = ref.kv_rht(x[..., :64])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rht, ref.kv_rht(x[..., :64]), rtol=1e-5, atol=1e-5)
+    if factor_size(n)[1] > 2:  # it did run another summation order (a 2-point transform has one)
+        assert not torch.equal(y, y_ref)
+    assert torch.equal(ref.hadamard_transform(x), y_ref)  # the switch is off again after the block
+
+
+def test_hadamard_as_matmul_is_off_after_an_error() -> None:
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError), ref.hadamard_as_matmul():
+        raise RuntimeError("a training step failed")
+    assert torch.equal(ref.fwht(x), ref.fwht(x.clone()))  # butterflies: bitwise deterministic
+    with ref.hadamard_as_matmul():
+        dense = ref.fwht(x)
+    assert not torch.equal(ref.fwht(x), dense)
+
+
 def test_block_diagonal_rotation_matches_dense() -> None:
     blocks = torch.linalg.qr(torch.randn(3, 8, 8))[0]
     rot = ref.OnlineRotation("block_diagonal", 24, blocks)

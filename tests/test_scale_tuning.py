@@ -24,7 +24,9 @@ from convert.errors import ConvertError
 from convert.evaluate import Evaluator, LoadedModel
 from convert.model_io import CheckpointReader
 from convert.pipeline import Converter, ConvertOptions, InMemorySink, convert
+from convert.rotations.fake_quant import fake_quant
 from convert.tiny_models import make_tiny_llama
+from vllm_ruquant import reference as ref
 from vllm_ruquant.checkpoint import format as fmt_mod
 from vllm_ruquant.checkpoint.models import model_dims
 
@@ -40,9 +42,11 @@ def _run(llama: Path, scheme: str, steps: int, tune_norms: bool = False) -> tupl
     return sink, Converter(llama, opts).run(sink)
 
 
-def test_the_training_simulation_is_the_served_model(llama: Path, tmp_path: Path) -> None:
+def test_the_training_simulation_is_the_served_model(llama: Path, tmp_path: Path, monkeypatch) -> None:
     """At its start (sigma = 0) the trainable model computes what ``ruquant-eval`` (the served ops) does,
-    rotations, per-token activation quantization, KV4 and all: it trains the model that is served."""
+    rotations, per-token activation quantization, KV4 and all: it trains the model that is served. It does
+    so with the Hadamards as matrix products too (how the tuning runs), quantizing an input that several
+    linears read (q/k/v, gate/up) once."""
     out = tmp_path / "ckpt"
     convert(llama, out, ConvertOptions(scheme="w4a8kv4", calib_samples=4, calib_seq_len=32))
     model = LoadedModel.open(out)
@@ -58,6 +62,17 @@ def test_the_training_simulation_is_the_served_model(llama: Path, tmp_path: Path
     with torch.no_grad():
         trained_form = sim.top_logits(tokens, idx, zero)
     torch.testing.assert_close(trained_form, served.gather(-1, idx), rtol=1e-3, atol=1e-3)
+    calls = []
+
+    def counting_fake_quant(*args, **kwargs) -> torch.Tensor:
+        calls.append(args[0].shape)
+        return fake_quant(*args, **kwargs)
+
+    monkeypatch.setattr(scale_tuning, "fake_quant", counting_fake_quant)
+    with torch.no_grad(), ref.hadamard_as_matmul():
+        as_tuned = sim.top_logits(tokens, idx, zero)
+    torch.testing.assert_close(as_tuned, served.gather(-1, idx), rtol=1e-3, atol=1e-3)
+    assert len(calls) == 4 * model.dims.num_layers  # attention input, o, mlp input, down: not 7 a layer
 
 
 def test_tuning_changes_only_the_scales_and_lowers_the_loss(llama: Path, monkeypatch) -> None:
