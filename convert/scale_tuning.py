@@ -18,7 +18,10 @@ calibration sequences are held out of training; the trained scales are kept only
 them is lower than the quantizer's scales'. Both losses, the curve and the seconds are reported.
 
 Cost: ``STEPS`` forward + backward passes of ``BATCH`` calibration sequences through the whole model,
-plus the fp model's logits once: about 4 s a step for SmolLM2-135M on 2 CPU cores. The whole model is
+plus the fp model's logits once: about 4.3 s a step for SmolLM2-135M on 2 CPU cores at w4a4kv4 (4.0 at
+w4a16). Two things keep a step cheap: the Hadamards run as BLAS products (``reference.hadamard_as_matmul``;
+the butterflies' per-stage copies cost more than the linears on a CPU), and an input several linears read
+(q/k/v, gate/up) is rotated and quantized once (``benchmarks/scale_tuning_step.py``: 0.77x the step). The whole model is
 held in fp32, so a model too large for that (``distill.too_large_to_train``) skips the tuning with a
 warning instead of running out of memory.
 """
@@ -181,7 +184,7 @@ def tune_weight_scales(fp_top: tuple[torch.Tensor, torch.Tensor], get: TensorFn,
     def held_out(sg: dict[str, torch.Tensor]) -> float:
         return sum(float(loss_on(c, sg)) * len(c) for c in val_seqs.split(CHUNK)) / len(val_seqs)
 
-    with ref.hadamard_as_matmul():  # the same transforms, in BLAS products: a step ~x faster on CPUs
+    with ref.hadamard_as_matmul():  # the same transforms in BLAS products (no kernel has to match these bits)
         loss_init = held_out(sigma)
         opt = torch.optim.Adam(list(sigma.values()), lr=LR)
         gen = torch.Generator().manual_seed(seed)
