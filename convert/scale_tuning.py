@@ -20,10 +20,11 @@ them is lower than the quantizer's scales'. Both losses, the curve and the secon
 Cost: ``STEPS`` forward + backward passes of ``BATCH`` calibration sequences through the whole model,
 plus the fp model's logits once: about 4.3 s a step for SmolLM2-135M on 2 CPU cores at w4a4kv4 (4.0 at
 w4a16). Two things keep a step cheap: the Hadamards run as BLAS products (``reference.hadamard_as_matmul``;
-the butterflies' per-stage copies cost more than the linears on a CPU), and an input several linears read
-(q/k/v, gate/up) is rotated and quantized once (``benchmarks/scale_tuning_step.py``: 0.77x the step). The whole model is
-held in fp32, so a model too large for that (``distill.too_large_to_train``) skips the tuning with a
-warning instead of running out of memory.
+a butterfly stage is an allocation and a copy, forward and backward), and an input that several linears
+read (q/k/v, gate/up) is rotated and quantized once: together 0.77x the step before them
+(``benchmarks/results/cpu-2026-12-05-scale-tuning-step/``). The whole model is held in fp32, so a model
+too large for that (``distill.too_large_to_train``) skips the tuning with a warning instead of running out
+of memory.
 """
 
 from __future__ import annotations
