@@ -175,7 +175,6 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> 
 _FWHT_AS_MATMUL = contextvars.ContextVar("fwht_as_matmul", default=False)
 # Up to this size the Sylvester matrix is one dense factor; above, two (H_p = H_p1 (x) H_p2).
 _ONE_FACTOR_MAX = 256
-_SYLVESTER: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 @contextlib.contextmanager
@@ -197,22 +196,15 @@ def hadamard_as_matmul() -> Iterator[None]:
         _FWHT_AS_MATMUL.reset(token)
 
 
-def _sylvester_on(p: int, device: torch.device) -> torch.Tensor:
-    """The unnormalised Sylvester ``H_p`` (exact +-1, fp32) on ``device``, built by the butterflies once."""
-    key = (p, torch.device(device))
-    h = _SYLVESTER.get(key)
-    if h is None:
-        h = _SYLVESTER[key] = _fwht_butterflies(torch.eye(p, dtype=torch.float32)).to(key[1])
-    return h
-
-
 def _fwht_matmul(y: torch.Tensor) -> torch.Tensor:
+    """``fwht`` as products with ``small_hadamard_on(p)``: for a power of two that is the Sylvester matrix
+    in the butterflies' index order (symmetric, exact +-1)."""
     p = y.shape[-1]
     if p <= _ONE_FACTOR_MAX:
-        return y @ _sylvester_on(p, y.device)
+        return y @ small_hadamard_on(p, y.device)
     p1 = 1 << ((p.bit_length() - 1) // 2)  # Sylvester: H_p = H_p1 (x) H_p2, a row read as (p1, p2)
     z = y.reshape(*y.shape[:-1], p1, p // p1)
-    z = torch.matmul(_sylvester_on(p1, y.device), z) @ _sylvester_on(p // p1, y.device)  # both symmetric
+    z = torch.matmul(small_hadamard_on(p1, y.device), z) @ small_hadamard_on(p // p1, y.device)
     return z.reshape(y.shape)
 
 
