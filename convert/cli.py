@@ -19,69 +19,25 @@ from convert.errors import ConvertError, ExitCode
 from convert.model_io import read_source
 from convert.pipeline import ConvertOptions, convert
 from convert.quantizers import available_quantizers
+from convert.recipes import DEFAULT_RECIPE, Recipe, recipe_for, schemes_where
 from convert.rotations import available_rotations
 from vllm_ruquant.checkpoint.errors import RUQuantError
 from vllm_ruquant.checkpoint.format import SCHEMES, FormatError
-from vllm_ruquant.checkpoint.models import LINEARS, ModelDims
+from vllm_ruquant.checkpoint.models import LINEARS
 from vllm_ruquant.hadamard import factor_size, is_hadamard_size
-
-# The default recipe per scheme (issue 24): the options that measured better than leaving them
-# off on SmolLM2-135M (docs/methods.md, "Default recipe per scheme"); ``--clip auto`` and
-# ``--act-order`` left unset pick them. Other schemes: no clipping, GPTQ in natural order.
-# ``--tune-scales`` and ``--group-size`` left unset pick 60 steps of end-to-end scale tuning at w4a4kv4,
-# w4a8 and w4a16, and groups of 64 (where they divide the model) at w4a8 and w4a16 (three seeds each,
-# docs/methods.md "Scale tuning"). ``--rotation`` left unset picks a recipe's rotation, the randomized
-# Hadamard everywhere now: OSTQuant (the w4a4kv4 default before scale tuning) and scale tuning together
-# do not fit the 10-minute budget of issue 24 on 2 CPU cores, and tuning alone measured lower.
-# ``--tune-norms`` left unset trains the layer norms' weights with the scales at w4a4kv4 (three seeds:
-# 33.60 -> 33.04, for 3% more conversion time; docs/methods.md "Scale tuning"); at w4a16 it gave nothing.
-# ``--full-range`` left unset signs the weight scales (each group's largest weight on -8) at w4a16, where
-# it took the default below issue 24's 22.5, and at w4a8, where its three seeds all fell below the
-# symmetric grid's three (docs/methods.md "Full-range weight grid"); w4a4kv4 keeps the symmetric grid.
-GBS_ACT_ORDER = {"clip": "gbs", "act_order": True}
-TUNED = {**GBS_ACT_ORDER, "tune_scales": 60}
-GROUPED_TUNED = {**TUNED, "group_size": 64}
-TUNED_NORMS = {**TUNED, "tune_norms": True}
-GROUPED_TUNED_FULL_RANGE = {**GROUPED_TUNED, "full_range": True}
-DEFAULT_RECIPE: dict[str, dict] = {"w4a4kv4": TUNED_NORMS, "w4a4": GBS_ACT_ORDER, "w4a8": GROUPED_TUNED_FULL_RANGE,
-                                   "w4a8kv4": GBS_ACT_ORDER, "w4a16": GROUPED_TUNED_FULL_RANGE,
-                                   "w3a3kv3": {"clip": "gbs"}}
-DEFAULT_CLIP = {k: v["clip"] for k, v in DEFAULT_RECIPE.items() if "clip" in v}
-
-
-def default_rotation(scheme: str) -> str:
-    return str(DEFAULT_RECIPE.get(scheme, {}).get("rotation", "hadamard"))
 
 
 def default_clip(scheme: str, act_clip_ratio: float = 1.0) -> str:
     """``--clip auto``: the scheme's default, unless an activation clip ratio was given (GBS would replace it)."""
-    return DEFAULT_CLIP.get(scheme, "none") if act_clip_ratio == 1.0 else "none"
+    return recipe_for(scheme).clip if act_clip_ratio == 1.0 else "none"
 
 
-def default_act_order(scheme: str) -> bool:
-    return bool(DEFAULT_RECIPE.get(scheme, {}).get("act_order", False))
-
-
-def default_group_size(scheme: str, dims: ModelDims, tp_size: int = 1) -> int:
-    """The scheme's measured group size where it divides every linear input (and its tensor-parallel
-    shard), per output channel (-1) otherwise: a default must convert every supported model."""
-    g = int(DEFAULT_RECIPE.get(scheme, {}).get("group_size", -1))
-    if g == -1 or tp_size < 1:
-        return -1
-    inputs = (dims.hidden_size, dims.attention_size // tp_size, dims.intermediate_size // tp_size)
-    return g if all(k % g == 0 for k in inputs) else -1
-
-
-def default_tune_scales(scheme: str) -> int:
-    return int(DEFAULT_RECIPE.get(scheme, {}).get("tune_scales", 0))
-
-
-def default_tune_norms(scheme: str) -> bool:
-    return bool(DEFAULT_RECIPE.get(scheme, {}).get("tune_norms", False))
-
-
-def default_full_range(scheme: str) -> bool:
-    return bool(DEFAULT_RECIPE.get(scheme, {}).get("full_range", False))
+def _defaults_help(field: str, show_value: bool = False) -> str:
+    """Where a flag's default is on, from ``DEFAULT_RECIPE`` (so the help never drifts from the recipe)."""
+    on = schemes_where(field)
+    if not on:
+        return "none"
+    return ", ".join(f"{getattr(DEFAULT_RECIPE[k], field)} at {k}" if show_value else k for k in on)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,14 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scheme", default="w4a4", help=f"one of {', '.join(SCHEMES)} (default w4a4)")
     ap.add_argument("--rotation", "--transform", dest="rotation", default=None,
                     help="rotation (transform) method (default: "
-                         + "".join(f"{r} at {k}, " for k, v in DEFAULT_RECIPE.items() if (r := v.get("rotation")))
-                         + "hadamard)")
+                         + "".join(f"{DEFAULT_RECIPE[k].rotation} at {k}, " for k in schemes_where("rotation"))
+                         + f"{Recipe().rotation})")
     ap.add_argument("--weight-quantizer", default="gptq", help="weight quantizer (default gptq)")
     ap.add_argument("--group-size", type=int, default=None,
                     help="weight group size; -1 = per output channel (default: the scheme's measured default, "
-                         + (", ".join(f"{v['group_size']} at {k}" for k, v in DEFAULT_RECIPE.items()
-                                      if v.get("group_size", -1) != -1) or "-1 everywhere")
-                         + ", where it divides every linear input; -1 otherwise)")
+                         f"{_defaults_help('group_size', show_value=True)}, where it divides every linear "
+                         "input; -1 otherwise)")
     ap.add_argument("--act-clip-ratio", type=float, default=1.0, help="activation clip ratio in (0, 1]")
     ap.add_argument("--calib-text", type=Path, default=None,
                     help="UTF-8 calibration text (default: CPython's bundled pydoc documentation)")
@@ -114,15 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip", default="auto", choices=["auto", "none", "gbs"],
                     help="gbs: gradual binary search of clip ratios (weights per channel, one global "
                          "activation ratio, KV ratios reported); auto (default): the scheme's measured "
-                         f"default ({', '.join(f'{k}: {v}' for k, v in DEFAULT_CLIP.items())}; none elsewhere)")
+                         f"default ({_defaults_help('clip', show_value=True)}; none elsewhere)")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                     help="GPTQ: quantize input columns in decreasing order of the Hessian diagonal (default: "
                          "the scheme's measured default, on for "
-                         f"{', '.join(k for k in DEFAULT_RECIPE if default_act_order(k))})")
+                         f"{_defaults_help('act_order')})")
     ap.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=None,
                     help="weight scales take the sign that puts each group's largest weight on the grid's extra "
                          "negative level (-8 at 4 bits): steps 8/7 finer, served as is (default: on for "
-                         + (", ".join(k for k in DEFAULT_RECIPE if default_full_range(k)) or "none") + ")")
+                         f"{_defaults_help('full_range')})")
     ap.add_argument("--lrq-rank", type=int, default=4, help="rank of LRQ's weight-scaling matrix (default 4)")
     ap.add_argument("--lrq-steps", type=int, default=200, help="Adam steps per linear for LRQ (default 200)")
     ap.add_argument("--septq-fraction", type=float, default=0.02,
@@ -130,12 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune-scales", type=int, default=None, metavar="STEPS",
                     help="after quantization, train the weight scales (integers frozen) end to end against the fp "
                          "model for STEPS Adam steps; 0: off (default: the scheme's measured default, "
-                         + (", ".join(f"{default_tune_scales(k)} at {k}" for k in DEFAULT_RECIPE
-                                      if default_tune_scales(k)) or "off everywhere") + ")")
+                         f"{_defaults_help('tune_scales', show_value=True)}; off elsewhere)")
     ap.add_argument("--tune-norms", action=argparse.BooleanOptionalAction, default=None,
-                    help="with --tune-scales: train each layer's two RMSNorm weights too (default: "
-                         + ("on at " + ", ".join(k for k in DEFAULT_RECIPE if default_tune_norms(k))
-                            if any(map(default_tune_norms, DEFAULT_RECIPE)) else "off") + ")")
+                    help="with --tune-scales: train each layer's two RMSNorm weights too (default: on for "
+                         f"{_defaults_help('tune_norms')})")
     ap.add_argument("--dimension-expansion", action="store_true",
                     help="GBS+DE: where down_proj's input size has no Hadamard, zero-pad it to the next size "
                          "that has one and rotate there (the stored down_proj weight gets the padded width)")
@@ -161,7 +114,7 @@ def _quantizer_options(args: argparse.Namespace) -> dict:
     if args.weight_quantizer == "septq":
         return {"fraction": args.septq_fraction}
     if args.weight_quantizer == "gptq":
-        act_order = default_act_order(args.scheme) if args.act_order is None else args.act_order
+        act_order = recipe_for(args.scheme).act_order if args.act_order is None else args.act_order
         return {"act_order": True} if act_order else {}
     return {}
 
@@ -169,14 +122,15 @@ def _quantizer_options(args: argparse.Namespace) -> dict:
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     """The recipe the flags ask for; ``FormatError`` for a scheme / group size / clip ratio that
     makes no format (parsed here, once: the conversion carries ``opts.fmt``)."""
-    rotation = args.rotation or default_rotation(args.scheme)
+    recipe = recipe_for(args.scheme)
+    rotation = args.rotation or recipe.rotation
     if rotation not in available_rotations():
         raise ConvertError(f"unknown rotation {rotation!r}; choose one of "
                            f"{', '.join(available_rotations())}", ExitCode.UNSUPPORTED)
     if args.weight_quantizer not in available_quantizers():
         raise ConvertError(f"unknown weight quantizer {args.weight_quantizer!r}; choose one of "
                            f"{', '.join(available_quantizers())}", ExitCode.UNSUPPORTED)
-    tune_scales = default_tune_scales(args.scheme) if args.tune_scales is None else args.tune_scales
+    tune_scales = recipe.tune_scales if args.tune_scales is None else args.tune_scales
     if tune_scales < 0:
         raise ConvertError("--tune-scales must be >= 0", ExitCode.BAD_INPUT)
     if args.calib_samples < 1 or args.calib_seq_len < 8:
@@ -190,9 +144,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
             raise ConvertError("--device cuda given but no CUDA GPU is available", ExitCode.UNSUPPORTED)
     group_size = args.group_size
     if group_size is None:  # the scheme's group size, if it has one, fits the model's dimensions
-        recipe_group = DEFAULT_RECIPE.get(args.scheme, {}).get("group_size", -1)
-        group_size = -1 if recipe_group == -1 or args.dimension_expansion else default_group_size(
-            args.scheme, read_source(args.model_dir)[1], args.tp_size)
+        group_size = -1 if recipe.group_size == -1 or args.dimension_expansion else recipe.group_size_for(
+            read_source(args.model_dir)[1], args.tp_size)
     opts = ConvertOptions(
         scheme=args.scheme, rotation=rotation, weight_quantizer=args.weight_quantizer,
         group_size=group_size, act_clip_ratio=args.act_clip_ratio, calib_text=args.calib_text,
@@ -201,8 +154,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         clip=default_clip(args.scheme, args.act_clip_ratio) if args.clip == "auto" else args.clip,
         dimension_expansion=args.dimension_expansion, quantizer_options=_quantizer_options(args),
         tune_scales=tune_scales,
-        full_range=default_full_range(args.scheme) if args.full_range is None else args.full_range,
-        tune_norms=default_tune_norms(args.scheme) if args.tune_norms is None else args.tune_norms,
+        full_range=recipe.full_range if args.full_range is None else args.full_range,
+        tune_norms=recipe.tune_norms if args.tune_norms is None else args.tune_norms,
     )
     opts.fmt  # noqa: B018 (parse and validate the scheme flags now, before any model is read)
     return opts

@@ -11,19 +11,12 @@ import pytest
 import torch
 
 from convert import distill, scale_tuning
-from convert.cli import (
-    DEFAULT_RECIPE,
-    build_parser,
-    default_full_range,
-    default_group_size,
-    default_tune_norms,
-    default_tune_scales,
-    options_from_args,
-)
+from convert.cli import build_parser, options_from_args
 from convert.errors import ConvertError
 from convert.evaluate import Evaluator, LoadedModel
 from convert.model_io import CheckpointReader
 from convert.pipeline import Converter, ConvertOptions, InMemorySink, convert
+from convert.recipes import DEFAULT_RECIPE, Recipe, recipe_for
 from convert.rotations.fake_quant import fake_quant
 from convert.tiny_models import make_tiny_llama
 from vllm_ruquant import reference as ref
@@ -142,11 +135,13 @@ def test_cli_flag_and_scheme_defaults(llama: Path, tmp_path: Path) -> None:
     assert options_from_args(parse([str(llama), str(tmp_path / "o"), "--tune-scales", "7"])).tune_scales == 7
     for scheme in ("w4a4", "w4a16", "w4a4kv4", "w8a8"):
         opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", scheme]))
-        assert opts.tune_scales == default_tune_scales(scheme)
-    for scheme in DEFAULT_RECIPE:
+        assert opts.tune_scales == recipe_for(scheme).tune_scales
+    assert recipe_for("w8a8") == Recipe() and recipe_for("w4a4kv4").tune_scales > 0
+    for scheme, recipe in DEFAULT_RECIPE.items():
         opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", scheme]))
-        assert opts.tune_norms == default_tune_norms(scheme)
-        assert opts.full_range == default_full_range(scheme)
+        assert (opts.rotation, opts.clip, opts.tune_scales) == (recipe.rotation, recipe.clip, recipe.tune_scales)
+        assert (opts.tune_norms, opts.full_range) == (recipe.tune_norms, recipe.full_range)
+        assert opts.quantizer_options.get("act_order", False) == recipe.act_order
     assert options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", "w8a8", "--full-range"])).full_range
     assert not options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", "w4a16",
                                         "--no-full-range"])).full_range
@@ -159,17 +154,18 @@ def test_cli_flag_and_scheme_defaults(llama: Path, tmp_path: Path) -> None:
 def test_default_group_size_falls_back_to_per_channel_where_it_does_not_divide(llama: Path, tmp_path: Path) -> None:
     """A scheme's default groups apply only where they divide every linear input and its TP shard: the
     default must convert any supported model."""
-    grouped = [k for k, v in DEFAULT_RECIPE.items() if v.get("group_size", -1) != -1]
+    grouped = [k for k, v in DEFAULT_RECIPE.items() if v.group_size != -1]
     assert grouped  # the recipe has grouped schemes (w4a8, w4a16)
-    g = DEFAULT_RECIPE[grouped[0]]["group_size"]
+    recipe = DEFAULT_RECIPE[grouped[0]]
+    g = recipe.group_size
     dims = model_dims(json.loads((llama / "config.json").read_text()))
     fits = replace(dims, hidden_size=4 * g, intermediate_size=8 * g, num_heads=4, head_dim=g)
-    assert default_group_size(grouped[0], fits) == g
-    assert default_group_size(grouped[0], fits, tp_size=8) == -1  # o_proj's shard (g / 2) is not a multiple
-    assert default_group_size(grouped[0], replace(fits, intermediate_size=8 * g + 2)) == -1
-    assert default_group_size("w8a8", fits) == -1  # no groups in that scheme's recipe
+    assert recipe.group_size_for(fits) == g
+    assert recipe.group_size_for(fits, tp_size=8) == -1  # o_proj's shard (g / 2) is not a multiple
+    assert recipe.group_size_for(replace(fits, intermediate_size=8 * g + 2)) == -1
+    assert recipe_for("w8a8").group_size_for(fits) == -1  # no groups in that scheme's recipe
     parse = build_parser().parse_args
     opts = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", grouped[0]]))
-    assert opts.group_size == default_group_size(grouped[0], dims) and opts.fmt.weight.group_size == opts.group_size
+    assert opts.group_size == recipe.group_size_for(dims) and opts.fmt.weight.group_size == opts.group_size
     explicit = options_from_args(parse([str(llama), str(tmp_path / "o"), "--scheme", grouped[0], "--group-size", "-1"]))
     assert explicit.group_size == -1
