@@ -177,6 +177,27 @@ def test_int_matmul_is_exact_beyond_fp32_range() -> None:
     assert int(out[1, 1]) == 127 * 7 * 28672
 
 
+@pytest.mark.parametrize(("w_max", "group"), [(8, 64), (8, -1), (128, -1)])
+def test_int_linear_is_the_ordered_group_sum(w_max: int, group: int) -> None:
+    """The contract every GEMM kernel is checked against, bit for bit: per group the exact integer
+    product, scaled by the group's weight scale and added in group order in fp32; then the token
+    scale. Rows span several of the CPU's accumulator blocks; int8 weights over 2048 inputs pass fp32's
+    exact range (the fp64 path)."""
+    torch.manual_seed(w_max + group)
+    m, k, n = 300, 2048, 40
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-w_max, w_max, (n, k), dtype=torch.int8)
+    g = k if group == -1 else group
+    w_s, a_s, bias = torch.rand(n, k // g) / 100, torch.rand(m), torch.randn(n)
+    expect = torch.zeros(m, n)
+    for gi in range(k // g):
+        exact = a[:, gi * g:(gi + 1) * g].long() @ w[:, gi * g:(gi + 1) * g].long().T
+        expect = expect + exact.float() * w_s[:, gi]
+    expect = (expect * a_s[:, None] + bias).to(torch.bfloat16)
+    got = ref.int_linear(a, a_s, w, w_s, group, bias, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), expect.view(torch.int16))
+
+
 @pytest.mark.parametrize("act_bits", [4, 8, 16])
 @pytest.mark.parametrize("group", [-1, 32])
 def test_quantized_linear_matches_explicit_dequantized_math(act_bits: int, group: int) -> None:

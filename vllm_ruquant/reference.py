@@ -302,6 +302,13 @@ class OnlineRotation:
 # --------------------------------------------------------------------- linear layers
 
 
+_INT_LINEAR_ROW_BLOCK = 128  # rows of int_linear's CPU accumulator block: 128 x N fp32 fits L2 for N up to ~4k
+
+
+def _abs_max(t: torch.Tensor) -> int:
+    return int(t.abs().max().item()) if t.numel() else 0
+
+
 def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact integer ``a (M, K) @ w (N, K)^T`` -> int32 (M, N), as the GPU's int MMA does.
 
@@ -313,9 +320,7 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         bound = a.shape[-1] * 128 * 128
     else:
-        bound = a.shape[-1] * int(a.abs().max().item() if a.numel() else 0) * int(
-            w.abs().max().item() if w.numel() else 0
-        )
+        bound = a.shape[-1] * _abs_max(a) * _abs_max(w)
     dtype = torch.float32 if bound < (1 << 24) else torch.float64
     return (a.to(dtype) @ w.to(dtype).T).to(torch.int32)
 
@@ -331,10 +336,23 @@ def int_linear(a_q: torch.Tensor, a_s: torch.Tensor, w_q: torch.Tensor, w_scale:
     """
     n, k = w_q.shape
     g = k if group_size == -1 else group_size
-    y = torch.zeros(a_q.shape[0], n, dtype=torch.float32, device=a_q.device)
-    for gi in range(k // g):
-        acc = int_matmul(a_q[:, gi * g:(gi + 1) * g], w_q[:, gi * g:(gi + 1) * g])
-        y += acc.float() * w_scale[:, gi].float()
+    m = a_q.shape[0]
+    # The integer products as exact integers in a float format (``int_matmul``'s rule, one format for
+    # all groups: any exact one gives the same integers). With several groups on the CPU, blocks of
+    # rows keep a block's accumulator in cache across the groups (benchmarks/int_linear_cpu.py); every
+    # output element still sees the same operations in the same order.
+    if a_q.is_cuda:
+        bound, rows = g * 128 * 128, max(m, 1)
+    else:
+        bound, rows = g * _abs_max(a_q) * _abs_max(w_q), (_INT_LINEAR_ROW_BLOCK if g < k else max(m, 1))
+    exact = torch.float32 if bound < (1 << 24) else torch.float64
+    w_exact, scale = w_q.to(exact), w_scale.float()
+    y = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
+    for r0 in range(0, m, rows):
+        a_block, y_block = a_q[r0:r0 + rows].to(exact), y[r0:r0 + rows]
+        for gi in range(k // g):
+            acc = (a_block[:, gi * g:(gi + 1) * g] @ w_exact[:, gi * g:(gi + 1) * g].T).float()
+            y_block += acc.mul_(scale[:, gi])
     y = y * a_s.reshape(-1, 1)
     if bias is not None:
         y = y + bias.float()
