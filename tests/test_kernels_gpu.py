@@ -234,7 +234,7 @@ def test_w4a16(K: int, N: int, M: int, group: int) -> None:
 # ------------------------------------------------------------------------ backend end to end
 
 
-_BACKEND_CASES = [  # (weight bits, act bits, group, rotation, K, N)
+_BACKEND_CASES = [  # (weight bits, act bits, group, rotation, K, N[, "full_range"])
     (4, 4, -1, None, 4096, 6144),
     (4, 4, -1, "hadamard", 4096, 4096),
     (4, 4, -1, "hadamard", 14336, 4096),
@@ -260,6 +260,11 @@ _BACKEND_CASES = [  # (weight bits, act bits, group, rotation, K, N)
     (4, 16, -1, "hadamard", 1536, 512),
     (4, 4, -1, "hadamard", 11008, 4096),  # Llama-2-7B down_proj: H_344 (x) H_32
     (4, 16, -1, "hadamard", 11008, 4096),
+    # issue 24: the full-range weight grid of the w4a8 / w4a16 defaults (about half the scales negative)
+    (4, 8, 64, None, 4096, 4096, "full_range"),
+    (4, 8, 64, None, 576, 512, "full_range"),
+    (4, 4, -1, "hadamard", 4096, 4096, "full_range"),
+    (4, 16, 64, "hadamard", 14336, 4096, "full_range"),
 ]
 
 
@@ -269,7 +274,7 @@ def test_triton_backend_matches_reference(case: tuple, M: int) -> None:
     from vllm_ruquant.hadamard import factor_size
     from vllm_ruquant.kernels import TritonBackend
 
-    wb, ab, g, rot_kind, K, N = case
+    wb, ab, g, rot_kind, K, N, *flags = case
     if rot_kind == "hadamard":
         rot = ref.OnlineRotation("hadamard", K)
     elif rot_kind == "block_diagonal":
@@ -279,7 +284,8 @@ def test_triton_backend_matches_reference(case: tuple, M: int) -> None:
     else:
         rot = None
     spec = LinearSpec(K, N, wb, g, ab, clip_ratio=0.95 if ab == 4 else 1.0, rotation=rot)
-    w_q, w_s = ref.quantize_weight(torch.randn(N, K), wb, g)
+    w_q, w_s = ref.quantize_weight(torch.randn(N, K), wb, g, full_range="full_range" in flags)
+    assert ((w_s < 0).any()) == ("full_range" in flags)
     qweight = ref.pack_weight(w_q, wb)
     bias = torch.randn(N).to(torch.bfloat16)
     x = (torch.randn(3, M, K if rot is None else rot.in_features) * 2).to(torch.bfloat16)

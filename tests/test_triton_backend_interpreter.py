@@ -43,18 +43,51 @@ PARAMS = [pytest.param(case, dtype, id=f"{'-'.join(map(str, case))}-{str(dtype)[
           if not (case[1] >= 16 and dtype == torch.bfloat16)]
 
 
+# issue 24's served forms: per-layer RUQuant blocks (a block-diagonal online rotation, rotated inside
+# rotate_quant) and the full-range weight grid of the w4a8 / w4a16 defaults (a group's scale is negative
+# where its largest weight is); (weight bits, act bits, group, rotation, K, N, full range)
+ISSUE_24_CASES = [
+    (4, 4, -1, "block_diagonal", 256, 32, False),  # two blocks of 128
+    (4, 8, 64, None, 576, 32, True),  # the w4a8 default: groups of 64, signed scales, K padded
+    (4, 4, -1, "hadamard", 256, 32, True),
+    (4, 16, 64, "hadamard", 576, 32, True),  # the w4a16 default (fp16 here, see PARAMS)
+]
+
+
+def _rotation(kind: str | None, k: int, gen: torch.Generator) -> ref.OnlineRotation | None:
+    if kind == "hadamard":
+        return ref.OnlineRotation("hadamard", k)
+    if kind == "block_diagonal":
+        blocks = torch.linalg.qr(torch.randn(k // 128, 128, 128, generator=gen, dtype=torch.float64))[0]
+        return ref.OnlineRotation("block_diagonal", k, blocks.float())
+    return None
+
+
 @pytest.mark.parametrize("case,dtype", PARAMS)
 def test_triton_backend_equals_the_reference(triton_interpreter: None, case: tuple, dtype: torch.dtype) -> None:
+    _check_triton_backend(case, dtype)
+
+
+@pytest.mark.parametrize("case", ISSUE_24_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_backend_serves_the_issue_24_forms(triton_interpreter: None, case: tuple) -> None:
+    *layer, full_range = case
+    _check_triton_backend(tuple(layer), torch.float16, full_range)
+
+
+def _check_triton_backend(case: tuple, dtype: torch.dtype, full_range: bool = False) -> None:
+    """The Triton backend against the reference backend on one layer ``case`` (as in CASES)."""
     from vllm_ruquant.kernels import TritonBackend
     from vllm_ruquant.kernels.backend import _path, padded_k
 
     wb, ab, g, rot_kind, k, n = case
-    rot = ref.OnlineRotation("hadamard", k) if rot_kind == "hadamard" else None
+    gen = torch.Generator().manual_seed(k + n + wb + ab)
+    rot = _rotation(rot_kind, k, gen)
     spec = LinearSpec(k, n, wb, g, ab, clip_ratio=0.95 if ab == 4 else 1.0, rotation=rot)
     assert _path(spec) != "reference", "an odd K must take a kernel path, padded"
     assert padded_k(spec) % 128 == 0 and padded_k(spec) - k < 128 * max(1, g // 64)
-    gen = torch.Generator().manual_seed(k + n + wb + ab)
-    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), wb, g)
+    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), wb, g, full_range=full_range)
+    if full_range:  # the served form under test: about half the scales negative
+        assert 0.25 < (w_s < 0).float().mean() < 0.75
     qweight = ref.pack_weight(w_q, wb)
     bias = torch.randn(n, generator=gen).to(dtype)
     x = (torch.randn(2, 3, k, generator=gen) * (1 + 3 * torch.rand(2, 3, 1, generator=gen))).to(dtype)
@@ -65,7 +98,7 @@ def test_triton_backend_equals_the_reference(triton_interpreter: None, case: tup
 
     assert got.shape == expected.shape == (2, 3, n) and got.dtype == expected.dtype == dtype
     assert torch.isfinite(got).all()
-    exact = ab < 16 and (rot is None or factor_size(k)[0] == 1)
+    exact = ab < 16 and (rot is None or (rot.kind == "hadamard" and factor_size(k)[0] == 1))
     if exact and dtype == torch.float16:
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     elif exact:  # the interpreter casts fp32 -> bf16 by truncation: one bf16 step (the GPU test: exact)
