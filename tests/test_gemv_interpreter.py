@@ -17,12 +17,13 @@ from vllm_ruquant import reference as ref
 from vllm_ruquant.linear_backend import LinearSpec, ReferenceBackend
 
 
-def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype, seed: int):
-    """(args of qgemm / qgemv, keyword args, the reference's output)."""
+def _problem(m: int, k: int, n: int, group: int, a_mode: int, dtype: torch.dtype, seed: int,
+             full_range: bool = False):
+    """(args of qgemm / qgemv, keyword args, the reference's output); ``full_range``: signed weight scales."""
     from vllm_ruquant.kernels import layout
 
     gen = torch.Generator().manual_seed(seed)
-    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), 4, group)
+    w_q, w_s = ref.quantize_weight(torch.randn(n, k, generator=gen), 4, group, full_range=full_range)
     x = (torch.randn(m, k, generator=gen) * (1 + 3 * torch.rand(m, 1, generator=gen))).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     g = k if group == -1 else group
@@ -76,14 +77,29 @@ CASES = [
 ]
 
 
+# the full-range weight grid (issue 24's w4a8 / w4a16 defaults): about half the scales negative
+SIGNED_SCALE_CASES = [(1, 512, 40, 64, 0, TILE_SPLIT), (3, 384, 40, -1, 2, None), (2, 1024, 24, -1, 1, TILE_TREE)]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-k{}-n{}-g{}-a{}".format(*c[:5]) + ("-tile" if c[5] else ""))
 def test_qgemv_equals_qgemm_and_the_reference(triton_interpreter: None, case: tuple) -> None:
+    _check_qgemv(case)
+
+
+@pytest.mark.parametrize("case", SIGNED_SCALE_CASES, ids=lambda c: "m{}-k{}-n{}-g{}-a{}".format(*c[:5]))
+def test_qgemv_with_signed_weight_scales(triton_interpreter: None, case: tuple) -> None:
+    _check_qgemv(case, full_range=True)
+
+
+def _check_qgemv(case: tuple, full_range: bool = False) -> None:
+    """qgemv bit for bit qgemm (twice: the block counters) and the reference, on one case of CASES."""
     from vllm_ruquant.kernels.gemm import qgemm
     from vllm_ruquant.kernels.gemv import GemvConfig, qgemv, supports
 
     m, k, n, group, a_mode, tile = case
     dtype = torch.float16 if (m + k) % 2 else torch.bfloat16
-    args, kw, expected = _problem(m, k, n, group, a_mode, dtype, seed=m * 1000 + k + n + group)
+    args, kw, expected = _problem(m, k, n, group, a_mode, dtype, seed=m * 1000 + k + n + group, full_range=full_range)
+    assert bool((args[3] < 0).any()) == full_range
     assert supports(m, k, kw["group_size"], kw["a_mode"], kw["b_mode"])
     config = GemvConfig(**tile) if tile else None
     want = qgemm(*args, **kw)
