@@ -96,7 +96,7 @@ def fit_site(x: torch.Tensor, n_fit: int, bits: int, cfg: Stage1Config, gen: tor
     cands["blocks"] = blocks
     accepted = {"blocks": acc}
     if is_hadamard_size(b) and b > 1:
-        hb = (hadamard_matrix(b).double() / math.sqrt(b)).expand(nb, b, b).contiguous()
+        hb = (hadamard_matrix(b).to(fit.device, torch.float64) / math.sqrt(b)).expand(nb, b, b).contiguous()
         blocks_h, acc_h = stage1_blocks(block_apply(fit, hb), b, bits, cfg, gen)
         cands["block_hadamard"] = hb
         cands["block_hadamard+blocks"] = hb @ blocks_h
