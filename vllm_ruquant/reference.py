@@ -309,19 +309,19 @@ def _abs_max(t: torch.Tensor) -> int:
     return int(t.abs().max().item()) if t.numel() else 0
 
 
-def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact integer ``a (M, K) @ w (N, K)^T`` -> int32 (M, N), as the GPU's int MMA does.
-
-    Integer products are summed in a float format wide enough to be exact: fp32 when
-    ``K * max|a| * max|w| < 2^24``, else fp64 (2^53); CPU has no fast int GEMM. On the CPU the
+def _exact_sum_dtype(a: torch.Tensor, w: torch.Tensor, k: int) -> torch.dtype:
+    """A float format in which sums of ``k`` products of ``a``'s and ``w``'s integers are exact: fp32
+    when ``k * max|a| * max|w| < 2^24``, else fp64 (2^53); CPU has no fast int GEMM. On the CPU the
     bound reads the data; on a GPU it is the int8 worst case, because reading a value back to the
-    host (``.item()``) would break CUDA-graph capture of this op (the GPU's fallback path).
-    """
-    if a.is_cuda:
-        bound = a.shape[-1] * 128 * 128
-    else:
-        bound = a.shape[-1] * _abs_max(a) * _abs_max(w)
-    dtype = torch.float32 if bound < (1 << 24) else torch.float64
+    host (``.item()``) would break CUDA-graph capture (the GPU's fallback path)."""
+    bound = k * 128 * 128 if a.is_cuda else k * _abs_max(a) * _abs_max(w)
+    return torch.float32 if bound < (1 << 24) else torch.float64
+
+
+def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact integer ``a (M, K) @ w (N, K)^T`` -> int32 (M, N), as the GPU's int MMA does
+    (summed in ``_exact_sum_dtype``)."""
+    dtype = _exact_sum_dtype(a, w, a.shape[-1])
     return (a.to(dtype) @ w.to(dtype).T).to(torch.int32)
 
 
@@ -337,15 +337,12 @@ def int_linear(a_q: torch.Tensor, a_s: torch.Tensor, w_q: torch.Tensor, w_scale:
     n, k = w_q.shape
     g = k if group_size == -1 else group_size
     m = a_q.shape[0]
-    # The integer products as exact integers in a float format (``int_matmul``'s rule, one format for
-    # all groups: any exact one gives the same integers). With several groups on the CPU, blocks of
-    # rows keep a block's accumulator in cache across the groups (benchmarks/int_linear_cpu.py); every
-    # output element still sees the same operations in the same order.
-    if a_q.is_cuda:
-        bound, rows = g * 128 * 128, max(m, 1)
-    else:
-        bound, rows = g * _abs_max(a_q) * _abs_max(w_q), (_INT_LINEAR_ROW_BLOCK if g < k else max(m, 1))
-    exact = torch.float32 if bound < (1 << 24) else torch.float64
+    # Each group's integer products as exact integers in one float format for all groups (any exact
+    # one gives the same integers). With several groups on the CPU, blocks of rows keep a block's
+    # accumulator in cache across the groups (benchmarks/int_linear_cpu.py); every output element
+    # still sees the same operations in the same order.
+    exact = _exact_sum_dtype(a_q, w_q, g)
+    rows = _INT_LINEAR_ROW_BLOCK if g < k and not a_q.is_cuda else max(m, 1)
     w_exact, scale = w_q.to(exact), w_scale.float()
     y = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
     for r0 in range(0, m, rows):
